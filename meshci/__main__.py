@@ -1,0 +1,5 @@
+import sys
+
+from meshci.cli import main
+
+sys.exit(main())

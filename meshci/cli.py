@@ -1,0 +1,61 @@
+"""The `meshci` console entry point.
+
+Each sub-command lives in its own module under meshci/commands/ and exposes
+`add_parser(subparsers)` (which registers the sub-command and sets `func`) and the
+function it registers. This file only dispatches and turns MeshciError into one line
+on stderr with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from meshci.errors import MeshciError
+
+# module name under meshci.commands, in the order `meshci --help` lists them
+COMMAND_MODULES = ["inspect", "plan", "simulate", "node", "infer", "demo"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="meshci",
+        description="Distributed CNN inference on a peer-to-peer mesh (EdgeCI: DPFL + AWAS).",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"meshci.commands.{name}")
+        except ModuleNotFoundError as exc:
+            # a sub-command not built yet in this tree; list the others
+            if exc.name == f"meshci.commands.{name}":
+                continue
+            raise
+        module.add_parser(sub)
+    return parser
+
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # argparse itself exits 2 on bad flags, with one line
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except MeshciError as exc:
+        print(f"meshci: error: {exc}", file=sys.stderr)
+        return exc.exit_status
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

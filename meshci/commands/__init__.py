@@ -1,0 +1,1 @@
+"""One module per `meshci` sub-command; see meshci/cli.py."""
