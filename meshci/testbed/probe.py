@@ -1,0 +1,222 @@
+"""Measuring a link without ping: TCP round-trip time and bulk throughput.
+
+A probe server runs inside one host (`python -m meshci.testbed.probe serve --port P`);
+it prints `ready` once listening. Each connection's first byte picks its mode:
+
+* ``E`` echo: every 64-byte message is sent straight back (round-trip time).
+* ``S`` sink: an 8-byte big-endian length, then that many bytes; the server measures
+  the rate itself, from the first payload byte to the last, and answers one JSON line
+  ``{"bytes": n, "seconds": s}``. The receiver's clock is the honest one: the sender's
+  last write only means the bytes reached its socket buffer.
+
+The clients (`rtt`, `throughput`) run inside another host and print one JSON line.
+`ProbeServer`, `measure_rtt` and `measure_throughput` drive all of this from a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import socket
+import statistics
+import struct
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from meshci.testbed.errors import TestbedError
+from meshci.testbed.netns import Host, Topology
+
+log = logging.getLogger(__name__)
+
+ECHO = b"E"
+SINK = b"S"
+ECHO_SIZE = 64
+_LENGTH = struct.Struct("!Q")
+_CHUNK = 1 << 20
+
+
+def _recv_exact(sock: socket.socket, size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        part = sock.recv(size - len(data))
+        if not part:
+            raise ConnectionError(f"peer closed after {len(data)} of {size} bytes")
+        data += part
+    return bytes(data)
+
+
+def _serve_echo(sock: socket.socket) -> None:
+    while True:
+        try:
+            message = _recv_exact(sock, ECHO_SIZE)
+        except ConnectionError:
+            # the client is done: it closes after its last round trip
+            return
+        sock.sendall(message)
+
+
+def _serve_sink(sock: socket.socket) -> None:
+    (total,) = _LENGTH.unpack(_recv_exact(sock, _LENGTH.size))
+    buffer = bytearray(_CHUNK)
+    view = memoryview(buffer)
+    received = sock.recv_into(view)
+    if received == 0:
+        raise ConnectionError("peer closed before sending any payload")
+    first_chunk = received
+    t_first = t_last = time.perf_counter()
+    while received < total:
+        n = sock.recv_into(view[: min(_CHUNK, total - received)])
+        if n == 0:
+            raise ConnectionError(f"peer closed after {received} of {total} bytes")
+        received += n
+        t_last = time.perf_counter()
+    # the first chunk arrived at t_first: only what came after it counts against the clock
+    report = {"bytes": total, "timed_bytes": total - first_chunk, "seconds": t_last - t_first}
+    sock.sendall((json.dumps(report) + "\n").encode())
+
+
+def _handle(sock: socket.socket) -> None:
+    with sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            mode = _recv_exact(sock, 1)
+            if mode == ECHO:
+                _serve_echo(sock)
+            elif mode == SINK:
+                _serve_sink(sock)
+            else:
+                log.warning("probe: unknown mode byte %r, closing", mode)
+        except (ConnectionError, OSError) as exc:
+            # one client's broken connection must not stop the server
+            log.warning("probe: connection ended early: %s", exc)
+
+
+def serve(port: int, bind: str = "0.0.0.0") -> None:
+    """Serve probes until killed; prints `ready` once listening."""
+    listener = socket.create_server((bind, port), reuse_port=False, backlog=64)
+    print("ready", flush=True)
+    while True:
+        conn, _ = listener.accept()
+        threading.Thread(target=_handle, args=(conn,), daemon=True).start()
+
+
+def rtt_samples(address: tuple[str, int], count: int, timeout: float = 10.0) -> list[float]:
+    """Round-trip times in seconds of `count` 64-byte echoes over one TCP connection."""
+    with socket.create_connection(address, timeout=timeout) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(ECHO)
+        message = bytes(range(ECHO_SIZE))
+        samples = []
+        for _ in range(count):
+            start = time.perf_counter()
+            sock.sendall(message)
+            if _recv_exact(sock, ECHO_SIZE) != message:
+                raise TestbedError("echo server returned different bytes")
+            samples.append(time.perf_counter() - start)
+    return samples
+
+
+def send_bulk(address: tuple[str, int], nbytes: int, timeout: float = 120.0) -> dict[str, float]:
+    """Send `nbytes` to a sink; returns the receiver's report with `mbps` added."""
+    with socket.create_connection(address, timeout=timeout) as sock:
+        sock.sendall(SINK + _LENGTH.pack(nbytes))
+        block = memoryview(bytes(_CHUNK))
+        left = nbytes
+        while left:
+            n = sock.send(block[: min(left, _CHUNK)])
+            left -= n
+        line = sock.makefile("rb").readline()
+    if not line:
+        raise TestbedError("sink closed without a report")
+    report: dict[str, float] = json.loads(line)
+    report["mbps"] = report["timed_bytes"] * 8 / report["seconds"] / 1e6 if report["seconds"] > 0 else float("inf")
+    return report
+
+
+# ---- driving the probes inside a topology ---------------------------------------------
+
+
+@dataclass
+class ProbeServer:
+    """A probe server running inside one host of a topology (killed with the topology)."""
+
+    host: Host
+    port: int
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.host.ip, self.port)
+
+    @classmethod
+    def start(cls, net: Topology, host: Host, port: int = 5201, ready_timeout: float = 10.0) -> ProbeServer:
+        proc = net.popen(
+            host, [sys.executable, "-m", "meshci.testbed.probe", "serve", "--port", str(port)], stdout=-1
+        )
+        _wait_ready(proc.stdout, ready_timeout, f"probe server in {host.name}")
+        return cls(host=host, port=port)
+
+
+def _wait_ready(stream: object, timeout: float, what: str) -> None:
+    """Wait for a child's `ready` line on its stdout pipe."""
+    result: list[bytes] = []
+    reader = threading.Thread(target=lambda: result.append(stream.readline()), daemon=True)  # type: ignore[attr-defined]
+    reader.start()
+    reader.join(timeout)
+    if not result or result[0].strip() != b"ready":
+        raise TestbedError(f"{what} did not become ready within {timeout:.0f} s (said {result[:1]!r})")
+
+
+def measure_rtt(net: Topology, client: Host, address: tuple[str, int], count: int = 20) -> dict[str, float]:
+    """Round trip from `client` to a probe server at `address`: median/min/max in ms."""
+    done = net.run(client, [sys.executable, "-m", "meshci.testbed.probe", "rtt", "--to", _fmt(address),
+                            "--count", str(count)])  # fmt: skip
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure_throughput(net: Topology, client: Host, address: tuple[str, int], nbytes: int) -> dict[str, float]:
+    """Bulk send of `nbytes` from `client` to a probe sink at `address`; the receiver's rate in Mbit/s."""
+    done = net.run(client, [sys.executable, "-m", "meshci.testbed.probe", "throughput", "--to", _fmt(address),
+                            "--bytes", str(nbytes)], timeout=300)  # fmt: skip
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _fmt(address: tuple[str, int]) -> str:
+    return f"{address[0]}:{address[1]}"
+
+
+def _parse_address(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host, int(port)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m meshci.testbed.probe", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="mode", required=True)
+    p = sub.add_parser("serve", help="echo + sink server")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--bind", default="0.0.0.0")
+    p = sub.add_parser("rtt", help="TCP echo round-trip times")
+    p.add_argument("--to", type=_parse_address, required=True)
+    p.add_argument("--count", type=int, default=20)
+    p = sub.add_parser("throughput", help="bulk send to a sink")
+    p.add_argument("--to", type=_parse_address, required=True)
+    p.add_argument("--bytes", type=int, required=True)
+    args = parser.parse_args(argv)
+    if args.mode == "serve":
+        serve(args.port, args.bind)
+    elif args.mode == "rtt":
+        samples = [s * 1e3 for s in rtt_samples(args.to, args.count)]
+        result = {"median_ms": statistics.median(samples), "min_ms": min(samples), "max_ms": max(samples),
+                  "count": len(samples)}  # fmt: skip
+        print(json.dumps(result))
+    else:
+        print(json.dumps(send_bulk(args.to, args.bytes)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
