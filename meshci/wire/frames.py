@@ -1,0 +1,479 @@
+"""Sans-IO frame codec: `encode` turns a `Message` into buffers, `FrameDecoder` turns bytes
+back into `Message`s. No sockets, no awaits, no clock.
+
+One frame on the wire (all integers big-endian):
+
+    prefix   40 bytes  magic "MSHC", version, flags, kind, request_id, descriptor length,
+                       meta length, tensor payload bytes, blob bytes
+    descs    per tensor: dtype code (u8), ndim (u8), ndim x dim (u64)
+    meta     UTF-8 JSON object (small control data)
+    tensors  raw contiguous buffers, one after the other (native little-endian element order)
+    blob     cloudpickle bytes (only kinds in BLOB_KINDS, only when the frame carries a MAC)
+    mac      32 bytes HMAC-SHA256 over (direction, sequence number, prefix, descs, meta,
+             tensors, blob) when the connection is authenticated
+
+Every length is known from the fixed prefix, so the size limits are enforced before anything
+is allocated, and each tensor is read into its own preallocated buffer which becomes the
+received tensor without a copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import math
+import struct
+from enum import IntEnum
+from typing import Any
+
+import torch
+
+from meshci.wire.errors import AuthenticationError, LocalProtocolError, RemoteProtocolError
+from meshci.wire.messages import BLOB_KINDS, Message, MsgType
+
+MAGIC = b"MSHC"
+VERSION = 1
+FLAG_MAC = 0x01
+FLAG_BLOB = 0x02
+_KNOWN_FLAGS = FLAG_MAC | FLAG_BLOB
+
+# magic, version, flags, kind, request_id, desc_len, meta_len, tensor_bytes, blob_len
+PREFIX = struct.Struct("!4sBBHQIIQQ")
+MAC_BYTES = 32
+DEFAULT_MAX_FRAME_BYTES = 256 << 20
+DEFAULT_MAX_HEADER_BYTES = 1 << 20
+MAX_TENSORS = 1024
+MAX_NDIM = 8
+MAX_DIM = 1 << 40
+_DESC_HEAD = struct.Struct("!BB")
+
+# Stable codes: part of the wire format, never renumber.
+DTYPE_CODES: dict[torch.dtype, int] = {
+    torch.float32: 1,
+    torch.float16: 2,
+    torch.bfloat16: 3,
+    torch.float64: 4,
+    torch.uint8: 5,
+    torch.int8: 6,
+    torch.int16: 7,
+    torch.int32: 8,
+    torch.int64: 9,
+    torch.bool: 10,
+}
+_CODE_DTYPES: dict[int, torch.dtype] = {code: dtype for dtype, code in DTYPE_CODES.items()}
+
+
+class Direction(IntEnum):
+    """Which way a frame travels; part of the MAC input so a frame cannot be reflected."""
+
+    CLIENT_TO_SERVER = 0
+    SERVER_TO_CLIENT = 1
+
+
+class FrameMac:
+    """HMAC-SHA256 state of one direction of one connection.
+
+    Each frame's MAC covers (direction, sequence number, frame bytes); the sequence number
+    advances once per frame, so a dropped, replayed or reordered frame fails to verify.
+    """
+
+    def __init__(self, key: bytes, direction: Direction) -> None:
+        if len(key) < 16:
+            raise LocalProtocolError("frame MAC key must be at least 16 bytes")
+        self._keyed = hmac.new(key, digestmod=hashlib.sha256)
+        self.direction = Direction(direction)
+        self.sequence = 0
+
+    def begin(self) -> "hmac.HMAC":
+        """Start the MAC of the next frame (advances the sequence number)."""
+        h = self._keyed.copy()
+        h.update(bytes([self.direction]) + self.sequence.to_bytes(8, "big"))
+        self.sequence += 1
+        return h
+
+
+def encode(
+    msg: Message,
+    mac: FrameMac | None = None,
+    *,
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+) -> list[bytes | memoryview]:
+    """Encode `msg` as a list of buffers: the header, each tensor's raw bytes (a memoryview
+    of the contiguous CPU tensor, no copy unless the tensor was not contiguous), the blob, and
+    the MAC when `mac` is given. Raises LocalProtocolError for a message we may not send."""
+    try:
+        kind = MsgType(msg.kind)
+    except ValueError as exc:  # an int that is not a message type: caller's bug
+        raise LocalProtocolError(f"unknown message kind {msg.kind!r}") from exc
+    if not isinstance(msg.request_id, int) or not 0 <= msg.request_id < 1 << 64:
+        raise LocalProtocolError(f"request_id must be an unsigned 64-bit int, got {msg.request_id!r}")
+    if not isinstance(msg.meta, dict):
+        raise LocalProtocolError(f"meta must be a dict, got {type(msg.meta).__name__}")
+    try:
+        meta = json.dumps(msg.meta, separators=(",", ":"), allow_nan=False).encode()
+    except (TypeError, ValueError) as exc:  # not JSON-able: caller's bug, report it as such
+        raise LocalProtocolError(f"meta is not JSON-serialisable: {exc}") from exc
+
+    descs = bytearray()
+    views: list[memoryview] = []
+    tensor_bytes = 0
+    if len(msg.tensors) > MAX_TENSORS:
+        raise LocalProtocolError(f"{len(msg.tensors)} tensors in one frame (max {MAX_TENSORS})")
+    for t in msg.tensors:
+        view, desc = _tensor_buffer(t)
+        descs += desc
+        tensor_bytes += view.nbytes
+        if view.nbytes:
+            views.append(view)
+
+    flags = 0
+    blob = msg.blob
+    if blob is not None:
+        if kind not in BLOB_KINDS:
+            raise LocalProtocolError(f"{kind.name} may not carry a blob")
+        if mac is None:
+            raise LocalProtocolError("blobs travel only on authenticated connections")
+        blob = bytes(blob)
+        flags |= FLAG_BLOB
+    if mac is not None:
+        flags |= FLAG_MAC
+    blob_len = 0 if blob is None else len(blob)
+
+    if len(descs) + len(meta) > DEFAULT_MAX_HEADER_BYTES:
+        raise LocalProtocolError(f"frame header of {len(descs) + len(meta)} bytes is too large")
+    total = PREFIX.size + len(descs) + len(meta) + tensor_bytes + blob_len
+    total += MAC_BYTES if mac is not None else 0
+    if total > max_frame_bytes:
+        raise LocalProtocolError(f"frame of {total} bytes exceeds the limit of {max_frame_bytes}")
+
+    prefix = PREFIX.pack(
+        MAGIC, VERSION, flags, kind, msg.request_id, len(descs), len(meta), tensor_bytes, blob_len
+    )
+    header = prefix + bytes(descs) + meta
+    out: list[bytes | memoryview] = [header, *views]
+    if blob:
+        out.append(blob)
+    if mac is not None:
+        h = mac.begin()
+        h.update(header)
+        for view in views:
+            h.update(view)
+        if blob:
+            h.update(blob)
+        out.append(h.digest())
+    return out
+
+
+def _tensor_buffer(t: Any) -> tuple[memoryview, bytes]:
+    if not isinstance(t, torch.Tensor):
+        raise LocalProtocolError(f"tensors must be torch.Tensor, got {type(t).__name__}")
+    if t.device.type != "cpu" or t.layout != torch.strided:
+        raise LocalProtocolError(f"only dense CPU tensors can be sent (got {t.device}, {t.layout})")
+    code = DTYPE_CODES.get(t.dtype)
+    if code is None:
+        raise LocalProtocolError(f"dtype {t.dtype} cannot be sent")
+    if t.dim() > MAX_NDIM or any(d > MAX_DIM for d in t.shape):
+        raise LocalProtocolError(f"tensor shape {tuple(t.shape)} cannot be sent")
+    flat = t.detach().resolve_conj().resolve_neg().contiguous()  # copies only if needed
+    view = memoryview(flat.reshape(-1).view(torch.uint8).numpy())
+    desc = _DESC_HEAD.pack(code, t.dim()) + struct.pack(f"!{t.dim()}Q", *t.shape)
+    return view, desc
+
+
+class _State(IntEnum):
+    PREFIX = 0
+    HEADER = 1
+    PAYLOAD = 2
+
+
+class FrameDecoder:
+    """Incremental decoder: `feed(bytes)` then `next_message()` until it returns None.
+
+    For large payloads the caller may instead read straight into the decoder's buffers:
+    `get_buffer()` returns a writable view of the part of the current tensor still to be
+    received (None when the decoder first needs buffered bytes parsed), and
+    `buffer_updated(n)` commits n bytes written there (the protocol of
+    `asyncio.BufferedProtocol`). `feed` also copies payload bytes straight into those buffers.
+
+    Bytes held outside the preallocated payload buffers never exceed the fixed prefix plus
+    `max_header_bytes` once `next_message()` has returned None. Any malformed input raises
+    RemoteProtocolError, after which the decoder is broken and raises the same error again.
+    """
+
+    def __init__(
+        self,
+        mac: FrameMac | None = None,
+        *,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+    ) -> None:
+        self.mac = mac
+        self.max_frame_bytes = max_frame_bytes
+        self.max_header_bytes = max_header_bytes
+        self._pending = bytearray()
+        self._error: RemoteProtocolError | None = None
+        self._reset()
+
+    # -- configuration -------------------------------------------------------------------
+    def set_mac(self, mac: FrameMac | None) -> None:
+        """Authenticate frames from the next one on (after the handshake)."""
+        if self._state is not _State.PREFIX:
+            raise LocalProtocolError("cannot change the MAC in the middle of a frame")
+        self.mac = mac
+
+    # -- state -----------------------------------------------------------------------------
+    @property
+    def in_frame(self) -> bool:
+        """True when part of a frame has been received (end of stream now is a truncation)."""
+        return bool(self._pending) or self._state is not _State.PREFIX
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes held that are not yet in a payload buffer."""
+        return len(self._pending)
+
+    @property
+    def bytes_wanted(self) -> int:
+        """How many more bytes the current part of the frame needs (0: call next_message)."""
+        if self._state is _State.PREFIX:
+            need = PREFIX.size
+        elif self._state is _State.HEADER:
+            need = self._desc_len + self._meta_len
+        else:
+            need = sum(len(t) for t in self._targets[self._index :]) - self._filled
+        return max(0, need - len(self._pending))
+
+    # -- input -----------------------------------------------------------------------------
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Take bytes received from the peer."""
+        if self._error is not None:
+            raise self._error
+        with memoryview(data) as view:
+            view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+            if self._state is _State.PAYLOAD and not self._pending:
+                used = self._fill(view)
+                view = view[used:]
+            if view.nbytes:
+                self._pending += view
+
+    def get_buffer(self) -> memoryview | None:
+        """A writable view of the rest of the current payload buffer, or None."""
+        if self._error is not None:
+            raise self._error
+        if self._state is not _State.PAYLOAD or self._pending or self._index >= len(self._targets):
+            return None
+        return self._targets[self._index][self._filled :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """Commit `nbytes` written into the view returned by `get_buffer()`."""
+        target = self._targets[self._index]
+        if nbytes < 0 or self._filled + nbytes > len(target):
+            raise LocalProtocolError(f"buffer_updated({nbytes}) overruns the buffer")
+        self._filled += nbytes
+        if self._filled == len(target):
+            self._finish_target()
+
+    # -- output ----------------------------------------------------------------------------
+    def next_message(self) -> Message | None:
+        """The next complete message, or None when more bytes are needed."""
+        if self._error is not None:
+            raise self._error
+        try:
+            return self._advance()
+        except RemoteProtocolError as exc:  # remember it: the stream is now unusable
+            self._error = exc
+            self._pending.clear()
+            self._targets = []
+            raise
+
+    def _advance(self) -> Message | None:
+        if self._state is _State.PREFIX:
+            if len(self._pending) < PREFIX.size:
+                return None
+            self._prefix = bytes(self._pending[: PREFIX.size])
+            del self._pending[: PREFIX.size]
+            self._parse_prefix(self._prefix)
+            self._state = _State.HEADER
+        if self._state is _State.HEADER:
+            need = self._desc_len + self._meta_len
+            if len(self._pending) < need:
+                return None
+            descs = bytes(self._pending[: self._desc_len])
+            self._meta = bytes(self._pending[self._desc_len : need])
+            del self._pending[:need]
+            self._start_payload(descs)
+        if self._pending:
+            with memoryview(self._pending) as view:
+                used = self._fill(view)
+            del self._pending[:used]
+        if self._index < len(self._targets):
+            return None
+        return self._finish_frame()
+
+    # -- parsing ---------------------------------------------------------------------------
+    def _parse_prefix(self, prefix: bytes) -> None:
+        magic, version, flags, kind, request_id, desc_len, meta_len, tensor_bytes, blob_len = (
+            PREFIX.unpack(prefix)
+        )
+        if magic != MAGIC:
+            raise RemoteProtocolError(f"bad magic {magic!r} (not a meshci peer)")
+        if version != VERSION:
+            raise RemoteProtocolError(f"unsupported protocol version {version}")
+        try:
+            self._kind = MsgType(kind)
+        except ValueError as exc:  # a peer's mistake, not ours
+            raise RemoteProtocolError(f"unknown message kind {kind}") from exc
+        if flags & ~_KNOWN_FLAGS:
+            raise RemoteProtocolError(f"unknown frame flags {flags:#x}")
+        has_mac = bool(flags & FLAG_MAC)
+        if has_mac != (self.mac is not None):
+            raise AuthenticationError(
+                "unauthenticated frame on an authenticated connection"
+                if self.mac is not None
+                else "frame with a MAC before authentication"
+            )
+        self._has_blob = bool(flags & FLAG_BLOB)
+        if self._has_blob:
+            if self._kind not in BLOB_KINDS:
+                raise RemoteProtocolError(f"{self._kind.name} may not carry a blob")
+            if self.mac is None:
+                raise RemoteProtocolError("blob on an unauthenticated connection")
+        elif blob_len:
+            raise RemoteProtocolError("blob length without the blob flag")
+        if desc_len + meta_len > self.max_header_bytes:
+            raise RemoteProtocolError(
+                f"frame header of {desc_len + meta_len} bytes exceeds {self.max_header_bytes}"
+            )
+        total = PREFIX.size + desc_len + meta_len + tensor_bytes + blob_len
+        total += MAC_BYTES if has_mac else 0
+        if total > self.max_frame_bytes:
+            raise RemoteProtocolError(
+                f"frame of {total} bytes exceeds the limit of {self.max_frame_bytes}"
+            )
+        self._request_id = request_id
+        self._desc_len = desc_len
+        self._meta_len = meta_len
+        self._tensor_bytes = tensor_bytes
+        self._blob_len = blob_len
+
+    def _start_payload(self, descs: bytes) -> None:
+        specs = _parse_descriptors(descs, self._tensor_bytes)
+        # Lengths were bounded by max_frame_bytes in the prefix: allocation is safe now.
+        self._tensors = []
+        self._targets = []
+        for dtype, shape, nbytes in specs:
+            raw = torch.empty(nbytes, dtype=torch.uint8)
+            self._tensors.append((raw, dtype, shape))
+            if nbytes:
+                self._targets.append(memoryview(raw.numpy()))
+        self._blob = bytearray(self._blob_len) if self._has_blob else None
+        if self._blob:
+            self._targets.append(memoryview(self._blob))
+        self._tag = bytearray(MAC_BYTES) if self.mac is not None else None
+        if self._tag is not None:
+            self._targets.append(memoryview(self._tag))
+        self._hmac = None
+        if self.mac is not None:
+            self._hmac = self.mac.begin()
+            self._hmac.update(self._prefix + descs + self._meta)
+        self._index = 0
+        self._filled = 0
+        self._state = _State.PAYLOAD
+
+    def _fill(self, data: memoryview) -> int:
+        used = 0
+        while used < len(data) and self._index < len(self._targets):
+            target = self._targets[self._index]
+            n = min(len(target) - self._filled, len(data) - used)
+            target[self._filled : self._filled + n] = data[used : used + n]
+            self._filled += n
+            used += n
+            if self._filled == len(target):
+                self._finish_target()
+        return used
+
+    def _finish_target(self) -> None:
+        target = self._targets[self._index]
+        if self._hmac is not None and self._index < len(self._targets) - 1:
+            self._hmac.update(target)  # every target but the trailing MAC tag
+        self._index += 1
+        self._filled = 0
+
+    def _finish_frame(self) -> Message:
+        if self._hmac is not None:
+            assert self._tag is not None
+            if not hmac.compare_digest(self._hmac.digest(), bytes(self._tag)):
+                raise AuthenticationError(
+                    f"bad MAC on {self._kind.name} frame (sequence {self.mac.sequence - 1})"  # type: ignore[union-attr]
+                )
+        meta = _parse_meta(self._meta)
+        tensors = tuple(raw.view(dtype).reshape(shape) for raw, dtype, shape in self._tensors)
+        blob = bytes(self._blob) if self._blob is not None else None
+        msg = Message(self._kind, self._request_id, meta, tensors, blob)
+        self._reset()
+        return msg
+
+    def _reset(self) -> None:
+        self._state = _State.PREFIX
+        self._targets: list[memoryview] = []
+        self._tensors: list[tuple[torch.Tensor, torch.dtype, tuple[int, ...]]] = []
+        self._index = 0
+        self._filled = 0
+        self._hmac: Any = None
+        self._tag: bytearray | None = None
+        self._blob: bytearray | None = None
+        self._desc_len = self._meta_len = 0
+        self._meta = b""
+        self._prefix = b""
+
+
+def _parse_descriptors(
+    descs: bytes, tensor_bytes: int
+) -> list[tuple[torch.dtype, tuple[int, ...], int]]:
+    specs: list[tuple[torch.dtype, tuple[int, ...], int]] = []
+    offset = total = 0
+    while offset < len(descs):
+        if len(specs) >= MAX_TENSORS:
+            raise RemoteProtocolError(f"more than {MAX_TENSORS} tensors in one frame")
+        if offset + _DESC_HEAD.size > len(descs):
+            raise RemoteProtocolError("truncated tensor descriptor")
+        code, ndim = _DESC_HEAD.unpack_from(descs, offset)
+        offset += _DESC_HEAD.size
+        dtype = _CODE_DTYPES.get(code)
+        if dtype is None:
+            raise RemoteProtocolError(f"unknown dtype code {code}")
+        if ndim > MAX_NDIM:
+            raise RemoteProtocolError(f"tensor with {ndim} dimensions (max {MAX_NDIM})")
+        if offset + 8 * ndim > len(descs):
+            raise RemoteProtocolError("truncated tensor shape")
+        shape = struct.unpack_from(f"!{ndim}Q", descs, offset)
+        offset += 8 * ndim
+        if any(d > MAX_DIM for d in shape):
+            raise RemoteProtocolError(f"tensor dimension too large in {shape}")
+        nbytes = math.prod(shape) * dtype.itemsize
+        total += nbytes
+        if total > tensor_bytes:
+            raise RemoteProtocolError("tensor shapes need more bytes than the frame carries")
+        specs.append((dtype, shape, nbytes))
+    if total != tensor_bytes:
+        raise RemoteProtocolError(
+            f"tensor shapes need {total} bytes but the frame carries {tensor_bytes}"
+        )
+    return specs
+
+
+def _reject_constant(name: str) -> Any:
+    raise RemoteProtocolError(f"non-standard JSON constant {name} in meta")
+
+
+def _parse_meta(raw: bytes) -> dict[str, Any]:
+    if not raw:
+        raise RemoteProtocolError("frame without meta")
+    try:
+        meta = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:  # bad UTF-8/JSON or absurd nesting from the peer
+        raise RemoteProtocolError(f"meta is not valid JSON: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise RemoteProtocolError(f"meta is a JSON {type(meta).__name__}, not an object")
+    return meta
