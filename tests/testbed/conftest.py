@@ -1,0 +1,38 @@
+"""Fixtures for the testbed tests: skip with the reason found by trying, never assumed."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from meshci.testbed import commands
+from meshci.testbed.cpu import cgroup_support, list_groups
+from meshci.testbed.netns import leftovers, netns_support
+
+
+@pytest.fixture
+def needs_netns() -> Iterator[None]:
+    reason = netns_support()
+    if reason:
+        pytest.skip(reason)
+    before = set(leftovers())
+    yield
+    # every test leaves the machine as it found it
+    assert set(leftovers()) - before == set()
+
+
+@pytest.fixture
+def needs_tc(needs_netns: None) -> None:
+    if commands.find_tool("tc") is None:
+        pytest.skip("the 'tc' tool is not installed")
+
+
+@pytest.fixture
+def needs_cgroups() -> Iterator[None]:
+    reason = cgroup_support()
+    if reason:
+        pytest.skip(reason)
+    before = set(list_groups())
+    yield
+    assert set(list_groups()) - before == set()
