@@ -1,0 +1,174 @@
+"""Strip balancing: after the auction, move the row boundaries of a block's strips so the
+predicted finish times of its devices are close, leaving out devices that would slow it.
+
+The devices keep their order along the rows (as the auction placed them). ``strip_time(d,
+a, b)`` predicts when device ``d`` finishes rows ``[a, b)`` of the block's output (its
+backlog, compute including halo rows, transfers). It must be monotone under containment: a
+strip inside another never takes longer. Then:
+
+1. The least achievable makespan ``T*`` is found by bisection on ``T``: for a given ``T`` the
+   greedy that lets each device, in order, take the longest strip it finishes within ``T``
+   (skipping a device that cannot finish even one row within ``T``) covers the rows iff any
+   order-preserving split does (exchange argument: pushing a boundary down only shrinks the
+   strips after it).
+2. Among splits with makespan ``T*`` over the devices that took part, the earliest finish is
+   raised as far as possible (bisection on a floor ``L``), so the devices' finish times end
+   close together instead of the last device getting the leftovers.
+
+Devices that cannot finish a single row within ``T*`` are left out: the degree of
+parallelism follows from the prediction, not from the device count.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+from meshci.auction.errors import AuctionError
+
+__all__ = ["balance_strips"]
+
+StripTime = Callable[[str, int, int], float]
+
+
+class _Timer:
+    """Memoised, checked calls of the caller's `strip_time`."""
+
+    def __init__(self, strip_time: StripTime) -> None:
+        self._strip_time = strip_time
+        self._memo: dict[tuple[str, int, int], float] = {}
+
+    def __call__(self, device: str, a: int, b: int) -> float:
+        key = (device, a, b)
+        value = self._memo.get(key)
+        if value is None:
+            value = float(self._strip_time(device, a, b))
+            if math.isnan(value) or value < 0.0:
+                raise AuctionError(f"strip_time({device!r}, {a}, {b}) returned {value}")
+            self._memo[key] = value
+        return value
+
+
+def _longest(time: _Timer, device: str, a: int, height: int, cap: float) -> int:
+    """Largest b in (a, height] with time(device, a, b) <= cap, or a if none."""
+    if time(device, a, a + 1) > cap:
+        return a
+    lo, hi = a + 1, height  # time(lo) <= cap
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if time(device, a, mid) <= cap:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _earliest_start(time: _Timer, device: str, b: int, cap: float) -> int:
+    """Smallest a in [0, b) with time(device, a, b) <= cap, or b if none."""
+    if time(device, b - 1, b) > cap:
+        return b
+    lo, hi = 0, b - 1  # time(hi) <= cap
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if time(device, mid, b) <= cap:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def _greedy(time: _Timer, height: int, order: Sequence[str], cap: float) -> list[tuple[str, int, int]] | None:
+    strips: list[tuple[str, int, int]] = []
+    a = 0
+    for device in order:
+        if a == height:
+            break
+        b = _longest(time, device, a, height, cap)
+        if b > a:
+            strips.append((device, a, b))
+            a = b
+    return strips if a == height else None
+
+
+def _levelled(
+    time: _Timer, height: int, devices: Sequence[str], cap: float, floor: float
+) -> list[tuple[str, int, int]] | None:
+    """A split over all of `devices` with every finish time in [floor, cap], or None."""
+    n = len(devices)
+    # start[k]: the lowest row from which devices[k:] can cover the rest within cap.
+    start = [height] * (n + 1)
+    b = height
+    for k in range(n - 1, -1, -1):
+        if b > 0:
+            b = _earliest_start(time, devices[k], b, cap)
+        start[k] = b
+    strips: list[tuple[str, int, int]] = []
+    a = 0
+    for k, device in enumerate(devices):
+        if k == n - 1:
+            t = time(device, a, height)
+            if not floor <= t <= cap:
+                return None
+            strips.append((device, a, height))
+            return strips
+        last = height - (n - 1 - k)  # leave one row to each later device
+        if a + 1 > last:
+            return None
+        # The shortest strip reaching the floor, but long enough for the rest to fit.
+        lo, hi = a + 1, last
+        if time(device, a, hi) < floor:
+            return None
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if time(device, a, mid) >= floor:
+                hi = mid
+            else:
+                lo = mid + 1
+        b = max(lo, start[k + 1])
+        if b > last or time(device, a, b) > cap:
+            return None
+        strips.append((device, a, b))
+        a = b
+    return None
+
+
+def balance_strips(
+    height: int,
+    order: Sequence[str],
+    strip_time: StripTime,
+    *,
+    rel_tol: float = 1e-4,
+) -> list[tuple[str, int, int]]:
+    """Split rows ``[0, height)`` into contiguous strips ``(device, a, b)`` in `order`,
+    minimising the latest predicted finish, then levelling the finish times (module
+    docstring). Devices that would slow the block down get no strip."""
+    if height < 1:
+        raise AuctionError(f"height must be >= 1, got {height}")
+    if not order:
+        raise AuctionError("order must name at least one device")
+    if len(set(order)) != len(order):
+        raise AuctionError(f"order names a device twice: {list(order)}")
+    time = _Timer(strip_time)
+    hi = min(time(d, 0, height) for d in order)
+    lo = 0.0
+    while hi - lo > rel_tol * hi:
+        mid = (lo + hi) / 2
+        if _greedy(time, height, order, mid) is None:
+            lo = mid
+        else:
+            hi = mid
+    best = _greedy(time, height, order, hi)
+    assert best is not None  # hi stays feasible throughout the bisection
+    cap = max(time(d, a, b) for d, a, b in best)
+    devices = [d for d, _, _ in best]
+    lo_floor, hi_floor = min(time(d, a, b) for d, a, b in best), cap
+    levelled = best
+    while hi_floor - lo_floor > rel_tol * cap:
+        mid = (lo_floor + hi_floor) / 2
+        trial = _levelled(time, height, devices, cap, mid)
+        if trial is None:
+            hi_floor = mid
+        else:
+            lo_floor = mid
+            levelled = trial
+    return levelled

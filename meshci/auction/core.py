@@ -1,0 +1,347 @@
+"""The assignment core of AWAS: items to bidders, minimising the block makespan (numpy).
+
+Input is the bid matrix the auctioneer collected: ``cost[b, i]`` is the seconds bidder ``b``
+needs for item ``i`` (compute including halo rows, plus its transfers; ``inf`` where ``b``
+did not bid), and ``backlog[b]`` the seconds of work ``b`` already holds. Bidder ``b``'s bid
+for ``i`` — its predicted finish time if it wins ``i`` on top of what it holds — is
+``finish[b] + cost[b, i]``.
+
+The auction has two phases.
+
+1. Opening round. Items are offered largest first (by their cheapest bid); each goes to the
+   bidder whose bid, its predicted finish time with the item, is lowest. This is
+   LPT list scheduling on unrelated machines.
+2. Price rises. The *price* of an item is the predicted finish time of the bidder holding
+   it; the items of the bidder that finishes last (the block's makespan) are the contested
+   ones. Another bidder outbids the holder when taking the item over (or trading one of its
+   own items for it) lowers both their finish times below the current makespan by more than
+   ``eps`` (relative): the price of every item the critical bidder holds thus rises by an
+   ``eps``-step in each iteration until no bidder can beat it. As in Bertsekas's
+   ``eps``-auction, the ``eps`` step bounds the number of iterations (each step lowers the
+   sorted vector of finish times lexicographically by at least ``eps`` x makespan) and
+   leaves the result within ``eps`` of a state where no single transfer or trade helps.
+
+The makespan only counts bidders that hold at least one item: a busy bidder that wins
+nothing does not delay the block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from meshci.auction.errors import AuctionError
+
+__all__ = ["Assignment", "assign"]
+
+
+@dataclass(frozen=True, eq=False)
+class Assignment:
+    """Outcome of `assign`.
+
+    owner: bidder index per item (-1: nobody bid on it). finish_s: predicted finish time per
+    bidder (its backlog plus the items it won). iterations: price-rise steps taken after the
+    opening round.
+    """
+
+    owner: np.ndarray
+    finish_s: np.ndarray
+    iterations: int
+
+    @property
+    def makespan_s(self) -> float:
+        """Latest predicted finish among bidders that won at least one item (0.0 if none)."""
+        held = self.owner[self.owner >= 0]
+        if held.size == 0:
+            return 0.0
+        return float(self.finish_s[np.unique(held)].max())
+
+    def items_of(self, bidder: int) -> np.ndarray:
+        """Indices of the items won by `bidder`."""
+        return np.flatnonzero(self.owner == bidder)
+
+
+def _validate(cost: np.ndarray, backlog: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    cost = np.asarray(cost, dtype=np.float64)
+    backlog = np.asarray(backlog, dtype=np.float64)
+    if cost.ndim != 2:
+        raise AuctionError(f"cost must be a 2-d array [bidders, items], got shape {cost.shape}")
+    if backlog.shape != (cost.shape[0],):
+        raise AuctionError(
+            f"backlog must have one entry per bidder ({cost.shape[0]}), got shape {backlog.shape}"
+        )
+    if np.isnan(cost).any() or (cost < 0).any():
+        raise AuctionError("cost must be >= 0 (inf where a bidder did not bid), no NaN")
+    if not np.isfinite(backlog).all() or (backlog < 0).any():
+        raise AuctionError("backlog must be finite and >= 0")
+    return cost, backlog
+
+
+def assign(
+    cost: np.ndarray,
+    backlog: np.ndarray,
+    *,
+    eps: float = 1e-3,
+    max_iterations: int | None = None,
+    search_nodes: int = 3000,
+    search_items: int = 12,
+) -> Assignment:
+    """Assign each item to one bidder, minimising the makespan (see the module docstring).
+
+    Items nobody bid on (a column of ``inf``) get owner -1. ``eps`` is the relative price
+    step; ``max_iterations`` caps the price-rise phase (default ``20 * items + 100``).
+    """
+    cost, backlog = _validate(cost, backlog)
+    if not 0.0 <= eps < 1.0:
+        raise AuctionError(f"eps must be in [0, 1), got {eps}")
+    n_bidders, n_items = cost.shape
+    owner = np.full(n_items, -1, dtype=np.int64)
+    finish = backlog.copy()
+    if n_items == 0 or n_bidders == 0:
+        return Assignment(owner, finish, 0)
+
+    finite = np.isfinite(cost)
+    cheapest = np.where(finite, cost, np.inf).min(axis=0)
+    biddable = np.flatnonzero(np.isfinite(cheapest))
+    limit = 20 * n_items + 100 if max_iterations is None else max_iterations
+    best: Assignment | None = None
+    # Opening orders: largest cheapest bid first (LPT), then largest average bid first; the
+    # price-rise phase runs from each and the better outcome is kept.
+    mean = np.where(finite, cost, 0.0).sum(axis=0) / np.maximum(finite.sum(axis=0), 1)
+    for key in (cheapest, mean):
+        order = biddable[np.argsort(-key[biddable], kind="stable")]
+        result = _auction(cost, backlog, order, eps, limit)
+        if best is None or result.makespan_s < best.makespan_s:
+            best = result
+    assert best is not None
+    if (
+        search_nodes > 0
+        and biddable.size <= search_items
+        and best.makespan_s > lower_bound(cost, backlog) * (1.0 + eps)
+    ):
+        lpt = biddable[np.argsort(-cheapest[biddable], kind="stable")]
+        best = _search(cost, backlog, best, lpt, eps, search_nodes)
+    return best
+
+
+def _auction(
+    cost: np.ndarray, backlog: np.ndarray, order: np.ndarray, eps: float, limit: int
+) -> Assignment:
+    """Opening round in `order`, then price rises (see the module docstring)."""
+    n_bidders, n_items = cost.shape
+    owner = np.full(n_items, -1, dtype=np.int64)
+    finish = backlog.copy()
+    for i in order:
+        bids = finish + cost[:, i]
+        b = int(np.argmin(bids))
+        owner[i] = b
+        finish[b] = bids[b]
+    counts = np.bincount(owner[owner >= 0], minlength=n_bidders)
+    iterations = 0
+    while iterations < limit:
+        masked = np.where(counts > 0, finish, -np.inf)
+        m = int(np.argmax(masked))
+        makespan = float(masked[m])
+        if makespan <= 0.0:
+            break
+        beat = makespan * (1.0 - eps)
+        # Cheap exchanges first (one item out, at most one in); pairs only when those fail.
+        step = _best_exchange(cost, finish, owner, counts, m, beat, pairs=False)
+        if step is None:
+            step = _best_exchange(cost, finish, owner, counts, m, beat, pairs=True)
+        if step is None:
+            break
+        give, take, b = step
+        for i in give:
+            owner[i] = b
+        for j in take:
+            owner[j] = m
+        finish[m] += cost[m, take].sum() - cost[m, give].sum()
+        finish[b] += cost[b, give].sum() - cost[b, take].sum()
+        counts[m] += len(take) - len(give)
+        counts[b] += len(give) - len(take)
+        iterations += 1
+    return Assignment(owner, finish, iterations)
+
+
+def _item_sets(items: np.ndarray, owners: np.ndarray, pairs: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Singles (and same-owner pairs) of `items` as index pairs (second -1 for a single)."""
+    first = items
+    second = np.full(items.size, -1, dtype=np.int64)
+    if pairs and items.size > 1:
+        a, b = np.triu_indices(items.size, k=1)
+        same = owners[a] == owners[b]
+        first = np.concatenate([first, items[a[same]]])
+        second = np.concatenate([second, items[b[same]]])
+    return first, second
+
+
+def _set_cost(cost: np.ndarray, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """cost[:, set] summed over each set's items: shape [bidders, sets]."""
+    total = cost[:, first].copy()
+    two = second >= 0
+    total[:, two] += cost[:, second[two]]
+    return total
+
+
+def _best_exchange(
+    cost: np.ndarray,
+    finish: np.ndarray,
+    owner: np.ndarray,
+    counts: np.ndarray,
+    m: int,
+    beat: float,
+    *,
+    pairs: bool,
+) -> tuple[list[int], list[int], int] | None:
+    """The exchange between the critical bidder `m` and one other bidder `b` that lowers
+    max(finish[m], finish[b]) the most, if it ends below `beat`: `m` hands over a set of its
+    items (one, or two when `pairs`) and takes a set of `b`'s (none, one, or two)."""
+    n_bidders = cost.shape[0]
+    mine = np.flatnonzero(owner == m)
+    others = np.flatnonzero((owner >= 0) & (owner != m))
+    g1, g2 = _item_sets(mine, np.zeros(mine.size, dtype=np.int64), pairs)
+    give_cost = _set_cost(cost, g1, g2)  # [bidders, give sets]
+    give_size = 1 + (g2 >= 0)
+    t1, t2 = _item_sets(others, owner[others], pairs)
+    take_owner = owner[t1]
+    take_size = 1 + (t2 >= 0)
+    take_m = _set_cost(cost[m : m + 1], t1, t2)[0] if t1.size else np.zeros(0)
+    take_own = _set_cost(cost, t1, t2)[take_owner, np.arange(t1.size)] if t1.size else np.zeros(0)
+    # Add the empty take set of every other bidder (a plain transfer).
+    idle = np.array([b for b in range(n_bidders) if b != m], dtype=np.int64)
+    take_owner = np.concatenate([take_owner, idle])
+    take_size = np.concatenate([take_size, np.zeros(idle.size, dtype=np.int64)])
+    take_m = np.concatenate([take_m, np.zeros(idle.size)])
+    take_own = np.concatenate([take_own, np.zeros(idle.size)])
+    if take_owner.size == 0 or g1.size == 0:
+        return None
+    new_m = finish[m] - give_cost[m][:, None] + take_m[None, :]
+    left = counts[m] - give_size[:, None] + take_size[None, :]
+    new_m = np.where(left > 0, new_m, -np.inf)
+    new_b = (finish[take_owner] - take_own)[None, :] + give_cost[take_owner[None, :], np.arange(g1.size)[:, None]]
+    value = np.maximum(new_m, new_b)
+    k = int(np.argmin(value))
+    if not value.flat[k] < beat:
+        return None
+    g, t = divmod(k, take_owner.size)
+    give = [int(g1[g])] + ([int(g2[g])] if g2[g] >= 0 else [])
+    take: list[int] = []
+    if t < t1.size:
+        take = [int(t1[t])] + ([int(t2[t])] if t2[t] >= 0 else [])
+    return give, take, int(take_owner[t])
+
+
+def lower_bound(cost: np.ndarray, backlog: np.ndarray) -> float:
+    """A proven lower bound on the optimal makespan of ``assign(cost, backlog)``.
+
+    The larger of: (a) every item must finish somewhere, ``max_i min_b backlog[b] +
+    cost[b, i]``; (b) a counting bound: within a makespan ``T`` a bidder can hold at most
+    ``k_b(T)`` items, the most of its cheapest bids that fit into ``T - backlog[b]``, so the
+    optimum is the least ``T`` with ``sum_b k_b(T) >= n_items``. Items nobody bid on are
+    ignored.
+    """
+    cost, backlog = _validate(cost, backlog)
+    keep = np.isfinite(cost).any(axis=0)
+    cost = cost[:, keep]
+    n_items = cost.shape[1]
+    if n_items == 0:
+        return 0.0
+    single = float((backlog[:, None] + cost).min(axis=0).max())
+    # ends[b, k]: finish of bidder b holding its k+1 cheapest items.
+    ends = backlog[:, None] + np.cumsum(np.sort(cost, axis=1), axis=1)
+    candidates = np.unique(ends[np.isfinite(ends)])
+    held = (ends[None, :, :] <= candidates[:, None, None]).sum(axis=(1, 2))
+    counting = float(candidates[np.argmax(held >= n_items)])
+    return max(single, counting, _weighted_bound(cost))
+
+
+def _weighted_bound(cost: np.ndarray, steps: int = 60) -> float:
+    """Lagrangian bound: for weights w on the simplex, makespan >= sum_i min_b w_b cost[b, i]
+    (a w-weighted average of the bidders' finish times is at most their maximum). The
+    weights are improved by mirror ascent, starting proportional to each bidder's speed."""
+    finite = np.isfinite(cost)
+    typical = np.array([np.median(row[ok]) if ok.any() else np.inf for row, ok in zip(cost, finite)])
+    w = np.where(np.isfinite(typical), 1.0 / typical, 0.0)
+    w /= w.sum()
+    best = 0.0
+    for _ in range(steps):
+        weighted = w[:, None] * cost
+        pick = np.argmin(weighted, axis=0)
+        value = float(weighted[pick, np.arange(cost.shape[1])].sum())
+        best = max(best, value)
+        load = np.bincount(pick, weights=cost[pick, np.arange(cost.shape[1])], minlength=cost.shape[0])
+        spread = load.max() - load.min()
+        if spread <= 1e-12 * max(load.max(), 1e-300):
+            break
+        w = w * np.exp(2.0 * (load - load.mean()) / spread)
+        w /= w.sum()
+    return best
+
+
+def _search(
+    cost: np.ndarray, backlog: np.ndarray, incumbent: Assignment, order: np.ndarray, eps: float, budget: int
+) -> Assignment:
+    """Depth-first branch and bound over the bids, seeded with the auction's outcome.
+
+    Explores at most `budget` nodes; keeps the incumbent unless it finds a makespan lower by
+    more than `eps`. On small bid matrices this certifies the optimum; on large ones the
+    budget runs out quickly and the auction's outcome stands.
+    """
+    n_bidders, n_items = cost.shape
+    items = [int(i) for i in order]
+    c = cost.tolist()
+    col = [[c[b][i] for b in range(n_bidders)] for i in items]
+    # Static bound: the remaining items must each finish somewhere.
+    floor = [min(backlog[b] + c[b][i] for b in range(n_bidders)) for i in items]
+    suffix = [0.0] * (len(items) + 1)
+    for k in range(len(items) - 1, -1, -1):
+        suffix[k] = max(floor[k], suffix[k + 1])
+    # Bidders with identical bids and backlog are interchangeable while equally loaded.
+    rows = [tuple(c[b]) + (float(backlog[b]),) for b in range(n_bidders)]
+    twin = [next(a for a in range(n_bidders) if rows[a] == rows[b]) for b in range(n_bidders)]
+    fin = [float(x) for x in backlog]
+    pick = [0] * len(items)
+    best_ms = incumbent.makespan_s
+    target = [best_ms * (1.0 - eps)]
+    best_pick: list[int] | None = None
+    nodes = 0
+
+    def dive(k: int, current: float) -> None:
+        nonlocal nodes, best_pick
+        if k == len(items):
+            target[0] = current * (1.0 - eps)
+            best_pick = list(pick)
+            return
+        if suffix[k] >= target[0]:
+            return
+        costs = col[k]
+        tried: set[tuple[int, float]] = set()
+        for b in sorted(range(n_bidders), key=lambda x: fin[x] + costs[x]):
+            new = fin[b] + costs[b]
+            if new >= target[0]:
+                break
+            key = (twin[b], fin[b])
+            if key in tried:
+                continue
+            tried.add(key)
+            nodes += 1
+            if nodes > budget:
+                return
+            before = fin[b]
+            fin[b] = new
+            pick[k] = b
+            dive(k + 1, max(current, new))
+            fin[b] = before
+            if nodes > budget:
+                return
+
+    dive(0, 0.0)
+    if best_pick is None:
+        return incumbent
+    owner = np.full(n_items, -1, dtype=np.int64)
+    owner[items] = best_pick
+    finish = backlog.copy()
+    np.add.at(finish, owner[items], cost[owner[items], items])
+    return Assignment(owner, finish, incumbent.iterations)
