@@ -32,7 +32,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -131,21 +130,16 @@ async def meshci_sender(host: str, port: int, nbytes: int, repeats: int, secret_
 # ---- the orchestrator (root namespace) ----------------------------------------------------
 
 
-def _read_ready(proc: subprocess.Popen[bytes], what: str, timeout: float = 30.0) -> None:
-    line: list[bytes] = []
-    reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)  # type: ignore[union-attr]
-    reader.start()
-    reader.join(timeout)
-    if not line or line[0].strip() != b"ready":
-        raise RuntimeError(f"{what} did not start (said {line[:1]!r})")
-
-
 def run_pair(net, shaper, kind: str, nbytes: int, repeats: int, port: int, secret_file: str) -> list[dict]:  # type: ignore[no-untyped-def]
+    from meshci.testbed.commands import read_line
+
     sender, receiver = net.hosts
     me = [sys.executable, str(Path(__file__).resolve())]
     recv = net.popen(receiver, [*me, "--role", f"{kind}-recv", "--port", str(port), "--repeats", str(repeats),
                                 "--secret-file", secret_file], stdout=subprocess.PIPE)  # fmt: skip
-    _read_ready(recv, f"{kind} receiver")
+    line = read_line(recv.stdout, 30.0)
+    if line.strip() != b"ready":
+        raise RuntimeError(f"{kind} receiver did not start (said {line!r})")
     host, dial_port = shaper.endpoint(sender, receiver, port)
     net.run(sender, [*me, "--role", f"{kind}-send", "--to", f"{host}:{dial_port}", "--bytes", str(nbytes),
                      "--repeats", str(repeats), "--secret-file", secret_file], timeout=600)  # fmt: skip

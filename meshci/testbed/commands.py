@@ -6,7 +6,9 @@ import logging
 import os
 import shutil
 import subprocess
+import threading
 from collections.abc import Sequence
+from typing import IO
 
 from meshci.testbed.errors import TestbedError
 
@@ -43,3 +45,14 @@ def run(argv: Sequence[str], *, check: bool = True, timeout: float = 20.0) -> su
     if check and proc.returncode != 0:
         raise TestbedError(f"`{' '.join(argv)}` failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
     return proc
+
+
+def read_line(stream: IO[bytes] | None, timeout: float) -> bytes:
+    """The first line a child writes to its stdout pipe, or b"" if none comes within `timeout`."""
+    if stream is None:
+        raise TestbedError("the child's stdout is not a pipe")
+    line: list[bytes] = []
+    reader = threading.Thread(target=lambda: line.append(stream.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    return line[0] if line else b""

@@ -27,6 +27,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from meshci.testbed import commands
 from meshci.testbed.errors import TestbedError
 from meshci.testbed.netns import Host, Topology
 
@@ -97,7 +98,7 @@ def _handle(sock: socket.socket) -> None:
 
 def serve(port: int, bind: str = "0.0.0.0") -> None:
     """Serve probes until killed; prints `ready` once listening."""
-    listener = socket.create_server((bind, port), reuse_port=False, backlog=64)
+    listener = socket.create_server((bind, port), backlog=64)
     print("ready", flush=True)
     while True:
         conn, _ = listener.accept()
@@ -156,18 +157,10 @@ class ProbeServer:
         proc = net.popen(
             host, [sys.executable, "-m", "meshci.testbed.probe", "serve", "--port", str(port)], stdout=-1
         )
-        _wait_ready(proc.stdout, ready_timeout, f"probe server in {host.name}")
+        line = commands.read_line(proc.stdout, ready_timeout)
+        if line.strip() != b"ready":
+            raise TestbedError(f"probe server in {host.name} did not become ready (said {line!r})")
         return cls(host=host, port=port)
-
-
-def _wait_ready(stream: object, timeout: float, what: str) -> None:
-    """Wait for a child's `ready` line on its stdout pipe."""
-    result: list[bytes] = []
-    reader = threading.Thread(target=lambda: result.append(stream.readline()), daemon=True)  # type: ignore[attr-defined]
-    reader.start()
-    reader.join(timeout)
-    if not result or result[0].strip() != b"ready":
-        raise TestbedError(f"{what} did not become ready within {timeout:.0f} s (said {result[:1]!r})")
 
 
 def measure_rtt(net: Topology, client: Host, address: tuple[str, int], count: int = 20) -> dict[str, float]:

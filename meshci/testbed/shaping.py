@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
-import threading
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -147,7 +146,8 @@ class Shaper:
                 delay = "relay"
                 notes.append(RELAY_NOTE)
             if shape.loss_pct > 0:
-                notes.append(f"loss of {shape.loss_pct}% requested but not emulated (no netem in this kernel)")
+                why = "relay mode chosen" if self.delay_mode == "relay" else "no netem in this kernel"
+                notes.append(f"loss of {shape.loss_pct}% requested but not emulated ({why})")
         self._shapes[(src.name, dst.name)] = shape
         self._delay_by[(src.name, dst.name)] = delay
         return ShapingReport(rate="htb" if shape.rate_mbit is not None else None, delay=delay, loss=loss,
@@ -177,14 +177,15 @@ class Shaper:
         argv = [sys.executable, "-m", "meshci.testbed.relay", "--listen", f"{dst.ip}:0",
                 "--target", f"{dst.ip}:{port}", "--delay-ms", str(delay_ms)]  # fmt: skip
         proc = self.net.popen(dst, argv, stdout=subprocess.PIPE)
-        line: list[bytes] = []
-        reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)  # type: ignore[union-attr]
-        reader.start()
-        reader.join(10.0)
-        words = line[0].split() if line else []
+        line = commands.read_line(proc.stdout, 10.0)
+        words = line.split()
         if len(words) != 2 or words[0] != b"ready":
-            raise TestbedError(f"delay relay in {dst.name} did not start (said {line[:1]!r})")
+            raise TestbedError(f"delay relay in {dst.name} did not start (said {line!r})")
         return _Relay(process=proc, port=int(words[1]))
+
+    def relay_processes(self) -> list[subprocess.Popen[bytes]]:
+        """The delay relays running now (one per src, dst, port that was dialled through a relay)."""
+        return [relay.process for relay in self._relays.values()]
 
     def report(self, src: Host, dst: Host) -> ShapingReport:
         """What shapes the direction src->dst now."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -73,3 +74,11 @@ def test_bad_requests_are_user_errors() -> None:
         pass
     with pytest.raises(TestbedError, match="room for"), topology(5, subnet="10.213.0.0/30"):
         pass
+
+
+def test_support_checks_name_the_missing_privilege(monkeypatch: pytest.MonkeyPatch) -> None:
+    from meshci.testbed import cpu, netns
+
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert "not root" in (netns.netns_support.__wrapped__() or "")
+    assert "not root" in (cpu.cgroup_support.__wrapped__() or "")

@@ -83,9 +83,9 @@ def test_shaper_close_removes_qdiscs_and_relays(needs_tc: None) -> None:
         a, b = net.hosts
         with Shaper(net, delay_mode="relay") as shaper:
             shaper.shape(a, b, LinkShape(rate_mbit=10, delay_ms=5))
-            relay = shaper._relays  # noqa: SLF001 - the test checks what close() must stop
             shaper.endpoint(a, b, 5405)
-            processes = [r.process for r in relay.values()]
+            processes = shaper.relay_processes()
+            assert len(processes) == 1 and processes[0].poll() is None
             assert "htb" in net.run(a, ["tc", "qdisc", "show", "dev", a.ifname]).stdout
         assert all(p.poll() is not None for p in processes)
         assert "htb" not in net.run(a, ["tc", "qdisc", "show", "dev", a.ifname]).stdout
