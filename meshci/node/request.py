@@ -1,0 +1,284 @@
+"""The life of one request inside the mesh, as pure state machines (sans-IO).
+
+Two sides:
+
+* `RequesterRun` — on the node that received the request (the auctioneer). Once the
+  plan is fixed it cuts the input into the first block's tiles, gathers the last
+  block's output (and, for `routing="requester"` strategies such as MoDNN and AOFL,
+  every intermediate boundary, which it re-scatters), and says when the trunk output
+  is complete.
+* `WorkerRun` — on every node that holds tiles of the plan. It waits until the pieces
+  it has received cover a tile's input region, asks for the tile to be computed, and
+  sends each next-block tile's device exactly the intersection of its output with
+  that tile's input region, directly peer to peer (`routing="p2p"`).
+
+Both consume data and return actions (`SendPiece`, `Compute`, `TrunkDone`); the node
+carries them out. A piece addressed to the node itself is delivered locally by the
+node, without the network.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import torch
+
+from meshci.cost.cluster import Cluster, Device, LinkSpec
+from meshci.node.membership import Advert, Peer
+from meshci.planning.plan import Plan
+from meshci.tiling import assemble, crop
+from meshci.trunk import Region
+
+Stage = Literal["tile", "gather"]
+
+
+class Geometry(Protocol):
+    """The trunk's geometry as a request needs it (block indices refer to `plan.blocks`)."""
+
+    def need(self, block: int, out: Region) -> Region:
+        """Input region (on boundary `block`) that block `block` needs to produce `out`."""
+
+    def map_size(self, boundary: int) -> tuple[int, int]:
+        """(H, W) of the feature map entering block `boundary` (len(blocks): trunk output)."""
+
+
+# ---- actions ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SendPiece:
+    """Send a rectangle of boundary `block` to `dest`.
+
+    stage "tile": input of a tile of block `block` (goes to the dest's WorkerRun);
+    stage "gather": for the requester's RequesterRun (trunk output when block ==
+    len(plan.blocks), else a boundary the requester re-scatters).
+    relayed_bytes: bytes of this piece the sender did not compute itself (re-scatter).
+    """
+
+    dest: str
+    block: int
+    region: Region
+    tensor: torch.Tensor
+    stage: Stage
+    relayed_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class Compute:
+    """Run segments [start, end) on `x` (covering `have`), producing exactly `out`."""
+
+    block: int
+    tile: int
+    start: int
+    end: int
+    x: torch.Tensor
+    have: Region
+    out: Region
+
+
+@dataclass(frozen=True)
+class TrunkDone:
+    output: torch.Tensor
+
+
+Action = SendPiece | Compute | TrunkDone
+
+
+class RequestStateError(Exception):
+    """A piece that does not fit the plan (wrong block, outside the map): a peer's mistake."""
+
+
+def tensor_bytes(x: torch.Tensor) -> int:
+    return x.numel() * x.element_size()
+
+
+class PieceStore:
+    """Rectangles received for one feature map; answers whether they cover a region."""
+
+    def __init__(self, height: int, width: int) -> None:
+        self.height = height
+        self.width = width
+        self.pieces: list[tuple[Region, torch.Tensor]] = []
+        self._mask = torch.zeros(height, width, dtype=torch.bool)
+
+    def add(self, region: Region, tensor: torch.Tensor) -> None:
+        if not (0 <= region.r0 < region.r1 <= self.height and 0 <= region.c0 < region.c1 <= self.width):
+            raise RequestStateError(f"piece {region.to_list()} lies outside the "
+                                    f"{self.height}x{self.width} map")
+        if tuple(tensor.shape[-2:]) != (region.height, region.width):
+            raise RequestStateError(f"piece {region.to_list()} carries a tensor of shape "
+                                    f"{tuple(tensor.shape)}")
+        self.pieces.append((region, tensor))
+        self._mask[region.r0:region.r1, region.c0:region.c1] = True
+
+    def covers(self, want: Region) -> bool:
+        return bool(self._mask[want.r0:want.r1, want.c0:want.c1].all())
+
+    def take(self, want: Region) -> torch.Tensor:
+        useful = [(r, t) for r, t in self.pieces if r.intersect(want) is not None]
+        return assemble(want, useful)
+
+
+def _check_block(plan: Plan, block: int, allow_output: bool) -> None:
+    last = len(plan.blocks) if allow_output else len(plan.blocks) - 1
+    if not 0 <= block <= last:
+        raise RequestStateError(f"block {block} is not in a plan of {len(plan.blocks)} blocks")
+
+
+class WorkerRun:
+    """One node's share of one request: its tiles in every block."""
+
+    def __init__(self, plan: Plan, me: str, geometry: Geometry) -> None:
+        self.plan = plan
+        self.me = me
+        self.geometry = geometry
+        self.pending: dict[int, list[int]] = {}
+        for b, block in enumerate(plan.blocks):
+            mine = [t for t, tile in enumerate(block.tiles) if tile.device == me]
+            if mine:
+                self.pending[b] = mine
+        self.outstanding = sum(len(v) for v in self.pending.values())
+        self._stores: dict[int, PieceStore] = {}
+
+    @property
+    def done(self) -> bool:
+        return self.outstanding == 0
+
+    def on_piece(self, block: int, region: Region, tensor: torch.Tensor) -> list[Action]:
+        _check_block(self.plan, block, allow_output=False)
+        if block not in self.pending:
+            raise RequestStateError(f"{self.me} holds no waiting tile in block {block}")
+        store = self._stores.get(block)
+        if store is None:
+            store = self._stores[block] = PieceStore(*self.geometry.map_size(block))
+        store.add(region, tensor)
+        spec = self.plan.blocks[block]
+        actions: list[Action] = []
+        for t in list(self.pending[block]):
+            need = self.geometry.need(block, spec.tiles[t].region)
+            if store.covers(need):
+                self.pending[block].remove(t)
+                actions.append(Compute(block, t, spec.start, spec.end, store.take(need), need,
+                                       spec.tiles[t].region))
+        if not self.pending[block]:
+            del self.pending[block]
+            del self._stores[block]  # every tile of this block has its input: free it
+        return actions
+
+    def on_computed(self, block: int, tile: int, output: torch.Tensor) -> list[Action]:
+        """A tile finished: route its output rows to whoever needs them next."""
+        self.outstanding -= 1
+        out = self.plan.blocks[block].tiles[tile].region
+        nxt = block + 1
+        if nxt == len(self.plan.blocks) or self.plan.routing == "requester":
+            return [SendPiece(self.plan.requester, nxt, out, output, "gather")]
+        sent: set[tuple[str, Region]] = set()
+        actions: list[Action] = []
+        for spec in self.plan.blocks[nxt].tiles:
+            part = out.intersect(self.geometry.need(nxt, spec.region))
+            if part is None or (spec.device, part) in sent:
+                continue
+            sent.add((spec.device, part))
+            actions.append(SendPiece(spec.device, nxt, part, crop(output, out, part).contiguous(), "tile"))
+        return actions
+
+
+class RequesterRun:
+    """The requester's side of one request, once the plan is fixed."""
+
+    def __init__(self, plan: Plan, me: str, geometry: Geometry) -> None:
+        if plan.requester != me:
+            raise RequestStateError(f"plan's requester is {plan.requester!r}, not {me!r}")
+        self.plan = plan
+        self.me = me
+        self.geometry = geometry
+        n = len(plan.blocks)
+        self._stores: dict[int, PieceStore] = {}
+        # tiles of each block still waiting for their re-scattered input (routing=requester)
+        self._scatter: dict[int, list[int]] = {}
+        if plan.routing == "requester":
+            self._scatter = {b: list(range(len(plan.blocks[b].tiles))) for b in range(1, n)}
+        self.finished = False
+
+    def devices(self) -> list[str]:
+        """Every device holding at least one tile, in plan order."""
+        seen: dict[str, None] = {}
+        for block in self.plan.blocks:
+            for tile in block.tiles:
+                seen.setdefault(tile.device, None)
+        return list(seen)
+
+    def start(self, x: torch.Tensor) -> list[Action]:
+        """Cut the input (1, C, H, W) into the first block's tile inputs."""
+        h, w = self.geometry.map_size(0)
+        if tuple(x.shape[-2:]) != (h, w):
+            raise RequestStateError(f"input is {tuple(x.shape[-2:])}, the plan expects {(h, w)}")
+        full = Region(0, h, 0, w)
+        actions: list[Action] = []
+        sent: set[tuple[str, Region]] = set()
+        for spec in self.plan.blocks[0].tiles:
+            need = self.geometry.need(0, spec.region)
+            if (spec.device, need) in sent:
+                continue
+            sent.add((spec.device, need))
+            actions.append(SendPiece(spec.device, 0, need, crop(x, full, need).contiguous(), "tile"))
+        return actions
+
+    def on_gather(self, block: int, region: Region, tensor: torch.Tensor) -> list[Action]:
+        _check_block(self.plan, block, allow_output=True)
+        n = len(self.plan.blocks)
+        if block < n and block not in self._scatter:
+            raise RequestStateError(f"block {block}'s input is not gathered by the requester")
+        if self.finished:
+            raise RequestStateError("piece after the request finished")
+        store = self._stores.get(block)
+        if store is None:
+            store = self._stores[block] = PieceStore(*self.geometry.map_size(block))
+        store.add(region, tensor)
+        if block == n:
+            h, w = self.geometry.map_size(n)
+            full = Region(0, h, 0, w)
+            if store.covers(full):
+                self.finished = True
+                del self._stores[block]
+                return [TrunkDone(store.take(full))]
+            return []
+        # re-scatter: send each waiting tile of this block its input as soon as it is covered
+        spec = self.plan.blocks[block]
+        own = [t.region for t in self.plan.blocks[block - 1].tiles if t.device == self.me]
+        actions: list[Action] = []
+        for t in list(self._scatter[block]):
+            need = self.geometry.need(block, spec.tiles[t].region)
+            if not store.covers(need):
+                continue
+            self._scatter[block].remove(t)
+            piece = store.take(need)
+            relayed = 0
+            if spec.tiles[t].device != self.me:
+                per_cell = tensor_bytes(piece) // max(1, need.area)
+                mine = sum(r.area for r in (need.intersect(o) for o in own) if r is not None)
+                relayed = per_cell * (need.area - mine)
+            actions.append(SendPiece(spec.tiles[t].device, block, need, piece, "tile", relayed))
+        if not self._scatter[block]:
+            del self._scatter[block]
+            del self._stores[block]
+        return actions
+
+
+# ---- the mesh as a planner sees it ----------------------------------------------------
+
+def cluster_from_view(me: str, advert: Advert, peers: list[Peer], default_link: LinkSpec,
+                      medium: str = "switched") -> Cluster:
+    """The `Cluster` a requester plans on: itself plus every live peer, with the speed and
+    backlog each one advertised, and the link estimates they advertised (the requester's
+    own estimates win over a peer's for the same pair)."""
+    devices = [Device(me, advert.gflops, backlog_s=advert.backlog_s)]
+    devices += [Device(p.name, p.advert.gflops, backlog_s=p.advert.backlog_s) for p in peers
+                if p.name != me]
+    names = {d.name for d in devices}
+    links: dict[frozenset[str], LinkSpec] = {}
+    for owner, adv in [(p.name, p.advert) for p in peers] + [(me, advert)]:
+        for other, mbps, latency_ms in adv.links:
+            if other in names and other != owner and mbps > 0 and latency_ms >= 0:
+                links[frozenset((owner, other))] = LinkSpec(mbps, latency_ms)
+    return Cluster(tuple(devices), default_link, links, medium, me)

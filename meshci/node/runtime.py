@@ -1,0 +1,161 @@
+"""The tile runtime of a node: a small cache of built trunks and one compute thread.
+
+A worker only needs a trunk's segments; only the requester needs the head (and, for
+`--check`, the monolithic reference). What a role does not need is dropped as soon as
+the trunk is extracted, so a worker serving VGG-16 does not hold its ~490 MB classifier.
+Compute runs on one worker thread, off the event loop, so heartbeats keep flowing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from meshci.models.registry import build_model
+from meshci.planning.plan import Plan
+from meshci.tiling import block_input_region, run_block
+from meshci.trunk import Region, Trunk, extract_trunk
+
+log = logging.getLogger(__name__)
+
+ModelKey = tuple[str, int, int, int]  # model name, seed, input height, input width
+
+
+@dataclass
+class LoadedModel:
+    key: ModelKey
+    trunk: Trunk
+    has_head: bool
+
+
+class PlanGeometry:
+    """`meshci.node.request.Geometry` for one plan on one trunk (memoised)."""
+
+    def __init__(self, trunk: Trunk, plan: Plan) -> None:
+        self.trunk = trunk
+        self.plan = plan
+        self._need = lru_cache(maxsize=None)(self._need_uncached)
+
+    def _need_uncached(self, block: int, out: Region) -> Region:
+        spec = self.plan.blocks[block]
+        return block_input_region(self.trunk, spec.start, spec.end, out)
+
+    def need(self, block: int, out: Region) -> Region:
+        return self._need(block, out)
+
+    def map_size(self, boundary: int) -> tuple[int, int]:
+        blocks = self.plan.blocks
+        seg = blocks[boundary].start if boundary < len(blocks) else blocks[-1].end
+        _, h, w = self.trunk.boundary_shape(seg)
+        return h, w
+
+
+class ModelCache:
+    """Built trunks by (model, seed, input size); least recently used beyond `capacity`."""
+
+    def __init__(self, capacity: int = 2) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[ModelKey, LoadedModel] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, name: str, seed: int, size: tuple[int, int], head: bool) -> LoadedModel:
+        """Blocking (call from a thread): the trunk, with head and reference when `head`."""
+        key = (name, int(seed), int(size[0]), int(size[1]))
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and (entry.has_head or not head):
+                self._entries.move_to_end(key)
+                return entry
+            started = time.perf_counter()
+            model = build_model(name, seed=seed)
+            model.eval()
+            trunk = extract_trunk(model, input_shape=(3, key[2], key[3]), name=name)
+            del model
+            if not head:
+                # a worker never runs the head or the monolithic reference: drop them
+                trunk.head = None  # type: ignore[assignment]
+                trunk.reference = None  # type: ignore[assignment]
+            entry = LoadedModel(key, trunk, head)
+            self._entries[key] = entry
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+            gc.collect()
+            log.info("built %s seed=%d %dx%d (%s) in %.2f s", name, seed, key[2], key[3],
+                     "with head" if head else "trunk only", time.perf_counter() - started)
+            return entry
+
+
+class Runtime:
+    """Model cache plus the single compute thread (torch threads = `threads`)."""
+
+    def __init__(self, threads: int = 1, cache_capacity: int = 2) -> None:
+        self.threads = max(1, threads)
+        self.cache = ModelCache(cache_capacity)
+        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshci-compute",
+                                           initializer=torch.set_num_threads,
+                                           initargs=(self.threads,))
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshci-load")
+        self.compute_s = 0.0
+        self.tiles_computed = 0
+        self.busy_until = 0.0  # monotonic time the queued compute is expected to end
+
+    async def load(self, name: str, seed: int, size: tuple[int, int], head: bool) -> LoadedModel:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._loader, self.cache.get, name, seed, size, head)
+
+    async def run_block(self, trunk: Trunk, start: int, end: int, x: torch.Tensor,
+                        have: Region, out: Region) -> tuple[torch.Tensor, float]:
+        """Run segments [start, end) on the compute thread; returns (output, seconds)."""
+        loop = asyncio.get_running_loop()
+
+        def work() -> tuple[torch.Tensor, float]:
+            began = time.perf_counter()
+            with torch.inference_mode():
+                y = run_block(trunk, start, end, x, have, out)
+            return y.contiguous(), time.perf_counter() - began
+
+        y, seconds = await loop.run_in_executor(self._compute, work)
+        self.compute_s += seconds
+        self.tiles_computed += 1
+        return y, seconds
+
+    async def call(self, fn, *args):  # type: ignore[no-untyped-def]
+        """Run any other torch work (head, monolithic check) on the compute thread."""
+        loop = asyncio.get_running_loop()
+
+        def work():  # type: ignore[no-untyped-def]
+            with torch.inference_mode():
+                return fn(*args)
+
+        return await loop.run_in_executor(self._compute, work)
+
+    def close(self) -> None:
+        self._compute.shutdown(wait=False, cancel_futures=True)
+        self._loader.shutdown(wait=False, cancel_futures=True)
+
+
+PROFILE_MODEL = "resnet34"
+PROFILE_SIZE = (3, 160, 160)
+
+
+def measure_gflops(data_dir: Path, threads: int) -> float:
+    """This device's effective GFLOP/s on ResNet-34's trunk, measured once per machine and
+    cached under `data_dir` by the planner's profiling."""
+    from meshci.cost.profiling import effective_gflops, load_or_measure
+
+    model = build_model(PROFILE_MODEL, seed=0)
+    model.eval()
+    trunk = extract_trunk(model, input_shape=PROFILE_SIZE, name=PROFILE_MODEL)
+    curve = load_or_measure(trunk, threads=threads, data_dir=Path(data_dir))
+    return max(effective_gflops(trunk, curve), 1e-3)
