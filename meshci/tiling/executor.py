@@ -1,0 +1,85 @@
+"""Tile executor: run a fused block of segments on an input tile, stitch tiles together."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from meshci.errors import TilingError
+from meshci.tiling.geometry import Block, block_regions
+from meshci.trunk.region import Region
+from meshci.trunk.segment import crop as _crop
+from meshci.trunk.trunk import Trunk
+
+
+def crop(x: Tensor, have: Region, want: Region) -> Tensor:
+    """The part `want` of a tensor whose last two axes cover `have` (a view, no copy)."""
+    try:
+        return _crop(x, have, want)
+    except ValueError as exc:
+        # a caller asked for data it does not hold: a tiling mistake, not a crash
+        raise TilingError(str(exc)) from exc
+
+
+def run_block(trunk: Trunk, start: int, end: int, x: Tensor, have: Region, out: Region) -> Tensor:
+    """Exactly `out` of boundary `end`, from `x` covering `have` of boundary `start`.
+
+    `have` must contain block_input_region(trunk, start, end, out).
+    """
+    regions = block_regions(trunk, start, end, out)
+    y = crop(x, have, regions[0])
+    for seg, r_in, r_out in zip(trunk.segments[start:end], regions[:-1], regions[1:]):
+        y = seg.run(y, r_in, r_out)
+    return y
+
+
+def assemble(want: Region, pieces: Sequence[tuple[Region, Tensor]]) -> Tensor:
+    """One tensor covering `want` from pieces (region, tensor) that together cover it."""
+    if not pieces:
+        raise TilingError(f"no pieces to assemble {want}")
+    first = pieces[0][1]
+    out = first.new_empty((*first.shape[:-2], want.height, want.width))
+    covered = torch.zeros((want.height, want.width), dtype=torch.bool)
+    for region, tensor in pieces:
+        if tuple(tensor.shape[-2:]) != (region.height, region.width):
+            raise TilingError(f"piece of spatial size {tuple(tensor.shape[-2:])} does not match region {region}")
+        part = region.intersect(want)
+        if part is None:
+            continue
+        dst = part.shift(-want.r0, -want.c0)
+        out[..., dst.r0 : dst.r1, dst.c0 : dst.c1] = crop(tensor, region, part)
+        covered[dst.r0 : dst.r1, dst.c0 : dst.c1] = True
+    if not bool(covered.all()):
+        rows = torch.nonzero(~covered)[0].tolist()
+        raise TilingError(f"pieces leave {want} uncovered (e.g. at row {rows[0] + want.r0}, col {rows[1] + want.c0})")
+    return out
+
+
+def check_blocks(trunk: Trunk, blocks: Sequence[Block]) -> None:
+    """Blocks must follow each other and cover the whole trunk."""
+    expected = 0
+    for start, end, tiles in blocks:
+        if start != expected or end <= start:
+            raise TilingError(f"block [{start}, {end}) does not follow boundary {expected}")
+        if not tiles:
+            raise TilingError(f"block [{start}, {end}) has no tiles")
+        expected = end
+    if expected != len(trunk.segments):
+        raise TilingError(f"blocks end at boundary {expected}, the trunk has {len(trunk.segments)} segments")
+
+
+def run_tiled(trunk: Trunk, x: Tensor, blocks: Sequence[Block]) -> tuple[Tensor, list[Tensor]]:
+    """Run the trunk block by block, each block tile by tile, then the head.
+
+    Returns (head output, boundaries), boundaries = [x, output of block 0, ..., output of
+    the last block] as whole feature maps.
+    """
+    check_blocks(trunk, blocks)
+    boundaries = [x]
+    for start, end, tiles in blocks:
+        have = trunk.boundary_region(start)
+        pieces = [(t, run_block(trunk, start, end, boundaries[-1], have, t)) for t in tiles]
+        boundaries.append(assemble(trunk.boundary_region(end), pieces))
+    return trunk.head(boundaries[-1]), boundaries

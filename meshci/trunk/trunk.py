@@ -1,0 +1,69 @@
+"""A model split into a spatially local trunk (a list of segments) and a head."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from meshci.trunk.ops import Shape
+from meshci.trunk.region import Region
+from meshci.trunk.segment import Segment
+
+
+class Trunk:
+    """The spatial segments of a model, in order, and the head that follows them.
+
+    `reference` is the original model's graph up to the end of the trunk; it returns the
+    value at every segment boundary ([x, out_0, ..., out_{S-1}]) computed by the model's
+    own modules, so it is an independent monolithic reference for the tiled execution.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        input_shape: Shape,
+        segments: list[Segment],
+        head: nn.Module,
+        reference: nn.Module,
+        head_start: str,
+    ) -> None:
+        if not segments:
+            raise ValueError("a trunk needs at least one segment")
+        self.name = name
+        self.input_shape: Shape = tuple(input_shape)  # type: ignore[assignment]
+        self.segments = list(segments)
+        self.head = head
+        self.reference = reference
+        self.head_start = head_start  # the first node of the model that is not spatially local
+
+    def __len__(self) -> int:
+        return len(self.segments)
+
+    def __repr__(self) -> str:
+        return f"Trunk({self.name!r}, input_shape={self.input_shape}, segments={len(self.segments)})"
+
+    def boundary_shape(self, k: int) -> Shape:
+        """Shape of the input of segment k; k == len(segments) gives the trunk output."""
+        if not 0 <= k <= len(self.segments):
+            raise IndexError(f"boundary {k} outside 0..{len(self.segments)}")
+        if k == len(self.segments):
+            return self.segments[-1].out_shape
+        return self.segments[k].in_shape
+
+    def boundary_region(self, k: int) -> Region:
+        """The whole feature map at boundary k."""
+        _, h, w = self.boundary_shape(k)
+        return Region.full(h, w)
+
+    def forward_boundaries(self, x: Tensor) -> list[Tensor]:
+        """Monolithic forward of the trunk: [x, out_0, ..., out_{S-1}]."""
+        return list(self.reference(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """head(trunk(x)), equal to model(x)."""
+        return self.head(self.forward_boundaries(x)[-1])
+
+    __call__ = forward
+
+    @property
+    def flops(self) -> float:
+        return sum(seg.flops for seg in self.segments)
