@@ -1,0 +1,326 @@
+"""Items and the messages of an auction round (frozen dataclasses, JSON-safe).
+
+They travel as JSON in a frame's meta (never pickled): ``message.to_json()`` gives a dict of
+JSON types, ``message_from_json(d)`` rebuilds it and raises `MessageFormatError` on anything
+malformed (a peer's mistake: the caller logs it and drops the frame).
+
+The exchange (see `meshci.auction.auctioneer`):
+
+    auctioneer -> bidder   CallForBids  (round r: every open item of the request)
+    bidder -> auctioneer   BidBundle    (one answer: its backlog and a bid per item it wants)
+    auctioneer -> bidder   Award        (round r+1: the items it won)
+    bidder -> auctioneer   AwardReply   (accepted / declined item ids)
+    auctioneer -> bidder   Close        (final: the items it holds; everything else is freed)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Union
+
+from meshci.auction.errors import MessageFormatError
+
+__all__ = [
+    "AuctionMessage",
+    "Award",
+    "AwardReply",
+    "Bid",
+    "BidBundle",
+    "CallForBids",
+    "Close",
+    "Item",
+    "Outgoing",
+    "message_from_json",
+]
+
+
+def _field(d: Mapping[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+    if not isinstance(d, Mapping):
+        raise MessageFormatError(f"expected an object, got {type(d).__name__}")
+    if name not in d:
+        raise MessageFormatError(f"missing field {name!r}")
+    value = d[name]
+    # bool is an int subclass: never accept it where a number is meant.
+    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise MessageFormatError(f"field {name!r} must be {kind}, got bool")
+    if not isinstance(value, kind):
+        raise MessageFormatError(f"field {name!r} must be {kind}, got {type(value).__name__}")
+    return value
+
+
+def _number(d: Mapping[str, Any], name: str) -> float:
+    return float(_field(d, name, (int, float)))
+
+
+def _strings(d: Mapping[str, Any], name: str) -> tuple[str, ...]:
+    values = _field(d, name, list)
+    if not all(isinstance(v, str) for v in values):
+        raise MessageFormatError(f"field {name!r} must be a list of strings")
+    return tuple(values)
+
+
+def _int_pair(d: Mapping[str, Any], name: str) -> tuple[int, int]:
+    pair = _field(d, name, list)
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+        raise MessageFormatError(f"field {name!r} must be two integers")
+    return (pair[0], pair[1])
+
+
+@dataclass(frozen=True)
+class Item:
+    """One tile of a fused block, as auctioned.
+
+    rows: the output rows ``[a, b)`` of the block; flops: its compute including halo rows;
+    recv_bytes / send_bytes: its input and output traffic, from ``recv_from`` / to
+    ``send_to`` ("" means the auctioneer); segments: the block's segment range
+    ``[start, end)`` (for per-segment speed curves).
+    """
+
+    item_id: str
+    block: int
+    rows: tuple[int, int]
+    flops: float
+    recv_bytes: int = 0
+    send_bytes: int = 0
+    segments: tuple[int, int] = (0, 0)
+    recv_from: str = ""
+    send_to: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "item_id": self.item_id,
+            "block": self.block,
+            "rows": list(self.rows),
+            "flops": self.flops,
+            "recv_bytes": self.recv_bytes,
+            "send_bytes": self.send_bytes,
+            "segments": list(self.segments),
+            "recv_from": self.recv_from,
+            "send_to": self.send_to,
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Item:
+        item = cls(
+            item_id=_field(d, "item_id", str),
+            block=_field(d, "block", int),
+            rows=_int_pair(d, "rows"),
+            flops=_number(d, "flops"),
+            recv_bytes=_field(d, "recv_bytes", int),
+            send_bytes=_field(d, "send_bytes", int),
+            segments=_int_pair(d, "segments"),
+            recv_from=_field(d, "recv_from", str),
+            send_to=_field(d, "send_to", str),
+        )
+        if not math.isfinite(item.flops) or item.flops < 0:
+            raise MessageFormatError(f"item {item.item_id!r}: flops must be finite and >= 0")
+        if item.recv_bytes < 0 or item.send_bytes < 0:
+            raise MessageFormatError(f"item {item.item_id!r}: byte counts must be >= 0")
+        return item
+
+
+@dataclass(frozen=True)
+class Bid:
+    """A bidder's predicted finish time (seconds from now) if it wins the item."""
+
+    item_id: str
+    finish_s: float
+
+
+@dataclass(frozen=True)
+class CallForBids:
+    """Round r: the open items; answer with one BidBundle within ``reply_within_s``."""
+
+    TYPE: ClassVar[str] = "call_for_bids"
+    auction_id: str
+    round: int
+    sender: str
+    items: tuple[Item, ...]
+    reply_within_s: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "type": self.TYPE,
+            "auction_id": self.auction_id,
+            "round": self.round,
+            "sender": self.sender,
+            "items": [item.to_json() for item in self.items],
+            "reply_within_s": self.reply_within_s,
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> CallForBids:
+        return cls(
+            auction_id=_field(d, "auction_id", str),
+            round=_field(d, "round", int),
+            sender=_field(d, "sender", str),
+            items=tuple(Item.from_json(x) for x in _field(d, "items", list)),
+            reply_within_s=_number(d, "reply_within_s"),
+        )
+
+
+@dataclass(frozen=True)
+class BidBundle:
+    """A bidder's one answer to a CallForBids: its backlog and its bids.
+
+    backlog_s is the work it holds outside this auction; each bid's finish_s is backlog_s
+    plus the seconds the item costs it. Values are not checked here (the auctioneer ignores
+    bad ones with a logged reason), only their JSON types.
+    """
+
+    TYPE: ClassVar[str] = "bid_bundle"
+    auction_id: str
+    round: int
+    sender: str
+    backlog_s: float
+    bids: tuple[Bid, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "type": self.TYPE,
+            "auction_id": self.auction_id,
+            "round": self.round,
+            "sender": self.sender,
+            "backlog_s": self.backlog_s,
+            "bids": [[bid.item_id, bid.finish_s] for bid in self.bids],
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> BidBundle:
+        bids = []
+        for pair in _field(d, "bids", list):
+            if (
+                not isinstance(pair, list)
+                or len(pair) != 2
+                or not isinstance(pair[0], str)
+                or isinstance(pair[1], bool)
+                or not isinstance(pair[1], (int, float))
+            ):
+                raise MessageFormatError("each bid must be [item_id, finish_s]")
+            bids.append(Bid(pair[0], float(pair[1])))
+        return cls(
+            auction_id=_field(d, "auction_id", str),
+            round=_field(d, "round", int),
+            sender=_field(d, "sender", str),
+            backlog_s=_number(d, "backlog_s"),
+            bids=tuple(bids),
+        )
+
+
+@dataclass(frozen=True)
+class Award:
+    """The items a bidder won; ``work_s`` is what they cost it per its own bids."""
+
+    TYPE: ClassVar[str] = "award"
+    auction_id: str
+    round: int
+    sender: str
+    item_ids: tuple[str, ...]
+    work_s: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "type": self.TYPE,
+            "auction_id": self.auction_id,
+            "round": self.round,
+            "sender": self.sender,
+            "item_ids": list(self.item_ids),
+            "work_s": self.work_s,
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Award:
+        return cls(
+            auction_id=_field(d, "auction_id", str),
+            round=_field(d, "round", int),
+            sender=_field(d, "sender", str),
+            item_ids=_strings(d, "item_ids"),
+            work_s=_number(d, "work_s"),
+        )
+
+
+@dataclass(frozen=True)
+class AwardReply:
+    """A bidder's answer to an Award: the items it accepts and those it declines."""
+
+    TYPE: ClassVar[str] = "award_reply"
+    auction_id: str
+    round: int
+    sender: str
+    accepted: tuple[str, ...]
+    declined: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "type": self.TYPE,
+            "auction_id": self.auction_id,
+            "round": self.round,
+            "sender": self.sender,
+            "accepted": list(self.accepted),
+            "declined": list(self.declined),
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> AwardReply:
+        return cls(
+            auction_id=_field(d, "auction_id", str),
+            round=_field(d, "round", int),
+            sender=_field(d, "sender", str),
+            accepted=_strings(d, "accepted"),
+            declined=_strings(d, "declined"),
+        )
+
+
+@dataclass(frozen=True)
+class Close:
+    """The end of an auction for one bidder: it holds ``item_ids`` firmly, nothing else."""
+
+    TYPE: ClassVar[str] = "close"
+    auction_id: str
+    round: int
+    sender: str
+    item_ids: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "type": self.TYPE,
+            "auction_id": self.auction_id,
+            "round": self.round,
+            "sender": self.sender,
+            "item_ids": list(self.item_ids),
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Close:
+        return cls(
+            auction_id=_field(d, "auction_id", str),
+            round=_field(d, "round", int),
+            sender=_field(d, "sender", str),
+            item_ids=_strings(d, "item_ids"),
+        )
+
+
+AuctionMessage = Union[CallForBids, BidBundle, Award, AwardReply, Close]
+
+_TYPES: dict[str, Any] = {
+    cls.TYPE: cls for cls in (CallForBids, BidBundle, Award, AwardReply, Close)
+}
+
+
+def message_from_json(d: Mapping[str, Any]) -> AuctionMessage:
+    """Rebuild a message from its ``to_json()`` dict; `MessageFormatError` if malformed."""
+    kind = _field(d, "type", str)
+    cls = _TYPES.get(kind)
+    if cls is None:
+        raise MessageFormatError(f"unknown auction message type {kind!r}")
+    return cls.from_json(d)  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A message a state machine wants sent to the peer named ``to``."""
+
+    to: str
+    message: AuctionMessage
