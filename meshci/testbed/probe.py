@@ -9,7 +9,11 @@ it prints `ready` once listening. Each connection's first byte picks its mode:
   ``{"bytes": n, "seconds": s}``. The receiver's clock is the honest one: the sender's
   last write only means the bytes reached its socket buffer.
 
-The clients (`rtt`, `throughput`) run inside another host and print one JSON line.
+The same port also answers UDP: every datagram is echoed back, so `loss` can count
+what came back of N numbered datagrams (shape only the outward direction to read the
+one-way loss straight off).
+
+The clients (`rtt`, `throughput`, `loss`) run inside another host and print one JSON line.
 `ProbeServer`, `measure_rtt` and `measure_throughput` drive all of this from a test.
 """
 
@@ -96,9 +100,18 @@ def _handle(sock: socket.socket) -> None:
             log.warning("probe: connection ended early: %s", exc)
 
 
+def _serve_udp_echo(sock: socket.socket) -> None:
+    while True:
+        data, peer = sock.recvfrom(2048)
+        sock.sendto(data, peer)
+
+
 def serve(port: int, bind: str = "0.0.0.0") -> None:
-    """Serve probes until killed; prints `ready` once listening."""
+    """Serve probes until killed (TCP echo/sink, UDP echo); prints `ready` once listening."""
     listener = socket.create_server((bind, port), backlog=64)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind((bind, port))
+    threading.Thread(target=_serve_udp_echo, args=(udp,), daemon=True).start()
     print("ready", flush=True)
     while True:
         conn, _ = listener.accept()
@@ -119,6 +132,40 @@ def rtt_samples(address: tuple[str, int], count: int, timeout: float = 10.0) -> 
                 raise TestbedError("echo server returned different bytes")
             samples.append(time.perf_counter() - start)
     return samples
+
+
+def udp_loss(address: tuple[str, int], count: int, interval_s: float = 0.0002, settle_s: float = 0.5) -> dict[str, float]:
+    """Send `count` numbered datagrams, paced; the share that did not come back is the round-trip loss."""
+    seen: set[int] = set()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.connect(address)
+        sock.settimeout(settle_s)
+
+        def collect() -> None:
+            while True:
+                try:
+                    data = sock.recv(2048)
+                except TimeoutError:
+                    # nothing more for settle_s after the last send: the rest is lost
+                    return
+                except ConnectionRefusedError:
+                    # an ICMP error from an earlier datagram: keep counting
+                    continue
+                seen.add(int.from_bytes(data[:4], "big"))
+
+        receiver = threading.Thread(target=collect, daemon=True)
+        receiver.start()
+        padding = bytes(196)
+        next_send = time.perf_counter()
+        for seq in range(count):
+            sock.send(seq.to_bytes(4, "big") + padding)
+            next_send += interval_s
+            pause = next_send - time.perf_counter()
+            if pause > 0:
+                time.sleep(pause)
+        receiver.join(timeout=count * interval_s + 30)
+    received = len(seen)
+    return {"sent": count, "received": received, "loss": 1.0 - received / count}
 
 
 def send_bulk(address: tuple[str, int], nbytes: int, timeout: float = 120.0) -> dict[str, float]:
@@ -177,6 +224,13 @@ def measure_throughput(net: Topology, client: Host, address: tuple[str, int], nb
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def measure_loss(net: Topology, client: Host, address: tuple[str, int], count: int = 2000) -> dict[str, float]:
+    """Share of `count` UDP datagrams from `client` that did not come back from the probe server."""
+    done = net.run(client, [sys.executable, "-m", "meshci.testbed.probe", "loss", "--to", _fmt(address),
+                            "--count", str(count)], timeout=120)  # fmt: skip
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def _fmt(address: tuple[str, int]) -> str:
     return f"{address[0]}:{address[1]}"
 
@@ -198,6 +252,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("throughput", help="bulk send to a sink")
     p.add_argument("--to", type=_parse_address, required=True)
     p.add_argument("--bytes", type=int, required=True)
+    p = sub.add_parser("loss", help="UDP echo loss")
+    p.add_argument("--to", type=_parse_address, required=True)
+    p.add_argument("--count", type=int, default=2000)
     args = parser.parse_args(argv)
     if args.mode == "serve":
         serve(args.port, args.bind)
@@ -206,6 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = {"median_ms": statistics.median(samples), "min_ms": min(samples), "max_ms": max(samples),
                   "count": len(samples)}  # fmt: skip
         print(json.dumps(result))
+    elif args.mode == "loss":
+        print(json.dumps(udp_loss(args.to, args.count)))
     else:
         print(json.dumps(send_bulk(args.to, args.bytes)))
     return 0

@@ -11,7 +11,9 @@ egress for traffic to a (u32 filter on the destination address, one htb class pe
 peer), so each host pair can have its own rate and the other pairs stay unshaped.
 netem (when present) sits beneath that class for delay and loss. Without netem, the
 delay comes from a TCP relay started inside the destination host on first use of
-`endpoint()`; loss is then not emulated, and the report says so.
+`endpoint()`, and loss from a classic-BPF random classifier on the bridge port towards
+the destination (`bpf_loss`); where that is missing too, loss is not emulated and the
+report says so.
 """
 
 from __future__ import annotations
@@ -22,13 +24,14 @@ import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
-from meshci.testbed import commands
+from meshci.testbed import bpf_loss, commands
 from meshci.testbed.errors import TestbedError
 from meshci.testbed.netns import Host, Topology
 
 log = logging.getLogger(__name__)
 
 DelayMode = Literal["auto", "netem", "relay"]
+GSO_MAX_SEGS = 65535  # the kernel's default gso_max_segs
 
 
 @dataclass(frozen=True)
@@ -52,13 +55,17 @@ class ShapingReport:
 
     rate: Literal["htb"] | None
     delay: Literal["netem", "relay"] | None
-    loss: Literal["netem"] | None
+    loss: Literal["netem", "bpf"] | None
     notes: tuple[str, ...] = ()
 
 
 RELAY_NOTE = (
     "delay by TCP relay in the destination host: application bytes are held for the one-way delay "
     "each way, but the sender's TCP does not see the longer round trip"
+)
+BPF_LOSS_NOTE = (
+    "loss by a classic-BPF random classifier into a dropping class on the bridge port towards the "
+    "destination (in-network loss, per packet; the sender's GSO is off)"
 )
 
 
@@ -87,8 +94,11 @@ class Shaper:
     _classes: dict[str, dict[str, int]] = field(default_factory=dict)  # netns -> dst ip -> class minor
     _shapes: dict[tuple[str, str], LinkShape] = field(default_factory=dict)  # (src, dst) host names
     _delay_by: dict[tuple[str, str], str | None] = field(default_factory=dict)
+    _loss_by: dict[tuple[str, str], str | None] = field(default_factory=dict)
     _relays: dict[tuple[str, str, int], _Relay] = field(default_factory=dict)
     _netem_missing: str | None = None
+    _loss_ports: set[str] = field(default_factory=set)  # bridge ports carrying a loss filter
+    _gso_limited: set[Host] = field(default_factory=set)
 
     def __enter__(self) -> Shaper:
         return self
@@ -125,7 +135,7 @@ class Shaper:
                        "u32", "match", "ip", "dst", f"{dst.ip}/32", "flowid", f"1:{minor}"])  # fmt: skip
         notes: list[str] = []
         delay: Literal["netem", "relay"] | None = None
-        loss: Literal["netem"] | None = None
+        loss: Literal["netem", "bpf"] | None = None
         wants_netem = shape.delay_ms > 0 or shape.loss_pct > 0
         if wants_netem and self.delay_mode != "relay" and self._netem_missing is None:
             netem = ["qdisc", "add", "dev", src.ifname, "parent", f"1:{minor}", "handle", f"{minor + 10}:", "netem",
@@ -140,18 +150,46 @@ class Shaper:
                 if not _is_missing_qdisc(exc) or self.delay_mode == "netem":
                     raise
                 self._netem_missing = str(exc)
-                log.info("netem is not available (%s); delay falls back to the relay", exc)
+                log.info("netem is not available (%s); delay falls back to the relay, loss to cls_bpf", exc)
         if wants_netem and delay is None and loss is None:
             if shape.delay_ms > 0:
                 delay = "relay"
                 notes.append(RELAY_NOTE)
             if shape.loss_pct > 0:
-                why = "relay mode chosen" if self.delay_mode == "relay" else "no netem in this kernel"
-                notes.append(f"loss of {shape.loss_pct}% requested but not emulated ({why})")
+                try:
+                    self._add_bpf_loss(src, dst, shape.loss_pct)
+                    loss = "bpf"
+                    notes.append(BPF_LOSS_NOTE)
+                except TestbedError as exc:
+                    # no cls_bpf (or no pfifo) here: say plainly that loss is not emulated
+                    if not _is_missing_qdisc(exc):
+                        raise
+                    notes.append(f"loss of {shape.loss_pct}% requested but not emulated ({exc})")
         self._shapes[(src.name, dst.name)] = shape
         self._delay_by[(src.name, dst.name)] = delay
+        self._loss_by[(src.name, dst.name)] = loss
         return ShapingReport(rate="htb" if shape.rate_mbit is not None else None, delay=delay, loss=loss,
                              notes=tuple(notes))  # fmt: skip
+
+    def _add_bpf_loss(self, src: Host, dst: Host, loss_pct: float) -> None:
+        """Drop src->dst packets at random on the bridge's port towards dst (see `bpf_loss`)."""
+        port = dst.bridge_port
+        netns = self.net.bridge_netns
+        if port not in self._loss_ports:
+            self._tc_in(netns, ["qdisc", "add", "dev", port, "root", "handle", "1:", "htb", "default", "0"])
+            self._tc_in(netns, ["class", "add", "dev", port, "parent", "1:", "classid", "1:1", "htb",
+                                "rate", "100gbit", "quantum", "65536"])  # fmt: skip
+            self._tc_in(netns, ["qdisc", "add", "dev", port, "parent", "1:1", "handle", "2:", "pfifo", "limit", "0"])
+            self._loss_ports.add(port)
+        program = bpf_loss.bytecode(bpf_loss.loss_program(src.ip, dst.ip, loss_pct / 100.0))
+        self._tc_in(netns, ["filter", "add", "dev", port, "parent", "1:", "protocol", "ip", "prio", "1",
+                            "bpf", "bytecode", program, "classid", "1:1"])  # fmt: skip
+        # one packet per skb from the sender, so that a drop loses one segment, not a 64 KB GSO burst
+        commands.run(["ip", "-n", src.netns, "link", "set", src.ifname, "gso_max_segs", "1"])
+        self._gso_limited.add(src)
+
+    def _tc_in(self, netns: str, argv: list[str]) -> None:
+        commands.run(["ip", "netns", "exec", netns, commands.tool("tc"), *argv])
 
     def _tc(self, host: Host, argv: list[str]) -> None:
         commands.run(["ip", "netns", "exec", host.netns, commands.tool("tc"), *argv])
@@ -192,11 +230,10 @@ class Shaper:
         shape = self._shapes.get((src.name, dst.name))
         if shape is None:
             return ShapingReport(rate=None, delay=None, loss=None)
-        delay = self._delay_by[(src.name, dst.name)]
         return ShapingReport(
             rate="htb" if shape.rate_mbit is not None else None,
-            delay=delay,  # type: ignore[arg-type]
-            loss="netem" if delay == "netem" and shape.loss_pct > 0 else None,
+            delay=self._delay_by[(src.name, dst.name)],  # type: ignore[arg-type]
+            loss=self._loss_by[(src.name, dst.name)],  # type: ignore[arg-type]
         )
 
     # ---- teardown ------------------------------------------------------------------------
@@ -219,6 +256,17 @@ class Shaper:
             # the namespace may already be gone with the topology: nothing left to remove then
             commands.run(["ip", "netns", "exec", netns, commands.tool("tc"), "qdisc", "del", "dev", host.ifname,
                           "root"], check=False)  # fmt: skip
+        for port in self._loss_ports:
+            # the bridge namespace may already be gone with the topology
+            commands.run(["ip", "netns", "exec", self.net.bridge_netns, commands.tool("tc"), "qdisc", "del", "dev",
+                          port, "root"], check=False)  # fmt: skip
+        self._loss_ports.clear()
+        for host in self._gso_limited:
+            # back to the kernel's default; the namespace may already be gone with the topology
+            commands.run(["ip", "-n", host.netns, "link", "set", host.ifname, "gso_max_segs", str(GSO_MAX_SEGS)],
+                         check=False)  # fmt: skip
+        self._gso_limited.clear()
         self._classes.clear()
         self._shapes.clear()
         self._delay_by.clear()
+        self._loss_by.clear()
