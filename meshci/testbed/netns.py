@@ -96,7 +96,7 @@ class Topology:
     def close(self) -> None:
         """Kill the processes started in the hosts, then delete every namespace. Idempotent."""
         for proc in self._processes:
-            _stop(proc)
+            stop_process(proc)
         self._processes.clear()
         problems = []
         for netns in reversed(self._namespaces):
@@ -108,7 +108,8 @@ class Topology:
             raise TestbedError("could not delete namespaces: " + "; ".join(problems))
 
 
-def _stop(proc: subprocess.Popen[bytes], grace_s: float = 2.0) -> None:
+def stop_process(proc: subprocess.Popen[bytes], grace_s: float = 2.0) -> None:
+    """SIGTERM, then SIGKILL after `grace_s`; waits for it."""
     if proc.poll() is not None:
         return
     proc.send_signal(signal.SIGTERM)

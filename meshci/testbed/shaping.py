@@ -26,7 +26,7 @@ from typing import Literal
 
 from meshci.testbed import bpf_loss, commands
 from meshci.testbed.errors import TestbedError
-from meshci.testbed.netns import Host, Topology
+from meshci.testbed.netns import Host, Topology, stop_process
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ class Shaper:
         commands.run(["ip", "netns", "exec", netns, commands.tool("tc"), *argv])
 
     def _tc(self, host: Host, argv: list[str]) -> None:
-        commands.run(["ip", "netns", "exec", host.netns, commands.tool("tc"), *argv])
+        self._tc_in(host.netns, argv)
 
     # ---- addressing ----------------------------------------------------------------------
 
@@ -241,25 +241,15 @@ class Shaper:
     def close(self) -> None:
         """Stop the relays and remove the qdiscs this shaper added. Idempotent."""
         for relay in self._relays.values():
-            if relay.process.poll() is None:
-                relay.process.terminate()
-                try:
-                    relay.process.wait(timeout=2)
-                except subprocess.TimeoutExpired:
-                    # a relay stuck in a write: force it
-                    relay.process.kill()
-                    relay.process.wait(timeout=2)
+            stop_process(relay.process)
         self._relays.clear()
+        # a namespace may already be gone with the topology: nothing left to remove there then
         by_name = {host.netns: host for host in self.net.hosts}
-        for netns in self._classes:
-            host = by_name[netns]
-            # the namespace may already be gone with the topology: nothing left to remove then
-            commands.run(["ip", "netns", "exec", netns, commands.tool("tc"), "qdisc", "del", "dev", host.ifname,
-                          "root"], check=False)  # fmt: skip
-        for port in self._loss_ports:
-            # the bridge namespace may already be gone with the topology
-            commands.run(["ip", "netns", "exec", self.net.bridge_netns, commands.tool("tc"), "qdisc", "del", "dev",
-                          port, "root"], check=False)  # fmt: skip
+        roots = [(netns, by_name[netns].ifname) for netns in self._classes]
+        roots += [(self.net.bridge_netns, port) for port in self._loss_ports]
+        for netns, dev in roots:
+            commands.run(["ip", "netns", "exec", netns, commands.tool("tc"), "qdisc", "del", "dev", dev, "root"],
+                         check=False)  # fmt: skip
         self._loss_ports.clear()
         for host in self._gso_limited:
             # back to the kernel's default; the namespace may already be gone with the topology
