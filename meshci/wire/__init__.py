@@ -19,6 +19,7 @@ from meshci.wire.frames import (
     FrameDecoder,
     FrameMac,
     encode,
+    encode_chunks,
 )
 from meshci.wire.handshake import Handshake, HandshakeResult, Role, valid_name
 from meshci.wire.messages import BLOB_KINDS, Message, MsgType, same_message
@@ -48,6 +49,7 @@ __all__ = [
     "WireError",
     "client_tls_context",
     "encode",
+    "encode_chunks",
     "generate_secret",
     "load_secret",
     "pickle_blob",

@@ -15,7 +15,7 @@ from meshci.wire.errors import (
     LocalProtocolError,
     RemoteProtocolError,
 )
-from meshci.wire.frames import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, FrameMac, encode
+from meshci.wire.frames import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, FrameMac, encode, encode_chunks
 from meshci.wire.handshake import HANDSHAKE_MAX_FRAME_BYTES, Handshake, HandshakeResult, Role
 from meshci.wire.messages import Message, MsgType
 
@@ -183,21 +183,22 @@ class Connection:
             raise ConnectionClosed(f"connection to {self.peer_name!r} is closed")
         async with self._send_lock:
             # Encode under the lock: MAC sequence numbers must follow the write order.
-            buffers = encode(msg, self._send_mac, max_frame_bytes=self._max_frame_bytes)
+            chunks = encode_chunks(
+                msg, self._send_mac, max_frame_bytes=self._max_frame_bytes, chunk_bytes=WRITE_CHUNK
+            )
             writer = self._writer
             try:
                 small = bytearray()
-                for buf in buffers:
-                    view = memoryview(buf)
+                for chunk in chunks:
+                    view = memoryview(chunk)
                     if view.nbytes < COALESCE_BYTES:
                         small += view
                         continue
                     if small:
                         self._write(bytes(small))
                         small.clear()
-                    for start in range(0, view.nbytes, WRITE_CHUNK):
-                        self._write(view[start : start + WRITE_CHUNK])
-                        await writer.drain()
+                    self._write(view)
+                    await writer.drain()
                 if small:
                     self._write(bytes(small))
                 await writer.drain()

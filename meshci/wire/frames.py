@@ -25,6 +25,7 @@ import json
 import math
 import struct
 from enum import IntEnum
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -102,6 +103,53 @@ def encode(
     """Encode `msg` as a list of buffers: the header, each tensor's raw bytes (a memoryview
     of the contiguous CPU tensor, no copy unless the tensor was not contiguous), the blob, and
     the MAC when `mac` is given. Raises LocalProtocolError for a message we may not send."""
+    header, payload = _prepare(msg, mac, max_frame_bytes)
+    out: list[bytes | memoryview] = [header, *payload]
+    if mac is not None:
+        h = mac.begin()
+        for buf in out:
+            h.update(buf)
+        out.append(h.digest())
+    return out
+
+
+def encode_chunks(
+    msg: Message,
+    mac: FrameMac | None = None,
+    *,
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    chunk_bytes: int = 1 << 20,
+) -> Iterator[bytes | memoryview]:
+    """Like `encode`, but yields the payload in memoryview slices of at most `chunk_bytes`
+    and computes the MAC as it goes, so a writer can hash one chunk while the previous one is
+    on the wire. The message is checked (LocalProtocolError) before this returns; the MAC
+    sequence number advances when the first buffer is taken."""
+    header, payload = _prepare(msg, mac, max_frame_bytes)
+    return _chunks(header, payload, mac, chunk_bytes)
+
+
+def _chunks(
+    header: bytes, payload: list[memoryview | bytes], mac: FrameMac | None, chunk_bytes: int
+) -> Iterator[bytes | memoryview]:
+    h = mac.begin() if mac is not None else None
+    if h is not None:
+        h.update(header)
+    yield header
+    for buf in payload:
+        view = memoryview(buf)
+        for start in range(0, view.nbytes, chunk_bytes):
+            piece = view[start : start + chunk_bytes]
+            if h is not None:
+                h.update(piece)
+            yield piece
+    if h is not None:
+        yield h.digest()
+
+
+def _prepare(
+    msg: Message, mac: FrameMac | None, max_frame_bytes: int
+) -> tuple[bytes, list[memoryview | bytes]]:
+    """Check `msg` and build its header; returns (header, payload buffers without the MAC)."""
     try:
         kind = MsgType(msg.kind)
     except ValueError as exc:  # an int that is not a message type: caller's bug
@@ -116,7 +164,7 @@ def encode(
         raise LocalProtocolError(f"meta is not JSON-serialisable: {exc}") from exc
 
     descs = bytearray()
-    views: list[memoryview] = []
+    payload: list[memoryview | bytes] = []
     tensor_bytes = 0
     if len(msg.tensors) > MAX_TENSORS:
         raise LocalProtocolError(f"{len(msg.tensors)} tensors in one frame (max {MAX_TENSORS})")
@@ -125,20 +173,22 @@ def encode(
         descs += desc
         tensor_bytes += view.nbytes
         if view.nbytes:
-            views.append(view)
+            payload.append(view)
 
     flags = 0
-    blob = msg.blob
-    if blob is not None:
+    blob_len = 0
+    if msg.blob is not None:
         if kind not in BLOB_KINDS:
             raise LocalProtocolError(f"{kind.name} may not carry a blob")
         if mac is None:
             raise LocalProtocolError("blobs travel only on authenticated connections")
-        blob = bytes(blob)
+        blob = bytes(msg.blob)
+        blob_len = len(blob)
         flags |= FLAG_BLOB
+        if blob:
+            payload.append(blob)
     if mac is not None:
         flags |= FLAG_MAC
-    blob_len = 0 if blob is None else len(blob)
 
     if len(descs) + len(meta) > DEFAULT_MAX_HEADER_BYTES:
         raise LocalProtocolError(f"frame header of {len(descs) + len(meta)} bytes is too large")
@@ -150,19 +200,7 @@ def encode(
     prefix = PREFIX.pack(
         MAGIC, VERSION, flags, kind, msg.request_id, len(descs), len(meta), tensor_bytes, blob_len
     )
-    header = prefix + bytes(descs) + meta
-    out: list[bytes | memoryview] = [header, *views]
-    if blob:
-        out.append(blob)
-    if mac is not None:
-        h = mac.begin()
-        h.update(header)
-        for view in views:
-            h.update(view)
-        if blob:
-            h.update(blob)
-        out.append(h.digest())
-    return out
+    return prefix + bytes(descs) + meta, payload
 
 
 def _tensor_buffer(t: Any) -> tuple[memoryview, bytes]:
@@ -270,7 +308,7 @@ class FrameDecoder:
         target = self._targets[self._index]
         if nbytes < 0 or self._filled + nbytes > len(target):
             raise LocalProtocolError(f"buffer_updated({nbytes}) overruns the buffer")
-        self._filled += nbytes
+        self._absorb(nbytes)
         if self._filled == len(target):
             self._finish_target()
 
@@ -387,16 +425,21 @@ class FrameDecoder:
             target = self._targets[self._index]
             n = min(len(target) - self._filled, len(data) - used)
             target[self._filled : self._filled + n] = data[used : used + n]
-            self._filled += n
+            self._absorb(n)
             used += n
             if self._filled == len(target):
                 self._finish_target()
         return used
 
-    def _finish_target(self) -> None:
-        target = self._targets[self._index]
+    def _absorb(self, n: int) -> None:
+        """Count `n` new bytes in the current target and hash them as they arrive (so the
+        MAC is ready when the last byte is), except for the trailing MAC tag itself."""
+        start = self._filled
+        self._filled += n
         if self._hmac is not None and self._index < len(self._targets) - 1:
-            self._hmac.update(target)  # every target but the trailing MAC tag
+            self._hmac.update(self._targets[self._index][start : self._filled])
+
+    def _finish_target(self) -> None:
         self._index += 1
         self._filled = 0
 

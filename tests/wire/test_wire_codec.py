@@ -20,6 +20,7 @@ from meshci.wire.frames import (
     FrameDecoder,
     FrameMac,
     encode,
+    encode_chunks,
 )
 from meshci.wire.messages import Message, MsgType, same_message
 
@@ -293,3 +294,19 @@ def test_requires_grad_tensor_is_sent_detached() -> None:
     out = roundtrip(Message(MsgType.TILE, 0, {}, (t * 2,)))
     assert not out.tensors[0].requires_grad
     assert torch.equal(out.tensors[0], (t * 2).detach())
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 7, 4096, 1 << 20])
+@pytest.mark.parametrize("authenticated", [False, True])
+def test_encode_chunks_matches_encode(chunk_bytes: int, authenticated: bool) -> None:
+    msg = Message(MsgType.PLAN, 3, {"k": "v"}, (torch.randn(3000), torch.arange(7)), b"blob" if authenticated else None)
+    a, b = mac_pair() if authenticated else (None, None)
+    whole = b"".join(bytes(x) for x in encode(msg, a))
+    pieces = list(encode_chunks(msg, b, chunk_bytes=chunk_bytes))
+    assert b"".join(bytes(x) for x in pieces) == whole
+    assert all(memoryview(p).nbytes <= max(chunk_bytes, len(pieces[0])) for p in pieces)
+
+
+def test_encode_chunks_checks_the_message_before_returning() -> None:
+    with pytest.raises(LocalProtocolError):
+        encode_chunks(Message(MsgType.TILE, 0, {}, (), b"x"))
