@@ -4,7 +4,9 @@
 Two hosts (network namespaces) on a link shaped with htb to --rate-mbit; a tensor of
 --mbytes MiB goes from h0 to h1, first over raw TCP (the baseline: what the link gives
 any sender), then as one authenticated meshci message (`meshci.wire.Connection`, HMAC
-on every frame). Each transfer is timed from the sender's clock reading just before
+on every frame), and, where it exists, through the wire part's own
+`tools/bench_transfer.py` in its split roles (its median round: the tensor plus a small
+acknowledgement, timed by the sender). Each transfer is timed from the sender's clock reading just before
 its first byte to the receiver's reading when the last byte (or the whole verified
 message) has arrived: both processes read the same CLOCK_MONOTONIC, so the time is
 end to end, handshake excluded. Reported: achieved rate / shaped rate.
@@ -147,6 +149,27 @@ def run_pair(net, shaper, kind: str, nbytes: int, repeats: int, port: int, secre
     return [json.loads(line) for line in out.decode().splitlines() if line.strip()]
 
 
+def run_wire_bench(net, shaper, nbytes: int, repeats: int, port: int, secret_file: str) -> list[dict]:  # type: ignore[no-untyped-def]
+    """The wire part's own benchmark (tools/bench_transfer.py, split roles) across the same link."""
+    from meshci.testbed.commands import read_line
+
+    sender, receiver = net.hosts
+    script = str(Path(__file__).resolve().parent / "bench_transfer.py")
+    recv = net.popen(receiver, [sys.executable, script, "--role", "receive", "--host", "0.0.0.0", "--port", str(port),
+                                "--connections", "1", "--secret-file", secret_file], stdout=subprocess.PIPE)  # fmt: skip
+    line = read_line(recv.stdout, 60.0)
+    if not line.startswith(b"LISTENING"):
+        raise RuntimeError(f"bench_transfer receiver did not start (said {line!r})")
+    host, dial_port = shaper.endpoint(sender, receiver, port)
+    done = net.run(sender, [sys.executable, script, "--role", "send", "--host", host, "--port", str(dial_port),
+                            "--secret-file", secret_file, "--mb", str(nbytes / (1 << 20)), "--rounds", str(repeats),
+                            "--json"], timeout=600)  # fmt: skip
+    recv.wait(timeout=60)
+    rates = json.loads(done.stdout.strip().splitlines()[-1])
+    # its median round (send + small acknowledgement), as one run of the same shape as the others
+    return [{"bytes": nbytes, "seconds": nbytes / (rates["median_mb_s"] * 1e6)}]
+
+
 def orchestrate(args: argparse.Namespace) -> int:
     from meshci.testbed import LinkShape, Shaper, netns_support, topology
     from meshci.wire import generate_secret, write_secret
@@ -163,6 +186,8 @@ def orchestrate(args: argparse.Namespace) -> int:
             "raw": run_pair(net, shaper, "raw", nbytes, args.repeats, 5501, secret_file),
             "meshci": run_pair(net, shaper, "meshci", nbytes, args.repeats, 5502, secret_file),
         }
+        if (Path(__file__).resolve().parent / "bench_transfer.py").exists():
+            results["bench_transfer"] = run_wire_bench(net, shaper, nbytes, args.repeats, 5503, secret_file)
     summary: dict[str, object] = {
         "rate_mbit": args.rate_mbit, "delay_ms": args.delay_ms, "bytes": nbytes, "repeats": args.repeats,
         "shaping": {"rate": report.rate, "delay": report.delay, "loss": report.loss, "notes": list(report.notes)},
@@ -183,8 +208,10 @@ def orchestrate(args: argparse.Namespace) -> int:
     delay = f", delay {args.delay_ms} ms one-way by {report.delay}" if args.delay_ms else ""
     print(f"link h0->h1: {args.rate_mbit} Mbit/s by {report.rate}{delay}; payload {args.mbytes} MiB, "
           f"{args.repeats} runs each; header ceiling {PAYLOAD_CEILING:.1%} of the shaped rate")  # fmt: skip
-    for kind, label in (("raw", "raw TCP"), ("meshci", "meshci Connection (HMAC frames)")):
-        row = summary[kind]
+    labels = {"raw": "raw TCP", "meshci": "meshci Connection (HMAC frames)",
+              "bench_transfer": "tools/bench_transfer.py (median)"}  # fmt: skip
+    for kind in results:
+        row, label = summary[kind], labels[kind]
         runs = ", ".join(f"{m:.1f}" for m in row["mbps"])  # type: ignore[index]
         print(f"  {label:34s} median {row['median_mbps']:6.1f} Mbit/s = {row['efficiency']:.1%} of shaped"  # type: ignore[index]
               f"  (runs: {runs})")  # fmt: skip

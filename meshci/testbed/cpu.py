@@ -17,6 +17,7 @@ import functools
 import itertools
 import logging
 import os
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -109,7 +110,8 @@ class CpuQuota:
         if hierarchy is None:
             raise TestbedError("no cgroup hierarchy with the cpu controller is mounted")
         self.hierarchy = hierarchy
-        self.path = hierarchy.parent / f"meshci-{self.name}-{os.getpid()}-{next(_sequence)}"
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", self.name)[:64]
+        self.path = hierarchy.parent / f"meshci-{safe}-{os.getpid()}-{next(_sequence)}"
         try:
             if hierarchy.version == 2:
                 _enable_cpu_controller(hierarchy.parent)

@@ -58,11 +58,12 @@ def test_teardown_moves_members_back_even_when_the_body_raises(needs_cgroups: No
 
 @pytest.mark.testbed
 def test_kill_on_exit_stops_members(needs_cgroups: None) -> None:
-    with CpuQuota("kill", 0.5, kill_on_exit=True) as quota:
+    with CpuQuota("kill/../x", 0.5, kill_on_exit=True) as quota:
+        assert quota.path is not None and quota.path.name.startswith("meshci-kill_.._x-")
         sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], preexec_fn=quota.enter)
         assert sleeper.pid in quota.pids()
     assert sleeper.wait(timeout=5) == -9
-    assert not list_groups("meshci-kill-")
+    assert not list_groups("meshci-kill_")
 
 
 def test_bad_quotas_are_refused() -> None:
