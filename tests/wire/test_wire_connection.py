@@ -390,3 +390,29 @@ async def test_client_handshake_times_out_on_a_silent_server() -> None:
         listener.close()
         await listener.wait_closed()
 
+
+
+def test_works_on_uvloop() -> None:
+    uvloop = pytest.importorskip("uvloop", reason="uvloop not installed")
+
+    async def scenario() -> None:
+        srv = EchoServer()
+        await srv.start()
+        try:
+            conn = await Connection.open(HOST, srv.port, secret=SECRET, name="client")
+            big = torch.randn(2 << 20)
+            await conn.send(Message(MsgType.TILE, 1, {}, (big,)))
+            assert torch.equal((await conn.recv()).tensors[0], big)
+            await conn.close()
+            assert isinstance(await srv.outcome(), ConnectionClosed)
+            await send_raw_and_wait_for_close(srv, b"garbage bytes, not a frame", eof=True)
+            assert isinstance(await srv.outcome(), RemoteProtocolError)
+            await normal_exchange(srv)
+        finally:
+            await srv.stop()
+
+    loop = uvloop.new_event_loop()
+    try:
+        loop.run_until_complete(scenario())
+    finally:
+        loop.close()
