@@ -182,6 +182,8 @@ class Connection:
         if self._closed:
             raise ConnectionClosed(f"connection to {self.peer_name!r} is closed")
         async with self._send_lock:
+            if self._closed:  # aborted by the receiving side while we waited for the lock
+                raise ConnectionClosed(f"connection to {self.peer_name!r} is closed")
             # Encode under the lock: MAC sequence numbers must follow the write order.
             chunks = encode_chunks(
                 msg, self._send_mac, max_frame_bytes=self._max_frame_bytes, chunk_bytes=WRITE_CHUNK

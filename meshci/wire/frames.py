@@ -413,6 +413,7 @@ class FrameDecoder:
             self._targets.append(memoryview(self._tag))
         self._hmac = None
         if self.mac is not None:
+            self._sequence = self.mac.sequence
             self._hmac = self.mac.begin()
             self._hmac.update(self._prefix + descs + self._meta)
         self._index = 0
@@ -447,9 +448,7 @@ class FrameDecoder:
         if self._hmac is not None:
             assert self._tag is not None
             if not hmac.compare_digest(self._hmac.digest(), bytes(self._tag)):
-                raise AuthenticationError(
-                    f"bad MAC on {self._kind.name} frame (sequence {self.mac.sequence - 1})"  # type: ignore[union-attr]
-                )
+                raise AuthenticationError(f"bad MAC on {self._kind.name} frame (sequence {self._sequence})")
         meta = _parse_meta(self._meta)
         tensors = tuple(raw.view(dtype).reshape(shape) for raw, dtype, shape in self._tensors)
         blob = bytes(self._blob) if self._blob is not None else None
@@ -464,6 +463,7 @@ class FrameDecoder:
         self._index = 0
         self._filled = 0
         self._hmac: Any = None
+        self._sequence = 0
         self._tag: bytearray | None = None
         self._blob: bytearray | None = None
         self._desc_len = self._meta_len = 0
