@@ -18,7 +18,8 @@ above that: the full token bucket, 134 KB, leaves at line rate at the start).
     sudo .venv/bin/python tools/bench_link.py [--rate-mbit 100] [--mbytes 16] [--repeats 3] [--delay-ms 0]
 
 Root only (namespaces, tc). --delay-ms adds one-way delay (netem if the kernel has it,
-else the testbed's TCP delay relay; the output says which).
+else the testbed's TCP delay relay), --loss-pct packet loss (netem, else a classic-BPF
+random classifier); the output says which mechanism gave each.
 """
 
 from __future__ import annotations
@@ -181,7 +182,8 @@ def orchestrate(args: argparse.Namespace) -> int:
     nbytes = int(args.mbytes * (1 << 20))
     with tempfile.TemporaryDirectory() as tmp, topology(2) as net, Shaper(net) as shaper:
         secret_file = str(write_secret(Path(tmp) / "secret", generate_secret()))
-        report = shaper.shape(net.hosts[0], net.hosts[1], LinkShape(rate_mbit=args.rate_mbit, delay_ms=args.delay_ms))
+        shape = LinkShape(rate_mbit=args.rate_mbit, delay_ms=args.delay_ms, loss_pct=args.loss_pct)
+        report = shaper.shape(net.hosts[0], net.hosts[1], shape)
         results = {
             "raw": run_pair(net, shaper, "raw", nbytes, args.repeats, 5501, secret_file),
             "meshci": run_pair(net, shaper, "meshci", nbytes, args.repeats, 5502, secret_file),
@@ -189,7 +191,7 @@ def orchestrate(args: argparse.Namespace) -> int:
         if (Path(__file__).resolve().parent / "bench_transfer.py").exists():
             results["bench_transfer"] = run_wire_bench(net, shaper, nbytes, args.repeats, 5503, secret_file)
     summary: dict[str, object] = {
-        "rate_mbit": args.rate_mbit, "delay_ms": args.delay_ms, "bytes": nbytes, "repeats": args.repeats,
+        "rate_mbit": args.rate_mbit, "delay_ms": args.delay_ms, "loss_pct": args.loss_pct, "bytes": nbytes, "repeats": args.repeats,
         "shaping": {"rate": report.rate, "delay": report.delay, "loss": report.loss, "notes": list(report.notes)},
         "payload_ceiling": PAYLOAD_CEILING,
     }  # fmt: skip
@@ -206,6 +208,7 @@ def orchestrate(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2))
         return 0
     delay = f", delay {args.delay_ms} ms one-way by {report.delay}" if args.delay_ms else ""
+    delay += f", loss {args.loss_pct}% by {report.loss}" if args.loss_pct else ""
     print(f"link h0->h1: {args.rate_mbit} Mbit/s by {report.rate}{delay}; payload {args.mbytes} MiB, "
           f"{args.repeats} runs each; header ceiling {PAYLOAD_CEILING:.1%} of the shaped rate")  # fmt: skip
     labels = {"raw": "raw TCP", "meshci": "meshci Connection (HMAC frames)",
@@ -227,7 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rate-mbit", type=float, default=100.0)
     parser.add_argument("--mbytes", type=float, default=16.0, help="tensor size in MiB")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--delay-ms", type=float, default=0.0)
+    parser.add_argument("--delay-ms", type=float, default=0.0, help="one-way delay (netem, else the relay)")
+    parser.add_argument("--loss-pct", type=float, default=0.0, help="packet loss each way (netem, else cls_bpf)")
     parser.add_argument("--json", action="store_true")
     # internal: the roles the orchestrator starts inside the namespaces
     parser.add_argument("--role", choices=["raw-recv", "raw-send", "meshci-recv", "meshci-send"], help=argparse.SUPPRESS)
