@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
 
 from meshci.testbed import commands
 from meshci.testbed.cpu import cgroup_support, list_groups
-from meshci.testbed.netns import leftovers, netns_support
+from meshci.testbed.netns import NAME_PREFIX, leftovers, netns_support
 
 
 @pytest.fixture
@@ -16,10 +17,11 @@ def needs_netns() -> Iterator[None]:
     reason = netns_support()
     if reason:
         pytest.skip(reason)
-    before = set(leftovers())
+    # only this process's names: other runs may build their own topologies meanwhile
+    mine = f"{NAME_PREFIX}{os.getpid()}t"
     yield
     # every test leaves the machine as it found it
-    assert set(leftovers()) - before == set()
+    assert leftovers(mine) == []
 
 
 @pytest.fixture
@@ -33,6 +35,5 @@ def needs_cgroups() -> Iterator[None]:
     reason = cgroup_support()
     if reason:
         pytest.skip(reason)
-    before = set(list_groups())
     yield
-    assert set(list_groups()) - before == set()
+    assert [group for group in list_groups() if f"-{os.getpid()}-" in group.name] == []
