@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 import pytest
 
 from meshci.testbed import commands
 from meshci.testbed.errors import TestbedError
-from meshci.testbed.netns import leftovers, list_namespaces, new_prefix, topology
+from meshci.testbed.netns import leftovers, list_namespaces, new_prefix, remove_stale, topology
 from meshci.testbed.probe import ProbeServer, measure_rtt
 
 pytestmark = pytest.mark.testbed
@@ -82,3 +83,20 @@ def test_support_checks_name_the_missing_privilege(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     assert "not root" in (netns.netns_support.__wrapped__() or "")
     assert "not root" in (cpu.cgroup_support.__wrapped__() or "")
+
+
+def test_remove_stale_deletes_only_orphans_of_dead_processes(needs_netns: None) -> None:
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True)  # fmt: skip
+    dead_pid = int(finished.stdout)  # exited and reaped: no process has this pid now (barring reuse)
+    orphan = f"mc{dead_pid}t0h0"
+    commands.run(["ip", "netns", "add", orphan])
+    try:
+        with topology(1) as live:
+            removed = remove_stale()
+            assert orphan in removed
+            assert not set(live.namespaces()) & set(removed)
+            assert set(live.namespaces()) <= set(list_namespaces())
+    finally:
+        commands.run(["ip", "netns", "delete", orphan], check=False)
+    assert orphan not in list_namespaces()
