@@ -84,7 +84,7 @@ def assign(
     *,
     eps: float = 1e-3,
     max_iterations: int | None = None,
-    search_nodes: int = 3000,
+    search_nodes: int = 1000,
     search_items: int = 12,
 ) -> Assignment:
     """Assign each item to one bidder, minimising the makespan (see the module docstring).
@@ -118,7 +118,7 @@ def assign(
     if (
         search_nodes > 0
         and biddable.size <= search_items
-        and best.makespan_s > lower_bound(cost, backlog) * (1.0 + eps)
+        and best.makespan_s > _quick_bound(cost, backlog) * (1.0 + eps)
     ):
         lpt = biddable[np.argsort(-cheapest[biddable], kind="stable")]
         best = _search(cost, backlog, best, lpt, eps, search_nodes)
@@ -166,15 +166,13 @@ def _auction(
 
 
 def _item_sets(items: np.ndarray, owners: np.ndarray, pairs: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Singles (and same-owner pairs) of `items` as index pairs (second -1 for a single)."""
-    first = items
-    second = np.full(items.size, -1, dtype=np.int64)
-    if pairs and items.size > 1:
-        a, b = np.triu_indices(items.size, k=1)
-        same = owners[a] == owners[b]
-        first = np.concatenate([first, items[a[same]]])
-        second = np.concatenate([second, items[b[same]]])
-    return first, second
+    """Item sets as index pairs (second -1 for a single): the singles of `items`, or, with
+    `pairs`, the pairs of items that share an owner."""
+    if not pairs:
+        return items, np.full(items.size, -1, dtype=np.int64)
+    a, b = np.triu_indices(items.size, k=1)
+    same = owners[a] == owners[b]
+    return items[a[same]], items[b[same]]
 
 
 def _set_cost(cost: np.ndarray, first: np.ndarray, second: np.ndarray) -> np.ndarray:
@@ -183,6 +181,10 @@ def _set_cost(cost: np.ndarray, first: np.ndarray, second: np.ndarray) -> np.nda
     two = second >= 0
     total[:, two] += cost[:, second[two]]
     return total
+
+
+# Above this many items the critical bidder offers pairs only among its most costly ones.
+_PAIR_ITEMS = 24
 
 
 def _best_exchange(
@@ -196,26 +198,55 @@ def _best_exchange(
     pairs: bool,
 ) -> tuple[list[int], list[int], int] | None:
     """The exchange between the critical bidder `m` and one other bidder `b` that lowers
-    max(finish[m], finish[b]) the most, if it ends below `beat`: `m` hands over a set of its
-    items (one, or two when `pairs`) and takes a set of `b`'s (none, one, or two)."""
-    n_bidders = cost.shape[0]
+    max(finish[m], finish[b]) the most, if it ends below `beat`.
+
+    Without `pairs`: `m` hands over one item and takes none or one of `b`'s. With `pairs`:
+    `m` hands over two items and takes none or one, or hands over one and takes two.
+    """
     mine = np.flatnonzero(owner == m)
     others = np.flatnonzero((owner >= 0) & (owner != m))
-    g1, g2 = _item_sets(mine, np.zeros(mine.size, dtype=np.int64), pairs)
+    rest = np.delete(np.arange(cost.shape[0]), m)
+    if not pairs:
+        give = _item_sets(mine, owner[mine], False)
+        return _best_of(cost, finish, owner, counts, m, beat, give, _item_sets(others, owner[others], False), rest)
+    if mine.size > _PAIR_ITEMS:
+        mine = mine[np.argsort(-cost[m, mine], kind="stable")[:_PAIR_ITEMS]]
+    found = _best_of(
+        cost, finish, owner, counts, m, beat,
+        _item_sets(mine, owner[mine], True), _item_sets(others, owner[others], False), rest,
+    )
+    if found is not None:
+        return found
+    return _best_of(
+        cost, finish, owner, counts, m, beat,
+        _item_sets(mine, owner[mine], False), _item_sets(others, owner[others], True), rest[:0],
+    )
+
+
+def _best_of(
+    cost: np.ndarray,
+    finish: np.ndarray,
+    owner: np.ndarray,
+    counts: np.ndarray,
+    m: int,
+    beat: float,
+    give: tuple[np.ndarray, np.ndarray],
+    take: tuple[np.ndarray, np.ndarray],
+    empty: np.ndarray,
+) -> tuple[list[int], list[int], int] | None:
+    """Best of: `m` gives a set from `give` to the owner of a set from `take` and takes that
+    set, or gives it to a bidder in `empty` and takes nothing."""
+    g1, g2 = give
+    t1, t2 = take
+    if g1.size == 0:
+        return None
     give_cost = _set_cost(cost, g1, g2)  # [bidders, give sets]
     give_size = 1 + (g2 >= 0)
-    t1, t2 = _item_sets(others, owner[others], pairs)
-    take_owner = owner[t1]
-    take_size = 1 + (t2 >= 0)
-    take_m = _set_cost(cost[m : m + 1], t1, t2)[0] if t1.size else np.zeros(0)
-    take_own = _set_cost(cost, t1, t2)[take_owner, np.arange(t1.size)] if t1.size else np.zeros(0)
-    # Add the empty take set of every other bidder (a plain transfer).
-    idle = np.array([b for b in range(n_bidders) if b != m], dtype=np.int64)
-    take_owner = np.concatenate([take_owner, idle])
-    take_size = np.concatenate([take_size, np.zeros(idle.size, dtype=np.int64)])
-    take_m = np.concatenate([take_m, np.zeros(idle.size)])
-    take_own = np.concatenate([take_own, np.zeros(idle.size)])
-    if take_owner.size == 0 or g1.size == 0:
+    take_owner = np.concatenate([owner[t1], empty])
+    take_size = np.concatenate([1 + (t2 >= 0), np.zeros(empty.size, dtype=np.int64)])
+    take_m = np.concatenate([_set_cost(cost[m : m + 1], t1, t2)[0], np.zeros(empty.size)])
+    take_own = np.concatenate([_set_cost(cost, t1, t2)[owner[t1], np.arange(t1.size)], np.zeros(empty.size)])
+    if take_owner.size == 0:
         return None
     new_m = finish[m] - give_cost[m][:, None] + take_m[None, :]
     left = counts[m] - give_size[:, None] + take_size[None, :]
@@ -226,11 +257,11 @@ def _best_exchange(
     if not value.flat[k] < beat:
         return None
     g, t = divmod(k, take_owner.size)
-    give = [int(g1[g])] + ([int(g2[g])] if g2[g] >= 0 else [])
-    take: list[int] = []
+    moved = [int(g1[g])] + ([int(g2[g])] if g2[g] >= 0 else [])
+    taken: list[int] = []
     if t < t1.size:
-        take = [int(t1[t])] + ([int(t2[t])] if t2[t] >= 0 else [])
-    return give, take, int(take_owner[t])
+        taken = [int(t1[t])] + ([int(t2[t])] if t2[t] >= 0 else [])
+    return moved, taken, int(take_owner[t])
 
 
 def lower_bound(cost: np.ndarray, backlog: np.ndarray) -> float:
@@ -244,6 +275,12 @@ def lower_bound(cost: np.ndarray, backlog: np.ndarray) -> float:
     """
     cost, backlog = _validate(cost, backlog)
     keep = np.isfinite(cost).any(axis=0)
+    return max(_quick_bound(cost, backlog), _weighted_bound(cost[:, keep]) if keep.any() else 0.0)
+
+
+def _quick_bound(cost: np.ndarray, backlog: np.ndarray) -> float:
+    """Bounds (a) and (b) of `lower_bound`."""
+    keep = np.isfinite(cost).any(axis=0)
     cost = cost[:, keep]
     n_items = cost.shape[1]
     if n_items == 0:
@@ -254,7 +291,7 @@ def lower_bound(cost: np.ndarray, backlog: np.ndarray) -> float:
     candidates = np.unique(ends[np.isfinite(ends)])
     held = (ends[None, :, :] <= candidates[:, None, None]).sum(axis=(1, 2))
     counting = float(candidates[np.argmax(held >= n_items)])
-    return max(single, counting, _weighted_bound(cost))
+    return max(single, counting)
 
 
 def _weighted_bound(cost: np.ndarray, steps: int = 60) -> float:
@@ -263,17 +300,21 @@ def _weighted_bound(cost: np.ndarray, steps: int = 60) -> float:
     weights are improved by mirror ascent, starting proportional to each bidder's speed."""
     finite = np.isfinite(cost)
     typical = np.array([np.median(row[ok]) if ok.any() else np.inf for row, ok in zip(cost, finite)])
-    w = np.where(np.isfinite(typical), 1.0 / typical, 0.0)
+    usable = np.isfinite(typical) & (typical > 0)
+    if not usable.any():
+        return 0.0
+    w = np.where(usable, 1.0 / np.where(usable, typical, 1.0), 0.0)
     w /= w.sum()
+    columns = np.arange(cost.shape[1])
+    plain = np.where(finite, cost, 0.0)
     best = 0.0
     for _ in range(steps):
-        weighted = w[:, None] * cost
+        weighted = np.where(finite, w[:, None] * plain, np.inf)
         pick = np.argmin(weighted, axis=0)
-        value = float(weighted[pick, np.arange(cost.shape[1])].sum())
-        best = max(best, value)
-        load = np.bincount(pick, weights=cost[pick, np.arange(cost.shape[1])], minlength=cost.shape[0])
+        best = max(best, float(weighted[pick, columns].sum()))
+        load = np.bincount(pick, weights=plain[pick, columns], minlength=cost.shape[0])
         spread = load.max() - load.min()
-        if spread <= 1e-12 * max(load.max(), 1e-300):
+        if not spread > 1e-12 * load.max():
             break
         w = w * np.exp(2.0 * (load - load.mean()) / spread)
         w /= w.sum()
