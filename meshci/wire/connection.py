@@ -146,6 +146,10 @@ class Connection:
             log.warning("handshake with %s failed: %s", address, exc)
             writer.transport.abort()
             raise
+        except (ConnectionError, OSError) as exc:  # reset while we wrote: the peer is gone
+            log.warning("handshake with %s failed: %s", address, exc)
+            writer.transport.abort()
+            raise ConnectionClosed(f"connection to {address} lost during the handshake: {exc}") from exc
         except asyncio.CancelledError:  # our caller gave up: leave no half-open socket behind
             writer.transport.abort()
             raise
