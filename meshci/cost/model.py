@@ -1,0 +1,286 @@
+"""The cost model: predicted time of a plan's blocks on a cluster.
+
+Blocks run one after another; a block starts when the previous one has ended (the
+planner's barrier; the simulator in `meshci.simulate` relaxes it). For a block that
+starts at time ``t0``:
+
+* **receive**: each device needs the input region of its tiles (its output rows plus the
+  halo rows of the fused stack). The data comes from the *holders* of the block's input
+  boundary: the requester for the first block and under ``routing="requester"`` (it
+  gathered everything), else the devices that computed the previous block's tiles
+  (``routing="p2p"``). One message per (holder, device) pair carries the overlap of what
+  the holder has and what the device needs; nothing is sent to oneself.
+* **compute**: a device starts once its inputs have arrived and its backlog (work it
+  already held, ``Device.backlog_s``, counted from the start of the request) is done,
+  and computes its tiles including halo rows (redundant work counted).
+* **send**: output tiles go to the requester after the last block, and after every block
+  under ``routing="requester"`` (MoDNN, AOFL gather at each boundary).
+* **medium**: ``switched``: every pair has its own link, transfers run in parallel (a
+  device's receive ends with its slowest incoming message). ``shared``: one channel,
+  transfers one after another: the receives in order of the devices' compute time
+  (longest first), then each send when its device is done and the channel is free.
+
+A block's time is its last device's finish (receive + compute + send); the plan's
+latency is the end of the last block plus the head on the requester. The send of one
+block is the receive of the next, counted once.
+
+Two properties make the bottom-up DP exact (see `meshci.planning.dpfl`): a block's cost
+depends only on its own tiles, on the tiles of the block before it (the holders) and on
+its start time, and its end time never decreases when it starts later. The planner's DP
+therefore keeps, for every boundary and every candidate layout of the block ending
+there, the earliest time it can be reached.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from torch import nn
+
+from meshci.cost.cluster import Cluster
+from meshci.cost.geometry import BYTES_PER_VALUE, BlockTable, StripTables, strip_tables
+from meshci.trunk.region import Region
+
+
+@dataclass(frozen=True)
+class BlockTiming:
+    """Outcome of one block: absolute finish time per device index and the block's end."""
+
+    finish: dict[int, float]
+    end: float
+
+
+def head_flops(head: nn.Module, in_shape: Sequence[int]) -> float:
+    """FLOPs of the head (linear and conv layers; the rest is negligible)."""
+    total = 0.0
+    channels = in_shape[0]
+    for module in head.modules():
+        if isinstance(module, nn.Linear):
+            total += 2.0 * module.in_features * module.out_features
+        elif isinstance(module, nn.Conv2d):
+            total += 2.0 * module.in_channels * module.out_channels * math.prod(module.kernel_size)
+    if total == 0.0:
+        total = float(channels * in_shape[1] * in_shape[2])
+    return total
+
+
+class CostModel:
+    """Cost model of one trunk on one cluster (devices addressed by index in the cluster)."""
+
+    def __init__(self, trunk, cluster: Cluster) -> None:  # noqa: ANN001 - meshci.trunk.Trunk
+        self.trunk = trunk
+        self.cluster = cluster
+        self.tables: StripTables = strip_tables(trunk)
+        self.n_devices = len(cluster.devices)
+        self.n_segments = self.tables.n_segments
+        self.requester = cluster.index(cluster.requester)
+        self.shared = cluster.medium == "shared"
+        names = cluster.names
+        n = self.n_devices
+        self.latency = np.zeros((n, n))
+        self.sec_per_byte = np.zeros((n, n))
+        for i in range(n):
+            for j in range(n):
+                if i != j:
+                    spec = cluster.link(names[i], names[j])
+                    self.latency[i, j] = spec.latency_ms / 1000.0
+                    self.sec_per_byte[i, j] = 8.0 / (spec.mbps * 1e6)
+        self.backlog = np.array([d.backlog_s for d in cluster.devices])
+        self.speed = np.array([d.gflops * 1e9 for d in cluster.devices])
+        # per-segment (a, b) curves where the device has them for this model, else None
+        self.curves: list[np.ndarray | None] = []
+        for d in cluster.devices:
+            curve = d.curve_for(trunk.name, self.n_segments)
+            self.curves.append(None if curve is None else np.array(curve, dtype=np.float64))
+        self.head_s = head_flops(trunk.head, trunk.boundary_shape(self.n_segments)) / self.speed[self.requester]
+
+    # ---- compute time -------------------------------------------------------------------
+    def strip_compute(self, block: BlockTable, r0: np.ndarray, r1: np.ndarray) -> np.ndarray:
+        """Seconds for every device (rows) to compute every strip [r0, r1) (columns)."""
+        r0 = np.asarray(r0)
+        r1 = np.asarray(r1)
+        flops = block.flops(r0, r1)
+        times = flops[None, :] / self.speed[:, None]
+        for d, curve in enumerate(self.curves):
+            if curve is not None:
+                seg = curve[block.start : block.end]
+                rows = block.rows_hi[:, r1] - block.rows_lo[:, r0]  # [segments, strips]
+                times[d] = seg[:, 0].sum() + seg[:, 1] @ rows
+        empty = r1 <= r0
+        if empty.any():
+            times[:, empty] = 0.0
+        return times
+
+    def input_region(self, start: int, end: int, out: Region) -> Region:
+        if out.c0 == 0 and out.c1 == self.tables.widths[end]:
+            r0, r1 = self.tables.block(start, end).input_rows(out.r0, out.r1)
+            return Region(r0, r1, 0, self.tables.widths[start])
+        return self.tables.chain(start, end, out)[0][0]
+
+    def tile_compute_all(self, start: int, end: int, out: Region) -> np.ndarray:
+        """Seconds for every device to compute ``out`` of block [start, end) incl. halo."""
+        if any(c is not None for c in self.curves):
+            return np.array([self.tile_compute(d, start, end, out) for d in range(self.n_devices)])
+        if out.empty:
+            return np.zeros(self.n_devices)
+        if out.c0 == 0 and out.c1 == self.tables.widths[end]:
+            block = self.tables.block(start, end)
+            return self.strip_compute(block, np.array([out.r0]), np.array([out.r1]))[:, 0]
+        return self.tables.chain(start, end, out)[1] / self.speed
+
+    def tile_compute(self, device: int, start: int, end: int, out: Region) -> float:
+        """Seconds for ``device`` to compute ``out`` of block [start, end) incl. halo."""
+        if out.empty:
+            return 0.0
+        if out.c0 == 0 and out.c1 == self.tables.widths[end]:
+            block = self.tables.block(start, end)
+            return float(self.strip_compute(block, np.array([out.r0]), np.array([out.r1]))[device, 0])
+        regions, flops = self.tables.chain(start, end, out)
+        curve = self.curves[device]
+        if curve is None:
+            return flops / self.speed[device]
+        total = 0.0
+        for k in range(start, end):
+            region = regions[k - start + 1]
+            total += curve[k, 0] + curve[k, 1] * region.area / self.tables.widths[k + 1]
+        return total
+
+    # ---- transfers ------------------------------------------------------------------------
+    def transfer_matrix(self, n_bytes: np.ndarray, sources: np.ndarray, dests: np.ndarray) -> np.ndarray:
+        """Seconds per message: ``n_bytes[i, j]`` from ``sources[j]`` to ``dests[i]`` (0 if none)."""
+        lat = self.latency[sources[None, :], dests[:, None]]
+        spb = self.sec_per_byte[sources[None, :], dests[:, None]]
+        return np.where(n_bytes > 0, lat + n_bytes * spb, 0.0)
+
+    def block_timing(
+        self,
+        t0: float,
+        dests: np.ndarray,
+        comp: np.ndarray,
+        recv: np.ndarray,
+        send: np.ndarray,
+    ) -> tuple[np.ndarray, float]:
+        """Finish time per device of a block that starts at ``t0``.
+
+        ``dests``: device indices taking part (distinct); ``comp``: their compute seconds;
+        ``recv[i, j]``: seconds of the message from holder j to ``dests[i]`` (0: none);
+        ``send``: seconds of each device's output message to the requester (0: none).
+        """
+        n = dests.size
+        if self.shared:
+            per_dest = recv.sum(axis=1)
+            order = np.lexsort((np.arange(n), -comp))
+            done = np.empty(n)
+            done[order] = t0 + np.cumsum(per_dest[order])
+            done = np.where(per_dest > 0, done, t0)
+            channel = t0 + float(per_dest.sum())
+        else:
+            done = t0 + (recv.max(axis=1) if recv.size else np.zeros(n))
+            channel = t0
+        start = np.maximum(done, self.backlog[dests])
+        finish = start + comp
+        if send.any():
+            finish = finish.copy()
+            if self.shared:
+                for i in np.lexsort((np.arange(n), finish)):
+                    if send[i] > 0:
+                        channel = max(channel, finish[i]) + send[i]
+                        finish[i] = channel
+            else:
+                finish = finish + send
+        return finish, float(finish.max()) if n else t0
+
+    def send_seconds(self, dests: np.ndarray, n_bytes: np.ndarray) -> np.ndarray:
+        """Seconds for each device to send ``n_bytes`` to the requester (0 from itself)."""
+        req = self.requester
+        lat = self.latency[dests, req]
+        spb = self.sec_per_byte[dests, req]
+        return np.where((n_bytes > 0) & (dests != req), lat + n_bytes * spb, 0.0)
+
+    # ---- strip blocks (fast path used by the DP) -------------------------------------------
+    def strip_block(
+        self,
+        t0: float,
+        start: int,
+        end: int,
+        devices: np.ndarray,
+        r0: np.ndarray,
+        r1: np.ndarray,
+        holders: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
+        gather: bool,
+        comp: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, float]:
+        """Timing of a block of full-width strips, one strip per device.
+
+        ``holders``: (devices, r0, r1) of the previous block's strips, or None when the
+        requester holds the whole input. ``gather``: outputs go to the requester after.
+        ``comp``: precomputed compute seconds per strip (else computed here).
+        """
+        block = self.tables.block(start, end)
+        row_bytes = self.tables.row_bytes[start]
+        lo = block.in_lo[r0]
+        hi = block.in_hi[r1]
+        if comp is None:
+            comp = self.strip_compute(block, r0, r1)[devices, np.arange(devices.size)]
+        if holders is None:
+            src = np.array([self.requester])
+            n_bytes = ((hi - lo) * row_bytes).astype(np.float64)[:, None]
+            n_bytes[devices == self.requester] = 0.0
+        else:
+            src, h0, h1 = holders
+            rows = np.minimum(hi[:, None], h1[None, :]) - np.maximum(lo[:, None], h0[None, :])
+            n_bytes = np.clip(rows, 0, None).astype(np.float64) * row_bytes
+            n_bytes[devices[:, None] == src[None, :]] = 0.0
+        recv = self.transfer_matrix(n_bytes, src, devices)
+        if gather:
+            out_bytes = ((r1 - r0) * self.tables.row_bytes[end]).astype(np.float64)
+            send = self.send_seconds(devices, out_bytes)
+        else:
+            send = np.zeros(devices.size)
+        return self.block_timing(t0, devices, comp, recv, send)
+
+    # ---- any tiles (generic path used to evaluate plans) -----------------------------------
+    def tiles_block(
+        self,
+        t0: float,
+        start: int,
+        end: int,
+        tiles: Sequence[tuple[int, Region]],
+        holders: Sequence[tuple[int, Region]] | None,
+        gather: bool,
+    ) -> BlockTiming:
+        """Timing of a block given as (device index, output region) tiles.
+
+        Several tiles may share a device (DeepThings grids): their inputs arrive as one
+        message per holder, their compute adds up, their outputs leave as one message.
+        """
+        devices = sorted({d for d, _ in tiles})
+        pos = {d: i for i, d in enumerate(devices)}
+        dests = np.array(devices, dtype=np.int64)
+        comp = np.zeros(len(devices))
+        out_bytes = np.zeros(len(devices))
+        channels_in = self.tables.channels[start] * BYTES_PER_VALUE
+        channels_out = self.tables.channels[end] * BYTES_PER_VALUE
+        if holders is None:
+            holders = [(self.requester, Region.full(self.tables.heights[start], self.tables.widths[start]))]
+        src_devices = sorted({d for d, _ in holders})
+        src_pos = {d: j for j, d in enumerate(src_devices)}
+        n_bytes = np.zeros((len(devices), len(src_devices)))
+        for d, out in tiles:
+            i = pos[d]
+            comp[i] += self.tile_compute(d, start, end, out)
+            out_bytes[i] += out.area * channels_out
+            need = self.input_region(start, end, out)
+            for h, have in holders:
+                if h == d:
+                    continue
+                overlap = need.intersect(have)
+                if overlap is not None:
+                    n_bytes[i, src_pos[h]] += overlap.area * channels_in
+        recv = self.transfer_matrix(n_bytes, np.array(src_devices, dtype=np.int64), dests)
+        send = self.send_seconds(dests, out_bytes) if gather else np.zeros(len(devices))
+        finish, end_t = self.block_timing(t0, dests, comp, recv, send)
+        return BlockTiming({d: float(finish[pos[d]]) for d in devices}, end_t)

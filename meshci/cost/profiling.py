@@ -1,0 +1,185 @@
+"""Device profiling: measured per-segment latency curves, cached on disk.
+
+A node measures how long each segment of a model takes on this machine for a few output
+row counts (full-width strips, as the planner tiles them) and fits ``t = a + b * rows``
+per segment by least squares; ``a`` absorbs per-call overhead, ``b`` the per-row cost.
+The fit is cached under the data dir as JSON, keyed by a hash of the model's structure
+(segment ops and shapes: weights do not change the time) and the device fingerprint
+(CPU model, cores, torch version, threads), so a node measures once per model and
+machine. Progress goes to stderr (or a callback) while it runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from meshci.cost.cluster import Device, SegmentCurve
+from meshci.trunk.region import Region
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int, str], None]
+
+
+def default_data_dir() -> Path:
+    """``$MESHCI_DATA_DIR`` or ``~/.cache/meshci``."""
+    env = os.environ.get("MESHCI_DATA_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "meshci"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        # no /proc (macOS, containers without it): fall back to what platform knows
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_fingerprint(threads: int) -> dict[str, object]:
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count() or 1,
+        "torch": torch.__version__,
+        "threads": threads,
+    }
+
+
+def model_hash(trunk) -> str:  # noqa: ANN001 - meshci.trunk.Trunk
+    """Hash of the trunk's structure (segment ops and shapes), not of its weights."""
+    h = hashlib.sha256()
+    h.update(repr(tuple(trunk.input_shape)).encode())
+    for seg in trunk.segments:
+        describe = seg.describe() if hasattr(seg, "describe") else seg.kind
+        h.update(f"{seg.kind}|{describe}|{seg.in_shape}|{seg.out_shape}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def cache_path(trunk, threads: int, data_dir: Path | None = None) -> Path:  # noqa: ANN001
+    key = hashlib.sha256(
+        (model_hash(trunk) + json.dumps(device_fingerprint(threads), sort_keys=True)).encode()
+    ).hexdigest()[:20]
+    return (data_dir or default_data_dir()) / "profiles" / f"{trunk.name}-{key}.json"
+
+
+def stderr_progress(done: int, total: int, label: str) -> None:
+    sys.stderr.write(f"\rprofiling {label}: segment {done}/{total}")
+    if done == total:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+def fit_line(rows: list[int], seconds: list[float]) -> tuple[float, float]:
+    """Least-squares ``t = a + b * rows`` with a, b >= 0."""
+    n = len(rows)
+    mean_r = sum(rows) / n
+    mean_t = sum(seconds) / n
+    var = sum((r - mean_r) ** 2 for r in rows)
+    b = 0.0 if var == 0 else sum((r - mean_r) * (t - mean_t) for r, t in zip(rows, seconds)) / var
+    b = max(b, 0.0)
+    a = max(mean_t - b * mean_r, 0.0)
+    if b == 0.0 and mean_r > 0:
+        b, a = mean_t / mean_r, 0.0
+    return a, b
+
+
+def measure_curves(
+    trunk,  # noqa: ANN001 - meshci.trunk.Trunk
+    *,
+    threads: int = 1,
+    repeats: int = 3,
+    fractions: tuple[float, ...] = (0.25, 0.5, 1.0),
+    progress: Progress | None = stderr_progress,
+    clock: Callable[[], float] = time.perf_counter,
+) -> SegmentCurve:
+    """Measure per-segment (a, b) on this machine (no cache)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    curves = []
+    try:
+        with torch.inference_mode():
+            total = len(trunk.segments)
+            for k, seg in enumerate(trunk.segments):
+                _, h, w = seg.out_shape
+                counts = sorted({max(1, round(h * f)) for f in fractions})
+                samples: list[float] = []
+                for rows in counts:
+                    out = Region(0, rows, 0, w)
+                    have = seg.input_region(out)
+                    x = torch.randn(1, seg.in_shape[0], have.height, have.width)
+                    seg.run(x, have, out)  # warm-up
+                    best = float("inf")
+                    for _ in range(repeats):
+                        t0 = clock()
+                        seg.run(x, have, out)
+                        best = min(best, clock() - t0)
+                    samples.append(best)
+                curves.append(fit_line(counts, samples))
+                if progress is not None:
+                    progress(k + 1, total, trunk.name)
+    finally:
+        torch.set_num_threads(previous)
+    return tuple(curves)
+
+
+def load_or_measure(
+    trunk,  # noqa: ANN001 - meshci.trunk.Trunk
+    *,
+    threads: int = 1,
+    data_dir: Path | None = None,
+    progress: Progress | None = stderr_progress,
+    **measure_kwargs: object,
+) -> SegmentCurve:
+    """The cached curves of this model on this machine, measuring them on first use."""
+    path = cache_path(trunk, threads, data_dir)
+    if path.exists():
+        try:
+            data = json.loads(path.read_text())
+            curve = tuple((float(a), float(b)) for a, b in data["curves"])
+            if len(curve) == len(trunk.segments):
+                return curve
+            log.warning("profile %s has %d segments, model has %d: measuring again", path, len(curve), len(trunk.segments))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            # a corrupt or foreign cache file: measure again rather than fail the node
+            log.warning("ignoring unreadable profile %s: %s", path, exc)
+    curve = measure_curves(trunk, threads=threads, progress=progress, **measure_kwargs)  # type: ignore[arg-type]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(
+        json.dumps(
+            {
+                "model": trunk.name,
+                "model_hash": model_hash(trunk),
+                "fingerprint": device_fingerprint(threads),
+                "curves": [list(ab) for ab in curve],
+            },
+            indent=1,
+        )
+    )
+    tmp.replace(path)
+    return curve
+
+
+def effective_gflops(trunk, curve: SegmentCurve) -> float:  # noqa: ANN001
+    """Effective GFLOP/s of a device over the whole trunk, from its curves."""
+    seconds = sum(a + b * seg.out_shape[1] for (a, b), seg in zip(curve, trunk.segments))
+    return trunk.flops / seconds / 1e9 if seconds > 0 else 0.0
+
+
+def profiled_device(name: str, trunk, curve: SegmentCurve, **fields: object) -> Device:  # noqa: ANN001
+    """A `Device` carrying ``curve`` for ``trunk`` and the matching effective GFLOP/s."""
+    return Device(
+        name=name, gflops=effective_gflops(trunk, curve), curves=((trunk.name, curve),), **fields  # type: ignore[arg-type]
+    )

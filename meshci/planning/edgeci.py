@@ -1,0 +1,212 @@
+"""``edgeci``: DPFL cuts plus AWAS assignment, tiles exchanged peer to peer.
+
+Source: Chen, Luo, Fang, Xiong, "EdgeCI: Distributed Workload Assignment and Model
+Partitioning for CNN Inference on Edge Clusters", ACM TOIT 2024. DPFL chooses the fused
+blocks with a bottom-up DP; AWAS assigns each block's tiles by auction; at block
+boundaries devices send each other only the rows the next block's tiles need.
+
+How it is built here:
+
+1. DPFL (`meshci.planning.dpfl`) over all cut positions. Candidate layouts of a block
+   [s, e): the block on the requester alone (no transfer at all, so DPFL never loses to
+   ``local``), and for each parallelism degree k in {2, 4, 8, 16, 32, 64} below the device
+   count and k = the device count, the k devices that would finish H/k rows soonest, with rows
+   water-filled so that they finish together given backlog, speed and (first block)
+   the input transfer. The DP values every candidate with the exact cost model.
+2. AWAS on the chosen blocks (`auction_layouts`): per block, the auction core the mesh's
+   auctioneer runs (`meshci.auction.assign`) over strips of the block, with a simulated
+   bidder per cluster device bidding its compute (halo included) and transfer time on top
+   of its remaining backlog; then `balance_strips` turns the winners into contiguous,
+   levelled strips. (The in-process message-level auction, `run_local_auction`, costs a
+   JSON round trip per bidder and item: too slow inside a 64-device planner.)
+3. A final exact DP over the chosen cuts keeps, per block, the better of the auction's
+   strips and the DP's levelled split (so the auction can only improve the plan), and
+   fills in the predicted finish times.
+
+Simplifications: strips are full-width rows (no 2-D grid); memory limits are not
+checked; the auction is simulated from the cluster description.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from meshci.auction import assign, balance_strips
+from meshci.cost.geometry import BlockTable
+from meshci.cost.model import CostModel
+from meshci.planning.dpfl import DPResult, StripLayout, dpfl, requester_layout
+from meshci.planning.splits import per_row_seconds, water_filled_layout
+
+DEGREES = (2, 4, 8, 16, 32, 64)
+ITEMS_PER_DEVICE = 2
+BID_ROUNDS = 1  # simulated bidders answer every call and never decline an award
+
+
+def degree_candidates(model: CostModel, start: int, end: int) -> list[StripLayout]:
+    """The requester alone plus water-filled splits over the k best devices per degree."""
+    block = model.tables.block(start, end)
+    height = block.height
+    out = [requester_layout(model, height)]
+    n = model.n_devices
+    if n == 1:
+        return out
+    rate = per_row_seconds(model, block)
+    degrees = sorted({k for k in DEGREES if k < n} | {n})
+    for k in degrees:
+        k_eff = min(k, height)
+        if k_eff < 2:
+            continue
+        score = model.backlog + rate * (height / k_eff)
+        best = np.sort(np.argsort(score, kind="stable")[:k_eff])
+        layout = water_filled_layout(model, start, end, best, from_requester=start == 0)
+        if layout.devices.size >= 2 or layout.devices[0] != model.requester:
+            out.append(layout)
+        if k_eff == height:
+            break
+    return out
+
+
+def _strip_seconds(model: CostModel, start: int, end: int, device: int, a: int, b: int) -> float:
+    block = model.tables.block(start, end)
+    return float(model.strip_compute(block, np.array([a]), np.array([b]))[device, 0])
+
+
+def _bids(model: CostModel, start: int, end: int, n_items: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Item strips of a block and each simulated bidder's cost for each: compute incl.
+    halo, plus receiving its input (the whole input region from the requester for the
+    first block, the halo rows from a neighbour after), plus sending the output to the
+    requester after the last block."""
+    tables = model.tables
+    block = tables.block(start, end)
+    h = block.height
+    k = min(h, n_items)
+    bounds = np.linspace(0, h, k + 1).round().astype(np.int64)
+    r0, r1 = bounds[:-1], bounds[1:]
+    cost = model.strip_compute(block, r0, r1)
+    cost = cost + _transfer_estimate(model, start, end, r0, r1)
+    return r0, r1, cost
+
+
+def _halo_rows(block: BlockTable) -> int:
+    """Rows a strip of a p2p block is taken to receive from its neighbours: the input rows
+    of one output row (both halos and a core row). A constant, so that the estimate stays
+    monotone under strip containment, as `balance_strips` requires."""
+    return int(block.in_hi[1] - block.in_lo[0])
+
+
+def _transfer_estimate(model: CostModel, start: int, end: int, r0: np.ndarray, r1: np.ndarray) -> np.ndarray:
+    """Seconds per (device, strip) to receive the strip's input (and send its output after
+    the last block), from and to the requester as the auction's bidders see it."""
+    tables = model.tables
+    block = tables.block(start, end)
+    rows = block.in_hi[r1] - block.in_lo[r0]
+    if start > 0:  # p2p: a strip's own rows are (mostly) on its device already
+        rows = np.minimum(rows, _halo_rows(block))
+    n_bytes = (rows * tables.row_bytes[start]).astype(np.float64)
+    if end == tables.n_segments:
+        n_bytes = n_bytes + (r1 - r0) * tables.row_bytes[end]
+    req = model.requester
+    t = model.latency[req][:, None] + n_bytes[None, :] * model.sec_per_byte[req][:, None]
+    t[req, :] = 0.0
+    return np.where(n_bytes[None, :] > 0, t, 0.0)
+
+
+def _strip_timer(model: CostModel, start: int, end: int, left: np.ndarray) -> Callable[[str, int, int], float]:
+    """``strip_time(device, a, b)`` for `balance_strips`: remaining backlog + compute +
+    transfer estimate of rows [a, b), in plain floats (it is called hundreds of times)."""
+    tables = model.tables
+    block = tables.block(start, end)
+    names = {name: i for i, name in enumerate(model.cluster.names)}
+    if any(c is not None for c in model.curves):
+
+        def timed(name: str, a: int, b: int) -> float:
+            d = names[name]
+            ra, rb = np.array([a]), np.array([b])
+            comp = model.strip_compute(block, ra, rb)[d, 0]
+            return float(left[d] + comp + _transfer_estimate(model, start, end, ra, rb)[d, 0])
+
+        return timed
+    fl_up, fl_down, const = block.fl_up.tolist(), block.fl_down.tolist(), block.fl_const
+    in_lo, in_hi = block.in_lo.tolist(), block.in_hi.tolist()
+    speed, left_l = model.speed.tolist(), left.tolist()
+    req = model.requester
+    lat, spb = model.latency[req].tolist(), model.sec_per_byte[req].tolist()
+    halo = _halo_rows(block)
+    in_bytes, out_bytes = tables.row_bytes[start], tables.row_bytes[end]
+    last = end == tables.n_segments
+
+    def strip_time(name: str, a: int, b: int) -> float:
+        d = names[name]
+        t = left_l[d] + (fl_up[b] + fl_down[a] + const) / speed[d]
+        rows = in_hi[b] - in_lo[a]
+        if start > 0:
+            rows = min(rows, halo)
+        n_bytes = rows * in_bytes + ((b - a) * out_bytes if last else 0)
+        if d != req and n_bytes > 0:
+            t += lat[d] + n_bytes * spb[d]
+        return t
+
+    return strip_time
+
+
+def auction_layouts(
+    model: CostModel, chosen: list[tuple[int, int, float]]
+) -> tuple[list[StripLayout | None], int]:
+    """Strips per chosen block (start, end, start time) from AWAS, and the auction's rounds.
+
+    Per block: the price-rise auction (`meshci.auction.assign`, the core the mesh's
+    auctioneer runs in its award round) over strips of the block with simulated bidders'
+    costs, each bidder's backlog counted as what is left of it when the block starts (as
+    the auctioneer does); the winners, in the order of the rows they won, then get
+    contiguous levelled strips from `balance_strips`. Simulated bidders always answer and
+    never decline, so on the network this is one bid round and one award round.
+    """
+    if model.n_devices == 1:
+        return [None] * len(chosen), 0
+    names = model.cluster.names
+    layouts: list[StripLayout | None] = []
+    for s, e, t_start in chosen:
+        r0, r1, cost = _bids(model, s, e, ITEMS_PER_DEVICE * model.n_devices)
+        left = np.maximum(model.backlog - t_start, 0.0)
+        result = assign(cost, left)
+        won = [np.flatnonzero(result.owner == d) for d in range(model.n_devices)]
+        bidders = [d for d in range(model.n_devices) if won[d].size]
+        order = sorted(bidders, key=lambda d: (float(r0[won[d]].mean()), d))
+        block = model.tables.block(s, e)
+        strip_time = _strip_timer(model, s, e, left)
+        strips = balance_strips(block.height, [names[d] for d in order], strip_time)
+        layouts.append(
+            StripLayout(
+                np.array([names.index(d) for d, _, _ in strips], dtype=np.int64),
+                np.array([a for _, a, _ in strips], dtype=np.int64),
+                np.array([c for _, _, c in strips], dtype=np.int64),
+                BID_ROUNDS * 2,
+            )
+        )
+    return layouts, BID_ROUNDS * 2
+
+
+def plan_edgeci(model: CostModel) -> tuple[DPResult, int]:
+    """DPFL, then AWAS on the chosen blocks, then the better strips per block."""
+    first = dpfl(model, lambda s, e: degree_candidates(model, s, e), routing="p2p")
+    distributed = [(s, e, t) for s, e, lay, t in _with_start_times(first) if lay.key != "requester"]
+    if not distributed:
+        return first, 0
+    auctioned, rounds = auction_layouts(model, distributed)
+    options: dict[tuple[int, int], list[StripLayout]] = {(s, e): [lay] for s, e, lay in first.blocks}
+    for (s, e, _), lay in zip(distributed, auctioned):
+        if lay is not None:
+            options[(s, e)].append(lay)
+    return dpfl(model, lambda s, e: options.get((s, e), []), routing="p2p"), rounds
+
+
+def _with_start_times(result: DPResult) -> list[tuple[int, int, StripLayout, float]]:
+    """The DP's blocks with the predicted start time of each (the end of the one before)."""
+    out = []
+    t = 0.0
+    for s, e, lay in result.blocks:
+        out.append((s, e, lay, t))
+        t = result.block_ends[len(out) - 1]
+    return out

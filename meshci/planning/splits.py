@@ -1,0 +1,82 @@
+"""Row splits shared by the strategies: speed-proportional and water-filled strips.
+
+Both work on per-row costs of a block, so they hold for devices given by GFLOP/s and for
+devices with measured per-segment curves alike.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from meshci.cost.geometry import BlockTable
+from meshci.cost.model import CostModel
+from meshci.planning.dpfl import StripLayout
+
+
+def round_rows(height: int, shares: np.ndarray) -> np.ndarray:
+    """Integer rows summing to ``height`` from non-negative real ``shares`` (largest
+    remainder); devices may get 0 rows."""
+    total = float(shares.sum())
+    if total <= 0:
+        rows = np.zeros(shares.size, dtype=np.int64)
+        rows[0] = height
+        return rows
+    exact = shares * (height / total)
+    rows = np.floor(exact).astype(np.int64)
+    short = height - int(rows.sum())
+    if short > 0:
+        order = np.lexsort((np.arange(shares.size), -(exact - rows)))
+        rows[order[:short]] += 1
+    return rows
+
+
+def layout_from_rows(devices: np.ndarray, rows: np.ndarray, rounds: int = 0) -> StripLayout:
+    """Strips in the order of ``devices`` (devices with 0 rows left out)."""
+    keep = rows > 0
+    devices, rows = devices[keep], rows[keep]
+    r1 = np.cumsum(rows)
+    return StripLayout(devices.astype(np.int64), r1 - rows, r1, rounds)
+
+
+def per_row_seconds(model: CostModel, block: BlockTable) -> np.ndarray:
+    """Seconds per output row of each device on the block (whole map / height, no halo)."""
+    full = model.strip_compute(block, np.array([0]), np.array([block.height]))[:, 0]
+    return full / block.height
+
+
+def proportional_layout(model: CostModel, start: int, end: int, devices: np.ndarray) -> StripLayout:
+    """Rows in proportion to each device's speed on this block (MoDNN's and AOFL's rule)."""
+    block = model.tables.block(start, end)
+    speed = 1.0 / per_row_seconds(model, block)[devices]
+    return layout_from_rows(devices, round_rows(block.height, speed))
+
+
+def water_filled_layout(
+    model: CostModel, start: int, end: int, devices: np.ndarray, *, from_requester: bool
+) -> StripLayout:
+    """Rows such that the devices would finish together, each starting after its backlog
+    and, when the input comes from the requester, after receiving it (water filling: a
+    device whose ready time is past the common finish gets nothing)."""
+    block = model.tables.block(start, end)
+    rate = per_row_seconds(model, block)[devices]
+    ready = model.backlog[devices].copy()
+    req = model.requester
+    if from_requester:
+        in_rows_per_row = model.tables.heights[start] / block.height
+        spb = model.sec_per_byte[req, devices] * model.tables.row_bytes[start] * in_rows_per_row
+        rate = rate + spb
+        ready = ready + np.where(devices != req, model.latency[req, devices], 0.0)
+    order = np.argsort(ready, kind="stable")
+    r_sorted, a_sorted = rate[order], ready[order]
+    inv = 1.0 / r_sorted
+    cum_inv = np.cumsum(inv)
+    cum_ready = np.cumsum(a_sorted * inv)
+    # with the first k devices: T_k = (H + sum(ready/rate)) / sum(1/rate); valid if T_k > ready_k
+    finish = (block.height + cum_ready) / cum_inv
+    valid = finish > a_sorted
+    k = int(np.flatnonzero(valid)[-1]) + 1 if valid.any() else 1
+    shares = np.zeros(devices.size)
+    shares[order[:k]] = np.maximum(finish[k - 1] - a_sorted[:k], 0.0) * inv[:k]
+    if shares.sum() <= 0:
+        shares[order[0]] = 1.0
+    return layout_from_rows(devices, round_rows(block.height, shares))

@@ -1,0 +1,85 @@
+"""`make_plan`: one entry point for every strategy, and `auto_cuts` for ``inspect``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from meshci.cost.cluster import Cluster, Device, LinkSpec
+from meshci.cost.model import CostModel
+from meshci.errors import PlanningError
+from meshci.planning.aofl import plan_aofl
+from meshci.planning.deepthings import plan_deepthings
+from meshci.planning.dpfl import DPResult
+from meshci.planning.edgeci import plan_edgeci
+from meshci.planning.evaluate import TileList, build_plan
+from meshci.planning.local import plan_local
+from meshci.planning.modnn import plan_modnn
+from meshci.planning.plan import STRATEGIES, Plan
+from meshci.trunk.region import Region
+
+BlockTiles = list[tuple[int, int, TileList]]
+
+_BASELINES: dict[str, tuple[Callable[[CostModel], BlockTiles], str]] = {
+    "local": (plan_local, "p2p"),
+    "modnn": (plan_modnn, "requester"),
+    "deepthings": (plan_deepthings, "p2p"),
+    "aofl": (plan_aofl, "requester"),
+}
+
+
+def _dp_blocks(model: CostModel, result: DPResult) -> BlockTiles:
+    blocks: BlockTiles = []
+    for s, e, layout in result.blocks:
+        w = model.tables.widths[e]
+        blocks.append((s, e, [(d, Region(a, b, 0, w)) for d, a, b in layout.as_tiles()]))
+    return blocks
+
+
+def make_plan(trunk, cluster: Cluster, strategy: str, model: CostModel | None = None) -> Plan:  # noqa: ANN001
+    """The plan of ``strategy`` for ``trunk`` on ``cluster``, with predicted finish times
+    and latency under the cost model (`meshci.cost.model`) and the planning time."""
+    if strategy not in STRATEGIES:
+        raise PlanningError(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
+    t0 = time.perf_counter()
+    model = model if model is not None and model.cluster is cluster else CostModel(trunk, cluster)
+    if strategy == "edgeci":
+        result, rounds = plan_edgeci(model)
+        blocks = _dp_blocks(model, result)
+        per_block = [rounds if lay.key != "requester" else 0 for _, _, lay in result.blocks]
+        planning_ms = (time.perf_counter() - t0) * 1e3
+        plan = build_plan(trunk, cluster, strategy, blocks, "p2p", planning_ms, model, per_block)
+        return _with_rounds(plan, rounds)
+    builder, routing = _BASELINES[strategy]
+    blocks = builder(model)
+    planning_ms = (time.perf_counter() - t0) * 1e3
+    return build_plan(trunk, cluster, strategy, blocks, routing, planning_ms, model)
+
+
+def _with_rounds(plan: Plan, rounds: int) -> Plan:
+    """The request's auction covers all its blocks: the plan's rounds are that auction's."""
+    return Plan(
+        plan.strategy,
+        plan.model,
+        plan.input_shape,
+        plan.requester,
+        plan.blocks,
+        plan.routing,
+        plan.predicted_latency_s,
+        plan.planning_ms,
+        rounds,
+    )
+
+
+def default_cluster(n_devices: int) -> Cluster:
+    """A homogeneous cluster of Pi 4 class devices on a 100 Mbit/s switch."""
+    if n_devices < 1:
+        raise PlanningError(f"need at least one device, got {n_devices}")
+    devices = tuple(Device(f"dev{i}", 6.0, 2048) for i in range(n_devices))
+    return Cluster(devices, LinkSpec(100.0, 2.0), {}, "switched", devices[0].name)
+
+
+def auto_cuts(trunk, n_devices: int) -> list[int]:  # noqa: ANN001
+    """DPFL's cuts (block starts after the first) for a default homogeneous cluster of
+    ``n_devices`` (see `default_cluster`)."""
+    return make_plan(trunk, default_cluster(n_devices), "edgeci").cuts
