@@ -24,6 +24,7 @@ import json
 import logging
 import socket
 import statistics
+import subprocess
 import struct
 import sys
 import threading
@@ -202,7 +203,7 @@ class ProbeServer:
     @classmethod
     def start(cls, net: Topology, host: Host, port: int = 5201, ready_timeout: float = 10.0) -> ProbeServer:
         proc = net.popen(
-            host, [sys.executable, "-m", "meshci.testbed.probe", "serve", "--port", str(port)], stdout=-1
+            host, [sys.executable, "-m", "meshci.testbed.probe", "serve", "--port", str(port)], stdout=subprocess.PIPE
         )
         line = commands.read_line(proc.stdout, ready_timeout)
         if line.strip() != b"ready":
