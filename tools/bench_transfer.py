@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from meshci.errors import MeshciError
 from meshci.wire import (
     Connection,
     ConnectionClosed,
@@ -37,6 +38,7 @@ from meshci.wire import (
     FrameMac,
     Message,
     MsgType,
+    WireError,
     encode,
     generate_secret,
     load_secret,
@@ -166,6 +168,14 @@ def report(rates: Rates, link_mbps: float | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(argv)
+    except (WireError, MeshciError) as exc:  # unreachable receiver, bad secret file: one line
+        print(f"bench_transfer.py: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def run(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--role", choices=["both", "send", "receive"], default="both")
     p.add_argument("--host", default="127.0.0.1")
