@@ -12,15 +12,13 @@ from meshci.errors import MeshciError, TilingError
 from meshci.models import build_model
 from meshci.tiling import (
     block_flops,
-    blocks_from_cuts,
-    grid_regions,
     receptive_field,
     redundant_flops,
-    run_tiled,
+    check_tiled,
     stage_cuts,
-    strip_regions,
+    uniform_blocks,
 )
-from meshci.trunk import Region, Trunk, extract_trunk
+from meshci.trunk import Trunk, extract_trunk
 
 RTOL = 1e-4
 ATOL = 1e-5
@@ -92,17 +90,6 @@ def parse_cuts(text: str | None, trunk: Trunk, n_devices: int) -> list[int]:
         raise TilingError(f"--cuts wants 'auto', 'none' or segment indices like 3,6,10, got {text!r}") from exc
 
 
-def tile_block(trunk: Trunk, end: int, tiles: int, grid: tuple[int, int] | None) -> list[Region]:
-    _, h, w = trunk.boundary_shape(end)
-    try:
-        if grid is not None:
-            return grid_regions(h, w, *grid)
-        return strip_regions(h, w, tiles)
-    except TilingError as exc:
-        # say which block's output was too small for the tiling
-        raise TilingError(f"block ending at boundary {end} ({h}x{w} output): {exc}") from exc
-
-
 def inspect_model(args: argparse.Namespace) -> dict[str, Any]:
     """Everything `meshci inspect` reports, as a JSON-able dict."""
     h, w = args.size
@@ -117,8 +104,10 @@ def inspect_model(args: argparse.Namespace) -> dict[str, Any]:
     trunk = extract_trunk(model, (3, h, w), args.model)
     n_devices = grid[0] * grid[1] if grid is not None else args.tiles
     cuts = parse_cuts(args.cuts, trunk, n_devices)
-    ranges = blocks_from_cuts(trunk, cuts)
-    blocks = [(s, e, tile_block(trunk, e, args.tiles, grid)) for s, e in ranges]
+    if grid is not None:
+        blocks = uniform_blocks(trunk, cuts, grid=grid)
+    else:
+        blocks = uniform_blocks(trunk, cuts, strips=args.tiles)
     halo = redundant_flops(trunk, blocks)
     report: dict[str, Any] = {
         "model": args.model,
@@ -157,18 +146,18 @@ def inspect_model(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-@torch.no_grad()
 def check(trunk: Trunk, blocks: list, seed: int, dtype: torch.dtype) -> dict[str, Any]:
     """Run tiled and monolithic on one random input; compare logits and every block boundary."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn((1, *trunk.input_shape), generator=gen).to(dtype)
-    reference = trunk.forward_boundaries(x)
-    logits_ref = trunk.head(reference[-1])
-    logits, boundaries = run_tiled(trunk, x, blocks)
-    pairs = [(logits, logits_ref)] + [(b, reference[e]) for b, (_, e, _) in zip(boundaries[1:], blocks)]
-    diff = max(float((a - b).abs().max()) for a, b in pairs)
-    ok = all(torch.allclose(a, b, rtol=RTOL, atol=ATOL) for a, b in pairs)
-    return {"max_abs_diff": diff, "ok": ok, "dtype": str(dtype).removeprefix("torch."), "rtol": RTOL, "atol": ATOL}
+    result = check_tiled(trunk, x, blocks, rtol=RTOL, atol=ATOL)
+    return {
+        "max_abs_diff": result.max_abs_diff,
+        "ok": result.ok,
+        "dtype": str(dtype).removeprefix("torch."),
+        "rtol": RTOL,
+        "atol": ATOL,
+    }
 
 
 def _flops(value: float) -> str:

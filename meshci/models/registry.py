@@ -101,8 +101,9 @@ def load_weights(model: nn.Module, path: str | Path, name: str = "model") -> Non
     """Load a state_dict file into `model` strictly (every key, every shape)."""
     try:
         state = torch.load(Path(path), map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError) as exc:
-        # unreadable or not a torch file: a user error, reported in one line
+    except Exception as exc:
+        # torch.load raises many kinds (OSError, EOFError, UnpicklingError, struct.error, ...)
+        # on a missing, truncated or foreign file: all are the user's file, reported in one line
         raise WeightsError(f"cannot load weights {str(path)!r}: {str(exc).splitlines()[0] if str(exc) else exc}") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -83,3 +84,24 @@ def run_tiled(trunk: Trunk, x: Tensor, blocks: Sequence[Block]) -> tuple[Tensor,
         pieces = [(t, run_block(trunk, start, end, boundaries[-1], have, t)) for t in tiles]
         boundaries.append(assemble(trunk.boundary_region(end), pieces))
     return trunk.head(boundaries[-1]), boundaries
+
+
+@dataclass(frozen=True)
+class TiledCheck:
+    """How far a tiled run is from the monolithic one (logits and every block boundary)."""
+
+    max_abs_diff: float
+    ok: bool  # torch.allclose(tiled, monolithic, rtol, atol) for every compared tensor
+    compared: int  # how many tensors were compared
+
+
+@torch.no_grad()
+def check_tiled(trunk: Trunk, x: Tensor, blocks: Sequence[Block], rtol: float = 1e-4, atol: float = 1e-5) -> TiledCheck:
+    """Run `blocks` tiled and the trunk monolithically on `x`; compare logits and boundaries."""
+    reference = trunk.forward_boundaries(x)
+    logits, boundaries = run_tiled(trunk, x, blocks)
+    pairs = [(logits, trunk.head(reference[-1]))]
+    pairs += [(b, reference[end]) for b, (_, end, _) in zip(boundaries[1:], blocks)]
+    diff = max(float((a - b).abs().max()) for a, b in pairs)
+    ok = all(a.shape == b.shape and torch.allclose(a, b, rtol=rtol, atol=atol) for a, b in pairs)
+    return TiledCheck(diff, ok, len(pairs))

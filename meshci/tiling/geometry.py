@@ -157,3 +157,34 @@ def stage_cuts(trunk: Trunk) -> list[int]:
         if seg.kind != "pool" and downsamples and seg.index > 0:
             cuts.add(seg.index)
     return sorted(cuts)
+
+
+def uniform_blocks(
+    trunk: Trunk,
+    cuts: Sequence[int],
+    *,
+    strips: int | None = None,
+    grid: tuple[int, int] | None = None,
+    clamp: bool = False,
+) -> list[tuple[int, int, list[Region]]]:
+    """Blocks between `cuts`, each output tiled the same way: `strips` row strips or a grid.
+
+    With `clamp`, a block whose output has fewer rows (columns) than asked gets one tile
+    per row (column) instead of a TilingError.
+    """
+    if (strips is None) == (grid is None):
+        raise TilingError("give either a strip count or a grid")
+    blocks = []
+    for start, end in blocks_from_cuts(trunk, cuts):
+        _, h, w = trunk.boundary_shape(end)
+        try:
+            if grid is not None:
+                rows, cols = (min(grid[0], h), min(grid[1], w)) if clamp else grid
+                tiles = grid_regions(h, w, rows, cols)
+            else:
+                tiles = strip_regions(h, w, min(strips, h) if clamp else strips)  # type: ignore[type-var]
+        except TilingError as exc:
+            # say which block's output was too small for the tiling
+            raise TilingError(f"block [{start}, {end}) with a {h}x{w} output: {exc}") from exc
+        blocks.append((start, end, tiles))
+    return blocks
