@@ -60,6 +60,11 @@ class PlanGeometry:
         return h, w
 
 
+# build_model seeds torch's global RNG: two builds at once in one process (several nodes in
+# one process, as in tests) would interleave it and give different weights.
+_BUILD_LOCK = threading.Lock()
+
+
 class ModelCache:
     """Built trunks by (model, seed, input size); least recently used beyond `capacity`."""
 
@@ -77,7 +82,8 @@ class ModelCache:
                 self._entries.move_to_end(key)
                 return entry
             started = time.perf_counter()
-            model = build_model(name, seed=seed)
+            with _BUILD_LOCK:
+                model = build_model(name, seed=seed)
             model.eval()
             trunk = extract_trunk(model, input_shape=(3, key[2], key[3]), name=name)
             del model
@@ -154,7 +160,8 @@ def measure_gflops(data_dir: Path, threads: int) -> float:
     cached under `data_dir` by the planner's profiling."""
     from meshci.cost.profiling import effective_gflops, load_or_measure
 
-    model = build_model(PROFILE_MODEL, seed=0)
+    with _BUILD_LOCK:
+        model = build_model(PROFILE_MODEL, seed=0)
     model.eval()
     trunk = extract_trunk(model, input_shape=PROFILE_SIZE, name=PROFILE_MODEL)
     curve = load_or_measure(trunk, threads=threads, data_dir=Path(data_dir))

@@ -1,0 +1,734 @@
+"""The asyncio mesh node: moves bytes and fires timers around the sans-IO cores.
+
+Decisions live elsewhere: who is in the mesh (`membership`), what a request does next
+(`request`), how tiles are auctioned (`meshci.auction`), what the plan is
+(`meshci.planning`). This module only owns sockets, tasks and counters.
+
+Connections: every node dials each peer it learns about and uses that outbound
+connection to send; what arrives on any connection (outbound or accepted) is dispatched
+the same way. A client (`meshci infer`) gets its answer on the connection it asked on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import ssl
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from meshci.cost.cluster import LinkSpec
+from meshci.errors import MeshciError
+from meshci.auction.bidder import Bidder
+from meshci.auction.errors import AuctionError, MessageFormatError
+from meshci.auction.messages import Award, CallForBids, Close, Outgoing
+from meshci.cost.links import LinkEstimator
+from meshci.node.auction import (
+    AUCTION_KINDS, NetworkAuction, auction_items, awarded_plan, from_message, to_message,
+)
+from meshci.node.membership import (
+    HEARTBEAT_INTERVAL_S, Address, Advert, Dial, Membership, PeerDown, PeerUp,
+)
+from meshci.node.request import (
+    Action, Compute, RequesterRun, RequestStateError, SendPiece, TrunkDone, WorkerRun,
+    cluster_from_view, tensor_bytes,
+)
+from meshci.node.runtime import LoadedModel, PlanGeometry, Runtime
+from meshci.planning import STRATEGIES, Plan, make_plan
+from meshci.tiling import block_flops
+from meshci.trunk import Region
+from meshci.wire import Connection, Message, MsgType
+from meshci.wire.errors import ConnectionClosed, HandshakeTimeout, RemoteProtocolError, WireError
+
+log = logging.getLogger(__name__)
+
+LOOPBACK_LINK = LinkSpec(mbps=1000.0, latency_ms=0.2)
+REQUEST_TIMEOUT_S = 300.0
+ORPHAN_PIECE_TTL_S = 30.0
+MAX_INPUT_SIDE = 4096
+
+
+class JoinRefused(MeshciError):
+    """The mesh refused this node (duplicate name) or no --join peer could be reached."""
+
+
+class RequestFailed(Exception):
+    """A request cannot complete; the message is the reason sent back to the client."""
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    name: str
+    listen: Address
+    join: tuple[Address, ...] = ()
+    secret: bytes | None = None  # None only together with insecure=True
+    insecure: bool = False
+    threads: int = 1
+    gflops: float = 1.0
+    server_ssl: ssl.SSLContext | None = None
+    client_ssl: ssl.SSLContext | None = None
+    default_link: LinkSpec = LOOPBACK_LINK
+    join_timeout_s: float = 10.0
+
+
+@dataclass
+class _RequesterContext:
+    run: RequesterRun
+    loaded: LoadedModel
+    done: asyncio.Future[torch.Tensor]
+    devices: frozenset[str]
+    path_s: float = 0.0  # critical path (compute + transfer) of the trunk output so far
+
+
+@dataclass
+class _WorkerContext:
+    requester: str
+    run: WorkerRun | None = None
+    loaded: LoadedModel | None = None
+    early: list[tuple[Message, float]] = field(default_factory=list)  # pieces before the plan
+    path_in: dict[int, float] = field(default_factory=dict)  # block -> latest input path
+    created: float = field(default_factory=time.monotonic)
+
+
+class Node:
+    """One mesh node. `await start()`, then `await wait_closed()`; `stop()` from anywhere."""
+
+    def __init__(self, config: NodeConfig, runtime: Runtime | None = None) -> None:
+        self.config = config
+        self.name = config.name
+        self.runtime = runtime or Runtime(config.threads)
+        self.membership = Membership(config.name, config.listen, incarnation=time.time_ns(),
+                                     advert=Advert(gflops=config.gflops))
+        self._server: asyncio.base_events.Server | None = None
+        self._outbound: dict[str, Connection] = {}
+        self._dialing: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._inbound: set[Connection] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._requests: dict[int, _RequesterContext] = {}
+        self._work: dict[int, _WorkerContext] = {}
+        self._auctions: dict[int, tuple[NetworkAuction, asyncio.Event]] = {}
+        self._stopped = asyncio.Event()
+        self.links = LinkEstimator()
+        self.bidder = Bidder(config.name, self._compute_s, self._link_s)
+        self._bid_auctions: dict[str, float] = {}  # auction id -> when this node first bid
+        self.sent_bytes: dict[str, int] = defaultdict(int)
+        self.received_bytes: dict[str, int] = defaultdict(int)
+        self.relayed_boundary_bytes = 0
+        self.requests_served = 0
+        self.errors_replied = 0
+
+    # ---- lifecycle -----------------------------------------------------------------
+    @property
+    def address(self) -> Address:
+        return self.membership.address
+
+    async def start(self) -> Address:
+        self._server = await asyncio.start_server(self._accept, self.config.listen.host,
+                                                  self.config.listen.port, ssl=self.config.server_ssl)
+        port = self._server.sockets[0].getsockname()[1]
+        self.membership.address = Address(self.config.listen.host, port)
+        if self.config.join:
+            await self._join()
+        self._spawn(self._heartbeat_loop())
+        return self.membership.address
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    async def wait_closed(self) -> None:
+        await self._stopped.wait()
+        await self.close()
+
+    async def close(self) -> None:
+        self._stopped.set()
+        leave = Message(MsgType.LEAVE, 0, {"name": self.name})
+        await asyncio.gather(*(self._send_quietly(conn, leave) for conn in list(self._outbound.values())))
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for conn in list(self._outbound.values()) + list(self._inbound):
+            conn.abort()
+        self.runtime.close()
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task failed: %r", task.exception(), exc_info=task.exception())
+
+    def _compute_s(self, item: Any) -> float:
+        return float(item.flops) / (self.config.gflops * 1e9)
+
+    def _link_s(self, n_bytes: int, peer: str) -> float:
+        if peer == self.name:
+            return 0.0
+        return self.links.estimate(peer, self.config.default_link).transfer_s(n_bytes)
+
+    # ---- connections ---------------------------------------------------------------
+    async def _open(self, address: Address) -> Connection:
+        return await Connection.open(address.host, address.port, secret=self.config.secret,
+                                     name=self.name, ssl=self.config.client_ssl,
+                                     insecure=self.config.insecure)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            conn = await Connection.accept(reader, writer, secret=self.config.secret, name=self.name,
+                                           insecure=self.config.insecure)
+        except (WireError, OSError) as exc:
+            # a peer that fails the handshake is dropped (wire logged the reason); keep serving
+            log.info("rejected connection from %s: %s", writer.get_extra_info("peername"), exc)
+            writer.close()
+            return
+        self._inbound.add(conn)
+        try:
+            await self._serve(conn)
+        finally:
+            self._inbound.discard(conn)
+            conn.abort()
+
+    async def _serve(self, conn: Connection) -> None:
+        """Read and dispatch messages until the connection ends."""
+        while not conn.closed:
+            before = conn.bytes_received
+            try:
+                msg = await conn.recv()
+            except (ConnectionClosed, RemoteProtocolError) as exc:
+                # peer hung up or sent garbage (wire aborted and logged it): drop this connection
+                log.debug("connection from %r ended: %s", conn.peer_name, exc)
+                if conn.peer_name:
+                    self.membership.on_disconnect(conn.peer_name, time.monotonic())
+                return
+            self.received_bytes[msg.kind.name] += conn.bytes_received - before
+            try:
+                await self._dispatch(conn, msg)
+            except (KeyError, TypeError, ValueError, RequestStateError) as exc:
+                # a well-framed but malformed message: answer with the reason, keep serving
+                log.warning("bad %s from %r: %s", msg.kind.name, conn.peer_name, exc)
+                await self._reply_error(conn, msg.request_id, f"bad {msg.kind.name}: {exc}")
+
+    async def _connection_to(self, name: str) -> Connection:
+        conn = self._outbound.get(name)
+        if conn is not None and not conn.closed:
+            return conn
+        async with self._dialing[name]:
+            conn = self._outbound.get(name)
+            if conn is not None and not conn.closed:
+                return conn
+            peer = self.membership.peer(name)
+            if peer is None:
+                raise ConnectionClosed(f"no address known for {name!r}")
+            conn = await self._open(peer.address)
+            if conn.peer_name != name:
+                conn.abort()
+                raise ConnectionClosed(f"{peer.address} answered as {conn.peer_name!r}, not {name!r}")
+            self._outbound[name] = conn
+            self._spawn(self._serve(conn))
+            await self._send(conn, Message(MsgType.JOIN, 0, self.membership.join_payload()))
+            return conn
+
+    async def _send(self, conn: Connection, msg: Message) -> None:
+        before = conn.bytes_sent
+        try:
+            await conn.send(msg)
+        finally:
+            self.sent_bytes[msg.kind.name] += conn.bytes_sent - before
+
+    async def _send_quietly(self, conn: Connection, msg: Message) -> None:
+        try:
+            await self._send(conn, msg)
+        except WireError as exc:
+            # best effort (a LEAVE at shutdown, a heartbeat): the peer may be gone already
+            log.debug("could not send %s to %r: %s", msg.kind.name, conn.peer_name, exc)
+
+    async def send_to(self, name: str, msg: Message) -> None:
+        """Send to a peer by name over this node's outbound connection (dialled on demand)."""
+        conn = await self._connection_to(name)
+        await self._send(conn, msg)
+
+    async def _reply_error(self, conn: Connection, request_id: int, reason: str) -> None:
+        self.errors_replied += 1
+        await self._send_quietly(conn, Message(MsgType.ERROR, request_id, {"reason": reason}))
+
+    # ---- membership ----------------------------------------------------------------
+    async def _join(self) -> None:
+        """Join through the --join peers: the first that accepts wins; a refusal is fatal."""
+        deadline = time.monotonic() + self.config.join_timeout_s
+        last_error = "no --join peer given"
+        while time.monotonic() < deadline:
+            for address in self.config.join:
+                try:
+                    conn = await self._open(address)
+                    await self._send(conn, Message(MsgType.JOIN, 0, self.membership.join_payload()))
+                    reply = await asyncio.wait_for(conn.recv(), timeout=5.0)
+                except (WireError, OSError, TimeoutError) as exc:
+                    # that peer is not reachable yet: try the next one, then retry until the deadline
+                    last_error = f"{address}: {exc}"
+                    continue
+                if reply.kind is MsgType.ERROR:
+                    conn.abort()
+                    raise JoinRefused(f"join through {address} refused: {reply.meta.get('reason')}")
+                now = time.monotonic()
+                name = conn.peer_name
+                self._outbound[name] = conn
+                self._spawn(self._serve(conn))
+                self._handle_events(self.membership.on_heartbeat(reply.meta, now, address.host))
+                self._handle_events(self.membership.on_welcome(reply.meta, now))
+                log.info("joined the mesh through %s (%s)", name, address)
+                return
+            await asyncio.sleep(0.3)
+        raise JoinRefused(f"could not join the mesh: {last_error}")
+
+    def _handle_events(self, events: list[Any]) -> None:
+        for event in events:
+            if isinstance(event, Dial):
+                self._spawn(self._greet(event.name))
+            elif isinstance(event, PeerDown):
+                self._peer_down(event.name, event.reason)
+            elif isinstance(event, PeerUp):
+                log.info("%s: peer %s joined", self.name, event.name)
+
+    async def _greet(self, name: str) -> None:
+        try:
+            await self._connection_to(name)
+        except WireError as exc:
+            # unreachable for now: the failure detector decides whether it is dead
+            log.info("cannot reach %s yet: %s", name, exc)
+
+    def _peer_down(self, name: str, reason: str) -> None:
+        conn = self._outbound.pop(name, None)
+        if conn is not None:
+            conn.abort()
+        for rid, ctx in list(self._requests.items()):
+            if name in ctx.devices and not ctx.done.done():
+                ctx.done.set_exception(RequestFailed(f"device {name} failed during the request: {reason}"))
+        self.links.forget(name)
+
+    def _advert(self) -> Advert:
+        backlog = max(0.0, self.runtime.busy_until - time.monotonic())
+        links = tuple((n, spec.mbps, spec.latency_ms) for n, spec in sorted(self.links.known().items()))
+        return Advert(self.config.gflops, backlog, links)
+
+    async def _heartbeat_loop(self) -> None:
+        while not self._stopped.is_set():
+            now = time.monotonic()
+            self._handle_events(self.membership.tick(now))
+            self.membership.set_advert(self._advert())
+            beat = {**self.membership.heartbeat(), "sent": time.perf_counter()}
+            for peer in self.membership.peers():
+                if peer.status.value != "dead" and peer.name in self._outbound:
+                    self._spawn(self._send_quietly(self._outbound[peer.name],
+                                                   Message(MsgType.GOSSIP, 0, beat)))
+            self._drop_orphans(now)
+            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+
+    def _drop_orphans(self, now: float) -> None:
+        for auction_id, since in list(self._bid_auctions.items()):
+            if now - since > REQUEST_TIMEOUT_S:
+                self.bidder.release(auction_id)  # its request ended long ago, however it ended
+                del self._bid_auctions[auction_id]
+        for rid, ctx in list(self._work.items()):
+            if ctx.run is None and now - ctx.created > ORPHAN_PIECE_TTL_S:
+                log.warning("dropping %d pieces of request %d: no plan arrived", len(ctx.early), rid)
+                del self._work[rid]
+
+    # ---- dispatch ------------------------------------------------------------------
+    async def _dispatch(self, conn: Connection, msg: Message) -> None:
+        kind = msg.kind
+        now = time.monotonic()
+        peer_host = conn.peer_address[0] if isinstance(conn.peer_address, tuple) else None
+        if kind is MsgType.JOIN and msg.meta.get("welcome"):
+            # the answer to a JOIN we sent on one of our outbound connections
+            self._handle_events(self.membership.on_heartbeat(msg.meta, now, peer_host))
+            self._handle_events(self.membership.on_welcome(msg.meta, now))
+        elif kind is MsgType.JOIN:
+            events, refusal = self.membership.on_join(msg.meta, now, peer_host)
+            if refusal is not None:
+                await self._reply_error(conn, 0, refusal.reason)
+                conn.abort()
+                return
+            await self._send(conn, Message(MsgType.JOIN, 0, {**self.membership.heartbeat(),
+                                                             **self.membership.welcome(),
+                                                             "welcome": True}))
+            self._handle_events(events)
+        elif kind is MsgType.GOSSIP:
+            self._handle_events(self.membership.on_heartbeat(msg.meta, now, peer_host))
+            echo = msg.meta.get("echo", {}).get(self.name) if isinstance(msg.meta.get("echo"), dict) else None
+            if isinstance(echo, (int, float)):
+                self.links.observe_rtt(conn.peer_name, time.perf_counter() - echo)
+            await self._echo(conn.peer_name, msg.meta.get("sent"))
+        elif kind is MsgType.LEAVE:
+            self._handle_events(self.membership.on_leave(conn.peer_name, now))
+        elif kind is MsgType.INFER:
+            self._spawn(self._serve_infer(conn, msg))
+        elif kind is MsgType.PLAN:
+            self._spawn(self._on_plan(conn.peer_name, msg))
+        elif kind is MsgType.TILE:
+            await self._on_tile(msg, time.time())
+        elif kind in AUCTION_KINDS:
+            try:
+                message = from_message(msg, conn.peer_name)
+            except MessageFormatError as exc:
+                # a malformed auction message is a peer's mistake: log and drop it
+                log.warning("dropping %s from %r: %s", kind.name, conn.peer_name, exc)
+                return
+            await self._route_auction(msg.request_id, [Outgoing(self.name, message)])
+        elif kind is MsgType.STATE:
+            await self._send(conn, Message(MsgType.STATE, msg.request_id, self.stats()))
+        elif kind is MsgType.ERROR:
+            self._on_error(conn.peer_name, msg)
+        else:
+            raise ValueError(f"{kind.name} is not served by a node")
+
+    async def _echo(self, peer: str, sent: Any) -> None:
+        """Answer a heartbeat's timestamp once, so the sender can measure the round trip."""
+        if not isinstance(sent, (int, float)) or peer not in self._outbound:
+            return
+        await self._send_quietly(self._outbound[peer], Message(
+            MsgType.GOSSIP, 0, {**self.membership.heartbeat(), "echo": {peer: sent}}))
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "sent_bytes": dict(self.sent_bytes),
+            "received_bytes": dict(self.received_bytes),
+            "relayed_boundary_bytes": self.relayed_boundary_bytes,
+            "tiles_computed": self.runtime.tiles_computed,
+            "compute_s": self.runtime.compute_s,
+            "requests_served": self.requests_served,
+            "errors_replied": self.errors_replied,
+            "peers": {p.name: p.status.value if p.heard_directly else "known"
+                      for p in self.membership.peers()},
+            "rss_mb": _rss_mb(),
+            "peak_rss_mb": _peak_rss_mb(),
+        }
+
+    def _on_error(self, sender: str, msg: Message) -> None:
+        ctx = self._requests.get(msg.request_id)
+        reason = str(msg.meta.get("reason", "unknown error"))
+        if ctx is not None and not ctx.done.done():
+            ctx.done.set_exception(RequestFailed(f"{sender}: {reason}"))
+        else:
+            log.warning("error from %s about request %d: %s", sender, msg.request_id, reason)
+
+    # ---- requester side ------------------------------------------------------------
+    async def _serve_infer(self, conn: Connection, msg: Message) -> None:
+        try:
+            meta, logits = await self._infer(msg)
+        except (RequestFailed, MeshciError, RequestStateError, ValueError, TypeError, KeyError) as exc:
+            # the request cannot be served (unknown model, bad size, a device failed):
+            # the client gets the reason, the node keeps serving
+            log.warning("request %d failed: %s", msg.request_id, exc)
+            await self._reply_error(conn, msg.request_id, str(exc))
+            return
+        except Exception as exc:  # noqa: BLE001
+            # a bug in some part (planner, auction, model code) must not leave the client
+            # waiting or stop the node: log the traceback, answer with the reason
+            log.exception("request %d failed with an internal error", msg.request_id)
+            await self._reply_error(conn, msg.request_id, f"internal error: {type(exc).__name__}: {exc}")
+            return
+        self.requests_served += 1
+        await self._send_quietly(conn, Message(MsgType.RESULT, msg.request_id, meta, (logits,)))
+
+    async def _infer(self, msg: Message) -> tuple[dict[str, Any], torch.Tensor]:
+        began = time.perf_counter()
+        meta = msg.meta
+        model = str(meta["model"])
+        seed = int(meta.get("seed", 0))
+        strategy = str(meta.get("strategy", "edgeci"))
+        if strategy not in STRATEGIES:
+            raise RequestFailed(f"unknown strategy {strategy!r} (known: {', '.join(STRATEGIES)})")
+        x = _request_input(meta, msg.tensors)
+        size = (int(x.shape[-2]), int(x.shape[-1]))
+        loaded = await self.runtime.load(model, seed, size, head=True)
+        trunk = loaded.trunk
+        loaded_at = time.perf_counter()
+
+        peers = self.membership.alive()
+        cluster = cluster_from_view(self.name, self._advert(), peers, self.config.default_link)
+        loop = asyncio.get_running_loop()
+        plan: Plan = await loop.run_in_executor(None, make_plan, trunk, cluster, strategy)
+        planned_at = time.perf_counter()
+        rid = random.getrandbits(62) | 1
+        auction_rounds = plan.auction_rounds
+        if strategy == "edgeci" and len(cluster.devices) > 1:
+            plan, auction_rounds = await self._auction(rid, trunk, cluster, plan)
+        auctioned_at = time.perf_counter()
+
+        run = RequesterRun(plan, self.name, PlanGeometry(trunk, plan))
+        devices = run.devices()
+        done: asyncio.Future[torch.Tensor] = loop.create_future()
+        self._requests[rid] = _RequesterContext(run, loaded, done, frozenset(devices))
+        try:
+            plan_msg = Message(MsgType.PLAN, rid, {"plan": plan.to_json(), "model": model, "seed": seed,
+                                                   "size": list(size)})
+            for device in devices:
+                if device == self.name:
+                    await self._on_plan(self.name, plan_msg)
+                else:
+                    await self.send_to(device, plan_msg)
+            await self._execute(rid, run.start(x), path_s=0.0)
+            output = await asyncio.wait_for(done, REQUEST_TIMEOUT_S)
+            trunk_at = time.perf_counter()
+            head_began = time.perf_counter()
+            logits = await self.runtime.call(trunk.head, output)
+            head_s = time.perf_counter() - head_began
+            path_s = self._requests[rid].path_s + head_s
+        except WireError as exc:
+            raise RequestFailed(f"lost a device during the request: {exc}") from exc
+        except TimeoutError as exc:
+            raise RequestFailed(f"request timed out after {REQUEST_TIMEOUT_S:.0f} s") from exc
+        finally:
+            self._requests.pop(rid, None)
+        latency = time.perf_counter() - began
+        probs = torch.softmax(logits.flatten(), 0)
+        top = torch.topk(probs, min(5, probs.numel()))
+        result: dict[str, Any] = {
+            "model": model,
+            "strategy": strategy,
+            "requester": self.name,
+            "latency_s": latency,
+            "load_s": loaded_at - began,
+            "planning_s": planned_at - loaded_at,
+            "auction_s": auctioned_at - planned_at,
+            "execution_s": trunk_at - auctioned_at,
+            "head_s": head_s,
+            "critical_path_s": path_s,
+            "top5": [[int(i), float(p)] for p, i in zip(top.values, top.indices)],
+            "devices": devices,
+            "shares": _shares(trunk, plan),
+            "auction_rounds": auction_rounds,
+            "routing": plan.routing,
+            "predicted_latency_s": plan.predicted_latency_s,
+            "plan": plan.to_json(),
+        }
+        if meta.get("check"):
+            reference = await self.runtime.call(trunk.forward, x)
+            result["max_abs_diff"] = float((reference - logits).abs().max())
+            result["check_ok"] = bool(torch.allclose(logits, reference, rtol=1e-4, atol=1e-5))
+        return result, logits
+
+    async def _auction(self, rid: int, trunk: Any, cluster: Any, plan: Plan) -> tuple[Plan, int]:
+        """AWAS over the network for the row strips of the blocks DPFL chose."""
+        bidders = [d.name for d in cluster.devices]
+        auction = NetworkAuction(rid, self.name, auction_items(trunk, plan), bidders)
+        wake = asyncio.Event()
+        self._auctions[rid] = (auction, wake)
+        try:
+            await self._route_auction(rid, auction.start(time.monotonic()))
+            while not auction.done:
+                deadline = auction.machine.next_deadline
+                wait = 1.0 if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    await asyncio.wait_for(wake.wait(), wait)
+                except TimeoutError:
+                    pass  # a round's deadline passed: tick() drops the silent bidders
+                wake.clear()
+                await self._route_auction(rid, auction.tick(time.monotonic()))
+            new_plan = awarded_plan(trunk, cluster, plan, auction)
+        except AuctionError as exc:
+            raise RequestFailed(f"auction failed: {exc}") from exc
+        finally:
+            self._auctions.pop(rid, None)
+        return new_plan, auction.result().rounds
+
+    async def _route_auction(self, rid: int, outgoing: list[Outgoing]) -> None:
+        """Deliver auction messages: to this node's own bidder or auctioneer, or to peers."""
+        queue = list(outgoing)
+        while queue:
+            out = queue.pop(0)
+            message = out.message
+            if out.to != self.name:
+                try:
+                    await self.send_to(out.to, to_message(rid, message))
+                except WireError as exc:
+                    # unreachable bidder: the auction's round deadline drops it
+                    log.info("auction %d: cannot reach %s: %s", rid, out.to, exc)
+                continue
+            if isinstance(message, (CallForBids, Award, Close)):
+                self.bidder.base_backlog_s = max(0.0, self.runtime.busy_until - time.monotonic())
+                self._bid_auctions.setdefault(message.auction_id, time.monotonic())
+                queue += self.bidder.receive(message, time.monotonic())
+            else:
+                entry = self._auctions.get(rid)
+                if entry is None:
+                    log.info("auction %d is over: dropping a late %s from %s", rid,
+                             type(message).__name__, message.sender)
+                    continue
+                auction, wake = entry
+                queue += auction.receive(message, time.monotonic())
+                wake.set()
+
+    # ---- worker side ---------------------------------------------------------------
+    async def _on_plan(self, sender: str, msg: Message) -> None:
+        rid = msg.request_id
+        ctx = self._work.setdefault(rid, _WorkerContext(sender))
+        try:
+            plan = Plan.from_json(msg.meta["plan"])
+            size = tuple(int(v) for v in msg.meta["size"])
+            ctx.loaded = await self.runtime.load(str(msg.meta["model"]), int(msg.meta.get("seed", 0)),
+                                                 (size[0], size[1]), head=False)
+            ctx.requester = plan.requester
+            ctx.run = WorkerRun(plan, self.name, PlanGeometry(ctx.loaded.trunk, plan))
+        except (MeshciError, KeyError, TypeError, ValueError) as exc:
+            # a plan this node cannot serve: tell the requester why, keep serving
+            self._work.pop(rid, None)
+            await self._fail_request(rid, sender, f"{self.name} cannot serve the plan: {exc}")
+            return
+        early, ctx.early = ctx.early, []
+        for piece, received_at in early:
+            await self._on_tile(piece, received_at)
+
+    async def _on_tile(self, msg: Message, received_at: float) -> None:
+        rid = msg.request_id
+        block = int(msg.meta["block"])
+        region = Region.from_list(msg.meta["region"])
+        (tensor,) = msg.tensors
+        path = float(msg.meta.get("path_s", 0.0)) + max(0.0, received_at - float(msg.meta.get("sent_at", received_at)))
+        if msg.meta.get("stage") == "gather":
+            req = self._requests.get(rid)
+            if req is None:
+                log.info("dropping a gathered piece of finished or unknown request %d", rid)
+                return
+            if block == len(req.run.plan.blocks):
+                req.path_s = max(req.path_s, path)
+            await self._execute(rid, req.run.on_gather(block, region, tensor), path)
+            return
+        ctx = self._work.setdefault(rid, _WorkerContext(""))
+        if ctx.run is None:
+            ctx.early.append((msg, received_at))
+            return
+        ctx.path_in[block] = max(ctx.path_in.get(block, 0.0), path)
+        try:
+            actions = ctx.run.on_piece(block, region, tensor)
+        except RequestStateError as exc:
+            # a piece that fits no tile of ours: the request is broken, tell its requester
+            await self._fail_request(rid, ctx.requester, f"{self.name}: {exc}")
+            return
+        await self._execute(rid, actions, ctx.path_in[block])
+
+    async def _execute(self, rid: int, actions: list[Action], path_s: float) -> None:
+        for action in actions:
+            if isinstance(action, SendPiece):
+                await self._send_piece(rid, action, path_s)
+            elif isinstance(action, Compute):
+                self._spawn(self._compute(rid, action, path_s))
+            elif isinstance(action, TrunkDone):
+                req = self._requests.get(rid)
+                if req is not None and not req.done.done():
+                    req.done.set_result(action.output)
+
+    async def _send_piece(self, rid: int, action: SendPiece, path_s: float) -> None:
+        meta = {"block": action.block, "region": action.region.to_list(), "stage": action.stage,
+                "path_s": path_s, "sent_at": time.time()}
+        msg = Message(MsgType.TILE, rid, meta, (action.tensor,))
+        if action.dest == self.name:
+            await self._on_tile(msg, time.time())
+            return
+        began = time.perf_counter()
+        try:
+            await self.send_to(action.dest, msg)
+        except WireError as exc:
+            await self._fail_request(rid, self._requester_of(rid), f"cannot reach {action.dest}: {exc}")
+            return
+        # send() returns once the last chunk is drained: a (slightly optimistic) transfer time
+        self.links.observe_transfer(action.dest, tensor_bytes(action.tensor), time.perf_counter() - began)
+        self.relayed_boundary_bytes += action.relayed_bytes
+
+    def _requester_of(self, rid: int) -> str:
+        if rid in self._requests:
+            return self.name
+        ctx = self._work.get(rid)
+        return ctx.requester if ctx is not None else ""
+
+    async def _compute(self, rid: int, action: Compute, path_s: float) -> None:
+        ctx = self._work.get(rid)
+        if ctx is None or ctx.run is None or ctx.loaded is None:
+            return
+        estimate = block_flops(ctx.loaded.trunk, action.start, action.end, action.out) / (self.config.gflops * 1e9)
+        self.runtime.busy_until = max(self.runtime.busy_until, time.monotonic()) + estimate
+        try:
+            y, seconds = await self.runtime.run_block(ctx.loaded.trunk, action.start, action.end,
+                                                      action.x, action.have, action.out)
+        except (RuntimeError, ValueError, MeshciError) as exc:
+            # a tile that cannot be computed (shape mismatch, out of memory): fail the request
+            await self._fail_request(rid, ctx.requester, f"{self.name} failed a tile: {exc}")
+            return
+        actions = ctx.run.on_computed(action.block, action.tile, y)
+        if ctx.run.done:
+            self._work.pop(rid, None)
+            self.bidder.release(str(rid))
+        self._bid_auctions.pop(str(rid), None)
+        await self._execute(rid, actions, path_s + seconds)
+
+    async def _fail_request(self, rid: int, requester: str, reason: str) -> None:
+        log.warning("request %d: %s", rid, reason)
+        self._work.pop(rid, None)
+        self.bidder.release(str(rid))
+        self._bid_auctions.pop(str(rid), None)
+        if requester == self.name or rid in self._requests:
+            req = self._requests.get(rid)
+            if req is not None and not req.done.done():
+                req.done.set_exception(RequestFailed(reason))
+            return
+        if requester:
+            try:
+                await self.send_to(requester, Message(MsgType.ERROR, rid, {"reason": reason}))
+            except WireError as exc:
+                # the requester is gone too: nobody left to tell
+                log.info("cannot tell %s that request %d failed: %s", requester, rid, exc)
+
+
+def _request_input(meta: dict[str, Any], tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The request's input image (1, 3, H, W): sent by the client, or made from a seed."""
+    if tensors:
+        x = tensors[0].float()
+        if x.dim() == 3:
+            x = x.unsqueeze(0)
+        if x.dim() != 4 or x.shape[0] != 1 or x.shape[1] != 3:
+            raise RequestFailed(f"input must be (3, H, W) or (1, 3, H, W), got {tuple(tensors[0].shape)}")
+    else:
+        h, w = (int(v) for v in meta.get("size", (224, 224)))
+        if not (1 <= h <= MAX_INPUT_SIDE and 1 <= w <= MAX_INPUT_SIDE):
+            raise RequestFailed(f"input size {h}x{w} outside 1..{MAX_INPUT_SIDE}")
+        generator = torch.Generator().manual_seed(int(meta.get("input_seed", 0)))
+        x = torch.randn(1, 3, h, w, generator=generator)
+    if not (1 <= x.shape[-2] <= MAX_INPUT_SIDE and 1 <= x.shape[-1] <= MAX_INPUT_SIDE):
+        raise RequestFailed(f"input size {tuple(x.shape[-2:])} outside 1..{MAX_INPUT_SIDE}")
+    return x.contiguous()
+
+
+def _shares(trunk: Any, plan: Plan) -> dict[str, float]:
+    """Each device's share of the plan's trunk FLOPs (halo work included)."""
+    work: dict[str, float] = defaultdict(float)
+    for block in plan.blocks:
+        for tile in block.tiles:
+            work[tile.device] += block_flops(trunk, block.start, block.end, tile.region)
+    total = sum(work.values()) or 1.0
+    return {name: value / total for name, value in sorted(work.items())}
+
+
+def _rss_mb() -> float:
+    try:
+        with open(f"/proc/{os.getpid()}/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        # no procfs (not Linux): report the peak instead
+        return _peak_rss_mb()
+
+
+def _peak_rss_mb() -> float:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
