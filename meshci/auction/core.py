@@ -6,20 +6,28 @@ did not bid), and ``backlog[b]`` the seconds of work ``b`` already holds. Bidder
 for ``i`` — its predicted finish time if it wins ``i`` on top of what it holds — is
 ``finish[b] + cost[b, i]``.
 
-The auction has two phases.
+The auctioneer resolves the bids in three phases.
 
 1. Opening round. Items are offered largest first (by their cheapest bid); each goes to the
-   bidder whose bid, its predicted finish time with the item, is lowest. This is
-   LPT list scheduling on unrelated machines.
-2. Price rises. The *price* of an item is the predicted finish time of the bidder holding
-   it; the items of the bidder that finishes last (the block's makespan) are the contested
-   ones. Another bidder outbids the holder when taking the item over (or trading one of its
-   own items for it) lowers both their finish times below the current makespan by more than
-   ``eps`` (relative): the price of every item the critical bidder holds thus rises by an
-   ``eps``-step in each iteration until no bidder can beat it. As in Bertsekas's
-   ``eps``-auction, the ``eps`` step bounds the number of iterations (each step lowers the
-   sorted vector of finish times lexicographically by at least ``eps`` x makespan) and
-   leaves the result within ``eps`` of a state where no single transfer or trade helps.
+   bidder whose bid, its predicted finish time with the item, is lowest: LPT list
+   scheduling on unrelated machines. It runs from two offer orders (largest cheapest bid,
+   largest mean bid) and the better outcome is kept.
+2. Price rises. An item's *price* is the predicted finish time of the bidder holding it;
+   the items of the bidder that finishes last (the block's makespan) are contested. A
+   rival outbids that holder when taking one of its items — alone, in exchange for one of
+   its own, or, when no such bid exists, two for one — leaves both of them finishing
+   earlier than the current makespan by more than ``eps`` (relative). Each accepted bid
+   is one iteration. As in Bertsekas's ``eps``-auction the ``eps`` step is what ends it:
+   every step lowers the sorted vector of finish times lexicographically by at least
+   ``eps`` x makespan. Unlike his assignment auction, valuations here depend on everything
+   a bidder holds (they are finish times, not fixed values), so this phase is an
+   ``eps``-improvement exchange between the critical bidder and one rival at a time, and
+   what it ends in is a local optimum of those exchanges, not a certified optimum.
+3. Bounded search. On small bid matrices (at most ``search_items`` items), unless the
+   outcome already meets `lower_bound`, a depth-first branch and bound over the bids,
+   seeded with the outcome and capped at ``search_nodes`` nodes, looks for a makespan lower
+   by more than ``eps``. Few indivisible items are where exchanges get stuck (a better
+   assignment may need a cycle of moves through several bidders) and where a search is cheap.
 
 The makespan only counts bidders that hold at least one item: a busy bidder that wins
 nothing does not delay the block.
@@ -33,7 +41,7 @@ import numpy as np
 
 from meshci.auction.errors import AuctionError
 
-__all__ = ["Assignment", "assign"]
+__all__ = ["Assignment", "assign", "lower_bound"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -289,7 +297,7 @@ def _quick_bound(cost: np.ndarray, backlog: np.ndarray) -> float:
     # ends[b, k]: finish of bidder b holding its k+1 cheapest items.
     ends = backlog[:, None] + np.cumsum(np.sort(cost, axis=1), axis=1)
     candidates = np.unique(ends[np.isfinite(ends)])
-    held = (ends[None, :, :] <= candidates[:, None, None]).sum(axis=(1, 2))
+    held = sum(np.searchsorted(row, candidates, side="right") for row in ends)
     counting = float(candidates[np.argmax(held >= n_items)])
     return max(single, counting)
 
@@ -303,7 +311,8 @@ def _weighted_bound(cost: np.ndarray, steps: int = 60) -> float:
     usable = np.isfinite(typical) & (typical > 0)
     if not usable.any():
         return 0.0
-    w = np.where(usable, 1.0 / np.where(usable, typical, 1.0), 0.0)
+    typical = np.where(usable, typical, np.inf)
+    w = typical[usable].min() / typical  # proportional to speed, in (0, 1], no overflow
     w /= w.sum()
     columns = np.arange(cost.shape[1])
     plain = np.where(finite, cost, 0.0)
