@@ -1,0 +1,157 @@
+"""End to end over real loopback sockets: node processes (`python -m meshci node`) forming a
+mesh, serving requests with every strategy, surviving bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from meshci.node.client import RequestError, infer, stats
+from meshci.node.local import LocalMesh, wait_formed
+from meshci.planning import STRATEGIES
+
+pytestmark = pytest.mark.slow
+
+MODELS = ("vgg16", "resnet34")
+SMALL = (64, 64)
+
+
+@pytest.fixture(scope="module")
+def mesh3():
+    mesh = LocalMesh.create()
+    try:
+        mesh.add_many([("n1", 1.0), ("n2", 1.5), ("n3", 2.0)])
+        asyncio.run(wait_formed([n.address for n in mesh.nodes], mesh.secret()))
+        yield mesh
+    except BaseException:
+        for node in mesh.nodes:
+            sys.stderr.write(f"--- {node.name} log ---\n{node.log_text()[-3000:]}\n")
+        raise
+    finally:
+        mesh.close()
+
+
+def _infer(mesh: LocalMesh, via: int, **kwargs):
+    return asyncio.run(infer(mesh.nodes[via].address, secret=mesh.secret(), **kwargs))
+
+
+def _stats(mesh: LocalMesh, via: int) -> dict:
+    return asyncio.run(stats(mesh.nodes[via].address, secret=mesh.secret()))
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_every_strategy_via_every_node_is_exact(mesh3: LocalMesh, model: str) -> None:
+    used: set[str] = set()
+    for i, strategy in enumerate(STRATEGIES):
+        via = i % len(mesh3.nodes)
+        meta, logits = _infer(mesh3, via, model=model, strategy=strategy, size=SMALL, input_seed=i, check=True)
+        assert meta["strategy"] == strategy and meta["requester"] == mesh3.nodes[via].name
+        assert meta["check_ok"], (strategy, meta["max_abs_diff"])
+        assert tuple(logits.shape) == (1, 1000)
+        assert len(meta["top5"]) == 5 and meta["latency_s"] > 0
+        assert set(meta["devices"]) <= {n.name for n in mesh3.nodes}
+        used.update(meta["devices"])
+        if strategy == "local":
+            assert meta["devices"] == [mesh3.nodes[via].name]
+        if strategy == "edgeci":
+            assert meta["auction_rounds"] >= 1
+    assert used == {n.name for n in mesh3.nodes}  # the mesh really shared the work
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_full_size_request_is_exact(mesh3: LocalMesh, model: str) -> None:
+    meta, _ = _infer(mesh3, 1, model=model, strategy="edgeci", size=(224, 224), check=True)
+    assert meta["check_ok"], meta["max_abs_diff"]
+    assert len(meta["devices"]) >= 2
+
+
+def test_boundary_rows_travel_peer_to_peer(mesh3: LocalMesh) -> None:
+    before = [_stats(mesh3, i) for i in range(3)]
+    meta, _ = _infer(mesh3, 0, model="resnet34", strategy="edgeci", size=SMALL, check=True)
+    after = [_stats(mesh3, i) for i in range(3)]
+    assert meta["check_ok"] and len(meta["plan"]["blocks"]) >= 2
+    # the auctioneer forwarded no boundary rows it did not compute
+    assert after[0]["relayed_boundary_bytes"] == before[0]["relayed_boundary_bytes"]
+    # ... and the other devices did send tiles themselves
+    worker_tiles = sum(a["sent_bytes"].get("TILE", 0) - b["sent_bytes"].get("TILE", 0)
+                       for a, b in zip(after[1:], before[1:]))
+    assert worker_tiles > 0
+    for strategy in ("modnn", "aofl"):
+        previous = _stats(mesh3, 0)["relayed_boundary_bytes"]
+        meta, _ = _infer(mesh3, 0, model="resnet34", strategy=strategy, size=SMALL)
+        assert meta["routing"] == "requester"
+        assert _stats(mesh3, 0)["relayed_boundary_bytes"] > previous
+
+
+def test_bad_requests_get_reasons_and_the_node_keeps_serving(mesh3: LocalMesh) -> None:
+    with pytest.raises(RequestError, match="unknown model"):
+        _infer(mesh3, 2, model="no-such-net", size=SMALL)
+    with pytest.raises(RequestError, match="unknown strategy"):
+        _infer(mesh3, 2, model="resnet34", strategy="magic", size=SMALL)
+    with pytest.raises(RequestError, match="input size"):
+        _infer(mesh3, 2, model="resnet34", size=(0, 64))
+    # garbage bytes, then a connection that says nothing and hangs up
+    address = mesh3.nodes[2].address
+    with socket.create_connection((address.host, address.port)) as sock:
+        sock.sendall(b"\x00\xffGARBAGE" * 1000)
+    with socket.create_connection((address.host, address.port)):
+        pass
+    meta, _ = _infer(mesh3, 2, model="resnet34", strategy="edgeci", size=SMALL, check=True)
+    assert meta["check_ok"]
+    assert _stats(mesh3, 2)["errors_replied"] >= 3
+
+
+def test_wrong_secret_is_refused(mesh3: LocalMesh) -> None:
+    with pytest.raises(RequestError, match="cannot connect"):
+        asyncio.run(infer(mesh3.nodes[0].address, model="resnet34", size=SMALL, secret=b"x" * 32))
+
+
+@pytest.fixture
+def small_mesh():
+    mesh = LocalMesh.create()
+    try:
+        yield mesh
+    finally:
+        mesh.close()
+
+
+def test_membership_join_gossip_death_and_duplicates(small_mesh: LocalMesh) -> None:
+    a = small_mesh.add("a")
+    b = small_mesh.add("b")          # joins through a
+    c = small_mesh.add("c")          # joins through b: a learns of c by gossip
+    d = small_mesh.add("d")          # joins through c
+    asyncio.run(wait_formed([n.address for n in small_mesh.nodes], small_mesh.secret(), timeout=20))
+    view = asyncio.run(stats(a.address, secret=small_mesh.secret()))
+    assert view["peers"] == {"b": "alive", "c": "alive", "d": "alive"}
+
+    # a node with a name already in the mesh is refused, with the reason, exit status 2
+    args = small_mesh.node_args("b", join=d.address)
+    result = subprocess.run([sys.executable, "-m", "meshci", "node", *args], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2
+    assert "duplicate node name 'b'" in result.stderr
+
+    # a killed node is declared dead within a few seconds (no clean LEAVE)
+    d.process.kill()
+    d.process.wait()
+
+    async def until_dead() -> None:
+        while True:
+            views = [await stats(n.address, secret=small_mesh.secret()) for n in (a, b, c)]
+            if all(v["peers"].get("d") == "dead" for v in views):
+                return
+            await asyncio.sleep(0.2)
+
+    asyncio.run(asyncio.wait_for(until_dead(), timeout=10))
+    # SIGTERM: a clean shutdown, announced to the peers (LEAVE)
+    assert c.stop() == 0
+
+    async def until_left() -> None:
+        while (await stats(a.address, secret=small_mesh.secret()))["peers"].get("c") != "dead":
+            await asyncio.sleep(0.1)
+
+    asyncio.run(asyncio.wait_for(until_left(), timeout=10))
