@@ -35,6 +35,7 @@ nothing does not delay the block.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -113,23 +114,22 @@ def assign(
     cheapest = np.where(finite, cost, np.inf).min(axis=0)
     biddable = np.flatnonzero(np.isfinite(cheapest))
     limit = 20 * n_items + 100 if max_iterations is None else max_iterations
-    best: Assignment | None = None
-    # Opening orders: largest cheapest bid first (LPT), then largest average bid first; the
-    # price-rise phase runs from each and the better outcome is kept.
-    mean = np.where(finite, cost, 0.0).sum(axis=0) / np.maximum(finite.sum(axis=0), 1)
-    for key in (cheapest, mean):
-        order = biddable[np.argsort(-key[biddable], kind="stable")]
-        result = _auction(cost, backlog, order, eps, limit)
-        if best is None or result.makespan_s < best.makespan_s:
+    lpt = biddable[np.argsort(-cheapest[biddable], kind="stable")]
+    searched: Assignment | None = None
+    if search_nodes > 0 and biddable.size <= search_items:
+        searched, complete = _search(cost, backlog, lpt, eps, search_nodes)
+        if searched is not None and complete:
+            return searched
+    # Opening orders: largest cheapest bid first (LPT), then, unless that outcome already
+    # meets the quick lower bound, largest average bid first; the better outcome is kept.
+    best = _auction(cost, backlog, lpt, eps, limit)
+    if best.makespan_s > _quick_bound(cost, backlog) * (1.0 + eps):
+        mean = np.where(finite, cost, 0.0).sum(axis=0) / np.maximum(finite.sum(axis=0), 1)
+        result = _auction(cost, backlog, biddable[np.argsort(-mean[biddable], kind="stable")], eps, limit)
+        if result.makespan_s < best.makespan_s:
             best = result
-    assert best is not None
-    if (
-        search_nodes > 0
-        and biddable.size <= search_items
-        and best.makespan_s > _quick_bound(cost, backlog) * (1.0 + eps)
-    ):
-        lpt = biddable[np.argsort(-cheapest[biddable], kind="stable")]
-        best = _search(cost, backlog, best, lpt, eps, search_nodes)
+    if searched is not None and searched.makespan_s < best.makespan_s:
+        best = searched
     return best
 
 
@@ -331,13 +331,14 @@ def _weighted_bound(cost: np.ndarray, steps: int = 60) -> float:
 
 
 def _search(
-    cost: np.ndarray, backlog: np.ndarray, incumbent: Assignment, order: np.ndarray, eps: float, budget: int
-) -> Assignment:
-    """Depth-first branch and bound over the bids, seeded with the auction's outcome.
+    cost: np.ndarray, backlog: np.ndarray, order: np.ndarray, eps: float, budget: int
+) -> tuple[Assignment | None, bool]:
+    """Depth-first branch and bound over the bids, items in `order`.
 
-    Explores at most `budget` nodes; keeps the incumbent unless it finds a makespan lower by
-    more than `eps`. On small bid matrices this certifies the optimum; on large ones the
-    budget runs out quickly and the auction's outcome stands.
+    Children are tried lowest finish time first, so the first leaf is the opening round's
+    outcome; every later leaf is better by more than `eps` (counted as an iteration).
+    Explores at most `budget` nodes. Returns (best found, whether the search completed:
+    then no assignment is better by more than `eps`).
     """
     n_bidders, n_items = cost.shape
     items = [int(i) for i in order]
@@ -353,16 +354,17 @@ def _search(
     twin = [next(a for a in range(n_bidders) if rows[a] == rows[b]) for b in range(n_bidders)]
     fin = [float(x) for x in backlog]
     pick = [0] * len(items)
-    best_ms = incumbent.makespan_s
-    target = [best_ms * (1.0 - eps)]
+    target = [math.inf]
     best_pick: list[int] | None = None
+    leaves = 0
     nodes = 0
 
     def dive(k: int, current: float) -> None:
-        nonlocal nodes, best_pick
+        nonlocal nodes, best_pick, leaves
         if k == len(items):
             target[0] = current * (1.0 - eps)
             best_pick = list(pick)
+            leaves += 1
             return
         if suffix[k] >= target[0]:
             return
@@ -389,9 +391,9 @@ def _search(
 
     dive(0, 0.0)
     if best_pick is None:
-        return incumbent
+        return None, False
     owner = np.full(n_items, -1, dtype=np.int64)
     owner[items] = best_pick
     finish = backlog.copy()
     np.add.at(finish, owner[items], cost[owner[items], items])
-    return Assignment(owner, finish, incumbent.iterations)
+    return Assignment(owner, finish, leaves - 1), nodes <= budget

@@ -37,15 +37,14 @@ __all__ = [
 
 
 def _field(d: Mapping[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
-    if not isinstance(d, Mapping):
-        raise MessageFormatError(f"expected an object, got {type(d).__name__}")
-    if name not in d:
-        raise MessageFormatError(f"missing field {name!r}")
-    value = d[name]
-    # bool is an int subclass: never accept it where a number is meant.
-    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
-        raise MessageFormatError(f"field {name!r} must be {kind}, got bool")
-    if not isinstance(value, kind):
+    """d[name], checked to be exactly of `kind` (so a bool never passes for a number)."""
+    try:
+        value = d[name]
+    except (KeyError, TypeError, IndexError) as exc:
+        # a missing field, or `d` is not an object at all: the peer's mistake
+        raise MessageFormatError(f"missing field {name!r} (or not an object)") from exc
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if type(value) not in kinds:
         raise MessageFormatError(f"field {name!r} must be {kind}, got {type(value).__name__}")
     return value
 
@@ -56,14 +55,15 @@ def _number(d: Mapping[str, Any], name: str) -> float:
 
 def _strings(d: Mapping[str, Any], name: str) -> tuple[str, ...]:
     values = _field(d, name, list)
-    if not all(isinstance(v, str) for v in values):
-        raise MessageFormatError(f"field {name!r} must be a list of strings")
+    for v in values:
+        if type(v) is not str:
+            raise MessageFormatError(f"field {name!r} must be a list of strings")
     return tuple(values)
 
 
 def _int_pair(d: Mapping[str, Any], name: str) -> tuple[int, int]:
     pair = _field(d, name, list)
-    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+    if len(pair) != 2 or type(pair[0]) is not int or type(pair[1]) is not int:
         raise MessageFormatError(f"field {name!r} must be two integers")
     return (pair[0], pair[1])
 
@@ -191,13 +191,7 @@ class BidBundle:
     def from_json(cls, d: Mapping[str, Any]) -> BidBundle:
         bids = []
         for pair in _field(d, "bids", list):
-            if (
-                not isinstance(pair, list)
-                or len(pair) != 2
-                or not isinstance(pair[0], str)
-                or isinstance(pair[1], bool)
-                or not isinstance(pair[1], (int, float))
-            ):
+            if type(pair) is not list or len(pair) != 2 or type(pair[0]) is not str or type(pair[1]) not in (int, float):
                 raise MessageFormatError("each bid must be [item_id, finish_s]")
             bids.append(Bid(pair[0], float(pair[1])))
         return cls(
