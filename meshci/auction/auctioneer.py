@@ -136,6 +136,7 @@ class Auctioneer:
         self._fixed: dict[str, tuple[str, float]] = {}  # item -> (bidder, cost_s)
         self._backlog: dict[str, float] = {b: 0.0 for b in bidders}
         self._awaiting: set[str] = set()
+        self._answered: set[str] = set()
         self._bundles: dict[str, dict[str, float]] = {}  # bidder -> item -> cost_s
         self._awarded: dict[str, dict[str, float]] = {}  # bidder -> item -> cost_s
         self._result: AuctionResult | None = None
@@ -210,7 +211,9 @@ class Auctioneer:
         if self.phase is not expected or message.round != self.round:
             return f"stale: round {message.round}, auction is in round {self.round} ({self.phase.value})"
         if message.sender not in self._awaiting:
-            return f"duplicate answer for round {self.round}"
+            if message.sender in self._answered:
+                return f"duplicate answer for round {self.round}"
+            return f"not asked in round {self.round}"
         return None
 
     def _take_bundle(self, bundle: BidBundle) -> None:
@@ -237,6 +240,7 @@ class Auctioneer:
         self._backlog[bundle.sender] = backlog
         self._bundles[bundle.sender] = costs
         self._awaiting.discard(bundle.sender)
+        self._answered.add(bundle.sender)
 
     def _take_reply(self, reply: AwardReply) -> None:
         awarded = self._awarded[reply.sender]
@@ -249,6 +253,7 @@ class Auctioneer:
             else:
                 self._fixed[item_id] = (reply.sender, awarded[item_id])
         self._awaiting.discard(reply.sender)
+        self._answered.add(reply.sender)
 
     # -- rounds ----------------------------------------------------------------------------
 
@@ -258,6 +263,7 @@ class Auctioneer:
         self._bid_rounds += 1
         self._bundles = {}
         self._awaiting = set(self._alive)
+        self._answered = set()
         self._deadline = now + self.round_timeout_s
         items = tuple(self._items[i] for i in self._open)
         return [
@@ -276,6 +282,7 @@ class Auctioneer:
         self.phase = Phase.AWARDING
         self.round += 1
         self._awaiting = set(self._awarded)
+        self._answered = set()
         self._deadline = now + self.round_timeout_s
         return [
             Outgoing(b, Award(self.auction_id, self.round, self.name, tuple(won), float(sum(won.values()))))

@@ -203,7 +203,7 @@ class Bidder:
         accepted: list[str] = []
         declined: list[str] = []
         taken = 0.0
-        for item_id in award.item_ids:
+        for item_id in dict.fromkeys(award.item_ids):  # each item once, in award order
             cost = costs.get(item_id)
             if cost is None or item_id in held:
                 log.warning("%s: declined %r of auction %s: %s", self.name, item_id, award.auction_id,

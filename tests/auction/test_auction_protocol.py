@@ -370,11 +370,34 @@ def test_bad_award_replies(caplog: pytest.LogCaptureFixture) -> None:
         machine.receive(AwardReply("a", 2, "d0", ("b0t0",), ()), 0.1)  # duplicate
         out = machine.receive(AwardReply("a", 2, "d1", ("b0t1",), ()), 0.1)
     assert "which it was not awarded" in caplog.text
+    assert "not asked in round 2" not in caplog.text
     assert "taken as declined" in caplog.text
     assert "duplicate answer" in caplog.text
     # b0t0 is open again: a new call for bids, to both bidders.
     assert {o.to for o in out} == {"d0", "d1"}
     assert all(o.message.items == (tiles(2)[0],) for o in out)
+
+
+def test_reply_from_a_bidder_that_won_nothing_is_ignored(caplog: pytest.LogCaptureFixture) -> None:
+    machine = Auctioneer("a", "boss", tiles(1), ["d0", "d1"], round_timeout_s=1.0)
+    machine.start(0.0)
+    machine.receive(BidBundle("a", 1, "d0", 0.0, (Bid("b0t0", 1.0),)), 0.0)
+    awards = machine.receive(BidBundle("a", 1, "d1", 0.0, ()), 0.0)
+    assert [o.to for o in awards] == ["d0"]
+    with caplog.at_level(logging.WARNING):
+        assert machine.receive(AwardReply("a", 2, "d1", ("b0t0",), ()), 0.1) == []
+    assert "not asked in round 2" in caplog.text
+    closes = machine.receive(AwardReply("a", 2, "d0", ("b0t0",), ()), 0.1)
+    assert machine.result().owner == {"b0t0": "d0"}
+    assert {o.to: o.message.item_ids for o in closes} == {"d0": ("b0t0",), "d1": ()}
+
+
+def test_award_naming_an_item_twice_is_held_once() -> None:
+    bidder = Bidder.from_rates("d0", 1.0)
+    bidder.receive(CallForBids("a", 1, "boss", tuple(tiles(1)), 1.0))
+    reply = bidder.receive(Award("a", 2, "boss", ("b0t0", "b0t0"), 1.0))[0].message
+    assert reply.accepted == ("b0t0",) and reply.declined == ()
+    assert bidder.backlog_s == pytest.approx(1.0)
 
 
 def test_local_mistakes_raise(bidding: Auctioneer) -> None:
