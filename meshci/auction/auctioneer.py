@@ -175,13 +175,14 @@ class Auctioneer:
         self._awaiting.clear()
         if self.phase is Phase.BIDDING:
             return self._close_bidding(now)
-        return self._close_awarding(now)
+        return self._after_awards(now)
 
     def receive(self, message: AuctionMessage, now: float) -> list[Outgoing]:
         """Handle one message from a bidder; a peer's mistake is logged and ignored."""
         reason = self._reject(message)
         if reason is not None:
-            log.warning("auction %s: ignored %s from %r: %s", self.auction_id, type(message).__name__, message.sender, reason)
+            log.warning("auction %s: ignored %s from %r: %s", self.auction_id, type(message).__name__,
+                        getattr(message, "sender", None), reason)
             return []
         if isinstance(message, BidBundle):
             self._take_bundle(message)
@@ -190,12 +191,14 @@ class Auctioneer:
         elif isinstance(message, AwardReply):
             self._take_reply(message)
             if not self._awaiting:
-                return self._close_awarding(now)
+                return self._after_awards(now)
         return []
 
     # -- checks on a peer's message ------------------------------------------------------
 
     def _reject(self, message: AuctionMessage) -> str | None:
+        if not isinstance(message, (BidBundle, AwardReply, CallForBids, Award, Close)):
+            return "not an auction message"
         if message.auction_id != self.auction_id:
             return f"for auction {message.auction_id!r}"
         if message.sender not in self._invited:
@@ -219,7 +222,8 @@ class Auctioneer:
     def _take_bundle(self, bundle: BidBundle) -> None:
         backlog = bundle.backlog_s
         if not (math.isfinite(backlog) and backlog >= 0):
-            log.warning("auction %s: bundle of %s has backlog %r: its bids are ignored", self.auction_id, bundle.sender, backlog)
+            log.warning("auction %s: bundle of %s has backlog %r: its bids are ignored",
+                        self.auction_id, bundle.sender, backlog)
             backlog, bids = 0.0, ()
         else:
             bids = bundle.bids
@@ -236,7 +240,8 @@ class Auctioneer:
             else:
                 costs[bid.item_id] = cost
                 continue
-            log.warning("auction %s: ignored bid of %s for %r: %s", self.auction_id, bundle.sender, bid.item_id, why)
+            log.warning("auction %s: ignored bid of %s for %r: %s",
+                        self.auction_id, bundle.sender, bid.item_id, why)
         self._backlog[bundle.sender] = backlog
         self._bundles[bundle.sender] = costs
         self._awaiting.discard(bundle.sender)
@@ -247,9 +252,11 @@ class Auctioneer:
         declined = set(reply.declined)
         for item_id in reply.accepted:
             if item_id not in awarded:
-                log.warning("auction %s: %s accepted %r, which it was not awarded", self.auction_id, reply.sender, item_id)
+                log.warning("auction %s: %s accepted %r, which it was not awarded",
+                            self.auction_id, reply.sender, item_id)
             elif item_id in declined:
-                log.warning("auction %s: %s both accepted and declined %r: taken as declined", self.auction_id, reply.sender, item_id)
+                log.warning("auction %s: %s both accepted and declined %r: taken as declined",
+                            self.auction_id, reply.sender, item_id)
             else:
                 self._fixed[item_id] = (reply.sender, awarded[item_id])
         self._awaiting.discard(reply.sender)
@@ -288,9 +295,6 @@ class Auctioneer:
             Outgoing(b, Award(self.auction_id, self.round, self.name, tuple(won), float(sum(won.values()))))
             for b, won in self._awarded.items()
         ]
-
-    def _close_awarding(self, now: float) -> list[Outgoing]:
-        return self._after_awards(now)
 
     def _after_awards(self, now: float) -> list[Outgoing]:
         self._open = [i for i in self._order if i not in self._fixed]
@@ -360,9 +364,11 @@ class Auctioneer:
             dropped=tuple(self._dropped),
         )
         if self._result.unassigned:
-            log.warning("auction %s: %d items unassigned after %d rounds", self.auction_id, len(self._result.unassigned), self.round)
+            log.warning("auction %s: %d items unassigned after %d rounds",
+                        self.auction_id, len(self._result.unassigned), self.round)
         self.round += 1
         return [
-            Outgoing(b, Close(self.auction_id, self.round, self.name, tuple(i for i, w in owner.items() if w == b)))
+            Outgoing(b, Close(self.auction_id, self.round, self.name,
+                              tuple(i for i, w in owner.items() if w == b)))
             for b in self._invited
         ]

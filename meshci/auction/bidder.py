@@ -157,7 +157,9 @@ class Bidder:
             + float(self._link_s(item.send_bytes, send_to))
         )
 
-    def bids_for(self, auction_id: str, items: tuple[Item, ...], auctioneer: str) -> tuple[float, tuple[Bid, ...]]:
+    def bids_for(
+        self, auction_id: str, items: tuple[Item, ...], auctioneer: str
+    ) -> tuple[float, tuple[Bid, ...]]:
         """The pure bid function: (backlog it bids with, one bid per item it can take)."""
         backlog = self.backlog_outside(auction_id)
         room = self.capacity_s - self.backlog_s
@@ -179,7 +181,8 @@ class Bidder:
         if isinstance(message, Close):
             self._on_close(message)
             return []
-        log.warning("%s: ignored %s from %s: not a message for a bidder", self.name, type(message).__name__, message.sender)
+        log.warning("%s: ignored %s from %s: not a message for a bidder",
+                    self.name, type(message).__name__, getattr(message, "sender", None))
         return []
 
     def _on_call(self, call: CallForBids) -> Outgoing:
@@ -196,7 +199,9 @@ class Bidder:
             return Outgoing(award.sender, self._replies[key])
         costs = self._bid_cost.get(award.auction_id, {})
         held = self._held.setdefault(award.auction_id, {})
-        promised = self._bid_backlog.get(award.auction_id, 0.0) + sum(costs.get(i, 0.0) for i in award.item_ids)
+        promised = self._bid_backlog.get(award.auction_id, 0.0) + sum(
+            costs.get(i, 0.0) for i in dict.fromkeys(award.item_ids)
+        )
         allowed = promised * (1.0 + self.tolerance) + 1e-12
         start = self.backlog_outside(award.auction_id)
         committed = self.backlog_s
@@ -218,7 +223,8 @@ class Bidder:
             held[item_id] = Commitment(item_id, costs[item_id], firm=False)
         if declined:
             log.info("%s: declined %d of %d items of auction %s (holds %.4fs, capacity %.4fs)",
-                     self.name, len(declined), len(award.item_ids), award.auction_id, committed, self.capacity_s)
+                     self.name, len(declined), len(award.item_ids), award.auction_id, committed,
+                     self.capacity_s)
         reply = AwardReply(award.auction_id, award.round, self.name, tuple(accepted), tuple(declined))
         self._replies[key] = reply
         return Outgoing(award.sender, reply)
@@ -228,7 +234,8 @@ class Bidder:
         keep = set(close.item_ids)
         unknown = keep - held.keys()
         if unknown:
-            log.warning("%s: Close of auction %s names items it never accepted: %s", self.name, close.auction_id, sorted(unknown))
+            log.warning("%s: Close of auction %s names items it never accepted: %s",
+                        self.name, close.auction_id, sorted(unknown))
         self._held[close.auction_id] = {
             i: Commitment(i, c.cost_s, firm=True) for i, c in held.items() if i in keep
         }

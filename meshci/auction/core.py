@@ -216,7 +216,8 @@ def _best_exchange(
     rest = np.delete(np.arange(cost.shape[0]), m)
     if not pairs:
         give = _item_sets(mine, owner[mine], False)
-        return _best_of(cost, finish, owner, counts, m, beat, give, _item_sets(others, owner[others], False), rest)
+        take = _item_sets(others, owner[others], False)
+        return _best_of(cost, finish, owner, counts, m, beat, give, take, rest)
     if mine.size > _PAIR_ITEMS:
         mine = mine[np.argsort(-cost[m, mine], kind="stable")[:_PAIR_ITEMS]]
     found = _best_of(
@@ -259,7 +260,8 @@ def _best_of(
     new_m = finish[m] - give_cost[m][:, None] + take_m[None, :]
     left = counts[m] - give_size[:, None] + take_size[None, :]
     new_m = np.where(left > 0, new_m, -np.inf)
-    new_b = (finish[take_owner] - take_own)[None, :] + give_cost[take_owner[None, :], np.arange(g1.size)[:, None]]
+    given_to_owner = give_cost[take_owner[None, :], np.arange(g1.size)[:, None]]  # [give, take]
+    new_b = (finish[take_owner] - take_own)[None, :] + given_to_owner
     value = np.maximum(new_m, new_b)
     k = int(np.argmin(value))
     if not value.flat[k] < beat:

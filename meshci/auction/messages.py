@@ -191,7 +191,12 @@ class BidBundle:
     def from_json(cls, d: Mapping[str, Any]) -> BidBundle:
         bids = []
         for pair in _field(d, "bids", list):
-            if type(pair) is not list or len(pair) != 2 or type(pair[0]) is not str or type(pair[1]) not in (int, float):
+            if (
+                type(pair) is not list
+                or len(pair) != 2
+                or type(pair[0]) is not str
+                or type(pair[1]) not in (int, float)
+            ):
                 raise MessageFormatError("each bid must be [item_id, finish_s]")
             bids.append(Bid(pair[0], float(pair[1])))
         return cls(

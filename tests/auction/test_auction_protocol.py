@@ -304,6 +304,7 @@ def bidding() -> Auctioneer:
         (AwardReply("a", 1, "d0", ("b0t0",), ()), "stale"),
         (CallForBids("a", 1, "d0", (), 1.0), "not a message for an auctioneer"),
         (Close("a", 1, "d0", ()), "not a message for an auctioneer"),
+        ({"type": "bid_bundle"}, "not an auction message"),
     ],
 )
 def test_unfit_messages_are_ignored_and_logged(
