@@ -91,12 +91,12 @@ class Item:
     def to_json(self) -> dict[str, Any]:
         return {
             "item_id": self.item_id,
-            "block": self.block,
-            "rows": list(self.rows),
-            "flops": self.flops,
-            "recv_bytes": self.recv_bytes,
-            "send_bytes": self.send_bytes,
-            "segments": list(self.segments),
+            "block": int(self.block),
+            "rows": [int(r) for r in self.rows],
+            "flops": float(self.flops),
+            "recv_bytes": int(self.recv_bytes),
+            "send_bytes": int(self.send_bytes),
+            "segments": [int(k) for k in self.segments],
             "recv_from": self.recv_from,
             "send_to": self.send_to,
         }
@@ -144,10 +144,10 @@ class CallForBids:
         return {
             "type": self.TYPE,
             "auction_id": self.auction_id,
-            "round": self.round,
+            "round": int(self.round),
             "sender": self.sender,
             "items": [item.to_json() for item in self.items],
-            "reply_within_s": self.reply_within_s,
+            "reply_within_s": float(self.reply_within_s),
         }
 
     @classmethod
@@ -181,10 +181,10 @@ class BidBundle:
         return {
             "type": self.TYPE,
             "auction_id": self.auction_id,
-            "round": self.round,
+            "round": int(self.round),
             "sender": self.sender,
-            "backlog_s": self.backlog_s,
-            "bids": [[bid.item_id, bid.finish_s] for bid in self.bids],
+            "backlog_s": float(self.backlog_s),
+            "bids": [[bid.item_id, float(bid.finish_s)] for bid in self.bids],
         }
 
     @classmethod
@@ -223,10 +223,10 @@ class Award:
         return {
             "type": self.TYPE,
             "auction_id": self.auction_id,
-            "round": self.round,
+            "round": int(self.round),
             "sender": self.sender,
             "item_ids": list(self.item_ids),
-            "work_s": self.work_s,
+            "work_s": float(self.work_s),
         }
 
     @classmethod
@@ -255,7 +255,7 @@ class AwardReply:
         return {
             "type": self.TYPE,
             "auction_id": self.auction_id,
-            "round": self.round,
+            "round": int(self.round),
             "sender": self.sender,
             "accepted": list(self.accepted),
             "declined": list(self.declined),
@@ -286,7 +286,7 @@ class Close:
         return {
             "type": self.TYPE,
             "auction_id": self.auction_id,
-            "round": self.round,
+            "round": int(self.round),
             "sender": self.sender,
             "item_ids": list(self.item_ids),
         }

@@ -458,3 +458,12 @@ def test_any_message_sequence_never_crashes(noise: list[tuple[object, float]]) -
     assert set(result.owner.values()) <= {"d0", "d1", "d2"}
     assert set(result.owner) | set(result.unassigned) == {i.item_id for i in items}
     assert result.rounds <= 2 * 2
+
+
+def test_numpy_numbers_leave_as_plain_json_numbers() -> None:
+    bundle = BidBundle("a", np.int64(1), "d0", np.float64(0.5), (Bid("t", np.float64(1.5)),))  # type: ignore[arg-type]
+    wire = bundle.to_json()
+    assert type(wire["backlog_s"]) is float and type(wire["bids"][0][1]) is float and type(wire["round"]) is int
+    assert message_from_json(wire) == BidBundle("a", 1, "d0", 0.5, (Bid("t", 1.5),))
+    item = Item("t", np.int64(0), (np.int64(0), np.int64(4)), np.float64(1.0), np.int64(3), np.int64(4))  # type: ignore[arg-type]
+    assert Item.from_json(item.to_json()) == Item("t", 0, (0, 4), 1.0, 3, 4)
