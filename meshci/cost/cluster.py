@@ -180,7 +180,12 @@ def cluster_from_dict(data: Any) -> Cluster:
     if not raw_devices:
         raise ClusterFileError("devices: a cluster needs at least one device")
     devices = tuple(_device(entry, i) for i, entry in enumerate(raw_devices))
-    names = {d.name for d in devices}
+    seen: set[str] = set()
+    for i, d in enumerate(devices):
+        if d.name in seen:
+            raise ClusterFileError(f"devices[{i}].name: duplicate device name {d.name!r}")
+        seen.add(d.name)
+    names = seen
     raw_links = data["links"]
     if not isinstance(raw_links, Mapping):
         raise ClusterFileError("links: must be an object")

@@ -9,8 +9,9 @@ How it is built here:
 
 1. DPFL (`meshci.planning.dpfl`) over all cut positions. Candidate layouts of a block
    [s, e): the block on the requester alone (no transfer at all, so DPFL never loses to
-   ``local``), and for each parallelism degree k in {2, 4, 8, 16, 32, 64} below the device
-   count and k = the device count, the k devices that would finish H/k rows soonest, with rows
+   ``local``), and for each parallelism degree k below the device count (every k up to
+   8 devices, powers of two above) and k = the device count, the k devices that would finish H/k rows soonest
+   (backlog, compute, and the input from / output to the requester at the ends), with rows
    water-filled so that they finish together given backlog, speed and (first block)
    the input transfer. The DP values every candidate with the exact cost model.
 2. AWAS on the chosen blocks (`auction_layouts`): per block, the auction core the mesh's
@@ -39,7 +40,8 @@ from meshci.cost.model import CostModel
 from meshci.planning.dpfl import DPResult, StripLayout, dpfl, requester_layout
 from meshci.planning.splits import per_row_seconds, water_filled_layout
 
-DEGREES = (2, 4, 8, 16, 32, 64)
+FINE_DEGREES = (1, 2, 3, 4, 5, 6, 8)  # clusters of up to 8 devices: these degrees
+DEGREES = (1, 2, 4, 8, 16, 32, 64)  # larger clusters: powers of two
 ITEMS_PER_DEVICE = 2
 BID_ROUNDS = 1  # simulated bidders answer every call and never decline an award
 
@@ -49,19 +51,30 @@ def degree_candidates(model: CostModel, start: int, end: int) -> list[StripLayou
     block = model.tables.block(start, end)
     height = block.height
     out = [requester_layout(model, height)]
+    seen = {out[0].signature}
     n = model.n_devices
     if n == 1:
         return out
     rate = per_row_seconds(model, block)
-    degrees = sorted({k for k in DEGREES if k < n} | {n})
+    degrees = sorted({k for k in (FINE_DEGREES if n <= 8 else DEGREES) if k < n} | {n})
+    req = model.requester
+    tables = model.tables
+    bytes_in = tables.row_bytes[start] * tables.heights[start] if start == 0 else 0.0
+    bytes_out = tables.row_bytes[end] * height if end == tables.n_segments else 0.0
+    others = np.arange(n) != req
     for k in degrees:
         k_eff = min(k, height)
-        if k_eff < 2:
-            continue
-        score = model.backlog + rate * (height / k_eff)
+        # who finishes a 1/k share first: its input from the requester (first block), its
+        # backlog, its compute, its output to the requester (last block)
+        t_in = np.where(others & (bytes_in > 0), model.latency[req] + bytes_in / k_eff * model.sec_per_byte[req], 0.0)
+        t_out = np.where(
+            others & (bytes_out > 0), model.latency[:, req] + bytes_out / k_eff * model.sec_per_byte[:, req], 0.0
+        )
+        score = np.maximum(model.backlog, t_in) + rate * (height / k_eff) + t_out
         best = np.sort(np.argsort(score, kind="stable")[:k_eff])
-        layout = water_filled_layout(model, start, end, best, from_requester=start == 0)
-        if layout.devices.size >= 2 or layout.devices[0] != model.requester:
+        layout = water_filled_layout(model, start, end, best, from_requester=start == 0, rates=rate)
+        if layout.signature not in seen:
+            seen.add(layout.signature)
             out.append(layout)
         if k_eff == height:
             break

@@ -52,14 +52,25 @@ def proportional_layout(model: CostModel, start: int, end: int, devices: np.ndar
 
 
 def water_filled_layout(
-    model: CostModel, start: int, end: int, devices: np.ndarray, *, from_requester: bool
+    model: CostModel,
+    start: int,
+    end: int,
+    devices: np.ndarray,
+    *,
+    from_requester: bool,
+    rates: np.ndarray | None = None,
 ) -> StripLayout:
     """Rows such that the devices would finish together, each starting after its backlog
     and, when the input comes from the requester, after receiving it (water filling: a
-    device whose ready time is past the common finish gets nothing)."""
+    device whose ready time is past the common finish gets nothing). ``rates``: the
+    devices' per-row seconds on this block, if already known."""
     block = model.tables.block(start, end)
-    rate = per_row_seconds(model, block)[devices]
-    ready = model.backlog[devices].copy()
+    rate = (per_row_seconds(model, block) if rates is None else rates)[devices]
+    # a strip also computes its halo rows: a fixed cost per device (a middle row's strip
+    # time beyond the per-row rate)
+    mid = block.height // 2
+    one_row = model.strip_compute(block, np.array([mid]), np.array([mid + 1]))[devices, 0]
+    ready = model.backlog[devices] + np.maximum(one_row - rate, 0.0)
     req = model.requester
     if from_requester:
         in_rows_per_row = model.tables.heights[start] / block.height
