@@ -119,7 +119,8 @@ def redundant_flops(trunk: Trunk, blocks: Sequence[Block]) -> dict[str, float]:
 
     total: FLOPs of every tile of every block, halo included; ideal: each block computed
     untiled (its whole output map at once); redundant = total - ideal;
-    percent = 100 * redundant / ideal.
+    percent = 100 * redundant / ideal. Redundancy is negative only where a window's stride
+    exceeds its span, so that tiles skip input cells the untiled run computes for nothing.
     """
     total = 0.0
     ideal = 0.0

@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import logging
 import operator
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -398,16 +398,35 @@ def _build_segment(index: int, step: _Step, in_shape: Shape) -> Segment:
     return Segment(index, _segment_name(step), "residual", main, shortcut, post)
 
 
-def _subgraph(
-    gm: fx.GraphModule, nodes: Iterable[fx.Node], inputs: dict[fx.Node, str], outputs: Callable[[dict], Any]
-) -> fx.GraphModule:
+def _head_module(gm: fx.GraphModule, nodes: list[fx.Node], trunk_out: fx.Node) -> fx.GraphModule:
+    """The graph after the trunk, with the trunk output as its single input."""
     graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    for node, name in inputs.items():
-        env[node] = graph.placeholder(name)
+    env: dict[fx.Node, fx.Node] = {trunk_out: graph.placeholder("trunk_out")}
+    for node in nodes:
+        if node.op == "output":
+            graph.output(fx.node.map_arg(node.args[0], lambda n: env[n]))
+        else:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+    graph.lint()
+    return fx.GraphModule(gm, graph)
+
+
+def _reference_module(gm: fx.GraphModule, nodes: list[fx.Node], x: fx.Node, boundaries: list[fx.Node]) -> fx.GraphModule:
+    """The model's own graph up to the trunk end, returning a copy of every boundary value.
+
+    Each copy is taken as soon as its value exists, because later in-place ops (ReLU(inplace=True))
+    may overwrite it; the ops run on a copy of the input, so the caller's tensor is never written.
+    """
+    graph = fx.Graph()
+    placeholder = graph.placeholder("x")
+    env: dict[fx.Node, fx.Node] = {x: graph.call_function(torch.clone, (placeholder,))}
+    saved: dict[fx.Node, fx.Node] = {x: placeholder}
+    wanted = set(boundaries)
     for node in nodes:
         env[node] = graph.node_copy(node, lambda n: env[n])
-    graph.output(outputs(env))
+        if node in wanted:
+            saved[node] = graph.call_function(torch.clone, (env[node],))
+    graph.output(tuple(saved[b] for b in boundaries))
     graph.lint()
     return fx.GraphModule(gm, graph)
 
@@ -453,21 +472,15 @@ def extract_trunk(model: nn.Module, input_shape: tuple[int, int, int] = (3, 224,
             "which is not a convolution, pooling, elementwise op or residual block"
         )
     trunk_order = [n for n in gm.graph.nodes if n in consumed and n is not x]
-    rest = [n for n in gm.graph.nodes if n not in consumed and n.op not in ("placeholder", "output")]
+    rest = [n for n in gm.graph.nodes if n not in consumed and n.op != "placeholder"]
     for node in rest:
         for used in _node_inputs(node):
             if used in consumed and used is not cur:
                 raise TraceError(
                     f"model {name!r}: {describe_node(node, modules)} uses {used.name!r} inside the trunk"
                 )
-    out_node = next(n for n in gm.graph.nodes if n.op == "output")
-
-    def clone_all(env: dict) -> tuple:
-        graph = next(iter(env.values())).graph
-        return tuple(graph.call_function(torch.clone, (env[b],)) for b in boundaries)
-
-    reference = _subgraph(gm, trunk_order, {x: "x"}, clone_all)
-    head = _subgraph(gm, rest, {cur: "trunk_out"}, lambda env: fx.node.map_arg(out_node.args[0], lambda n: env[n]))
+    reference = _reference_module(gm, trunk_order, x, boundaries)
+    head = _head_module(gm, rest, cur)
     head_start = describe_node(stop[0], modules) if stop else "the model output"
     log.debug("trunk of %s: %d segments, head starts at %s", name, len(segments), head_start)
     return Trunk(name, tuple(int(v) for v in input_shape), segments, head, reference, head_start)  # type: ignore[arg-type]
