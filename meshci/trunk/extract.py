@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from meshci.errors import TraceError
-from meshci.trunk.ops import BatchNorm, ConvOp, Op, PointwiseOp, PoolOp, Shape, Window
+from meshci.trunk.ops import INPUT, BatchNorm, ConvOp, ElementwiseCall, Op, PointwiseOp, PoolOp, Shape, Window
 from meshci.trunk.segment import Chain, Segment
 from meshci.trunk.trunk import Trunk
 
@@ -72,9 +72,16 @@ class _Tracer(fx.Tracer):
         except Exception:
             # only to record where it failed (innermost module first); re-raised unchanged
             if self.failed_in is None:
-                path = self.path_of_module(m) if m is not self.root else ""
-                self.failed_in = f"{path or '<root>'} ({type(m).__name__})"
+                self.failed_in = f"{self._path(m)} ({type(m).__name__})"
             raise
+
+    def _path(self, m: nn.Module) -> str:
+        if m is self.root:
+            return "<root>"
+        for path, module in self.root.named_modules():
+            if module is m:
+                return path
+        return "<unregistered module>"
 
 
 def trace(model: nn.Module, name: str = "model") -> fx.GraphModule:
@@ -120,20 +127,13 @@ def _node_inputs(node: fx.Node) -> list[fx.Node]:
     return found
 
 
-def _bind_input(node: fx.Node, prev: fx.Node) -> Callable[[Tensor], Tensor]:
-    """fn(t) calling the node's target with `prev` replaced by t and the rest unchanged."""
+def _bind_input(node: fx.Node, method: bool = False) -> ElementwiseCall:
+    """The node's call with its one tensor input left open (in-place variants made out-of-place)."""
     kwargs = dict(node.kwargs)
     if "inplace" in kwargs:
-        kwargs["inplace"] = False
-
-    def subst(t: Tensor) -> tuple[tuple, dict]:
-        return fx.node.map_arg((node.args, kwargs), lambda n: t)  # type: ignore[return-value]
-
-    target = node.target
-    if node.op == "call_method":
-        method = str(target)
-        return lambda t: getattr(t, method)(*subst(t)[0][1:], **subst(t)[1])
-    return lambda t: target(*subst(t)[0], **subst(t)[1])  # type: ignore[operator]
+        kwargs["inplace"] = False  # tiles may be views of a shared input
+    args, kwargs = fx.node.map_arg((node.args, kwargs), lambda n: INPUT)  # type: ignore[misc]
+    return ElementwiseCall(node.target, tuple(args), tuple(kwargs.items()), method)  # type: ignore[arg-type]
 
 
 def _windows_from_module(m: nn.Conv2d) -> tuple[Window, Window]:
@@ -190,11 +190,11 @@ def _classify(node: fx.Node, prev: fx.Node, modules: dict[str, nn.Module]) -> _I
             return _Item("pool", node, op=_pool_op("avg", dilation=1, **a))
         if node.target in ELEMENTWISE_FUNCTIONS:
             name = getattr(node.target, "__name__", str(node.target))
-            return _Item("pointwise", node, op=PointwiseOp(_bind_input(node, prev), name))
+            return _Item("pointwise", node, op=PointwiseOp(_bind_input(node), name))
         return None
     if node.target in ELEMENTWISE_METHODS and node.args and node.args[0] is prev:
         cost = 0.0 if node.target == "contiguous" else 1.0
-        return _Item("pointwise", node, op=PointwiseOp(_bind_input(node, prev), str(node.target), cost))
+        return _Item("pointwise", node, op=PointwiseOp(_bind_input(node, method=True), str(node.target), cost))
     return None
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -274,6 +274,46 @@ class PointwiseOp:
 
     def describe(self) -> str:
         return self.name
+
+
+class _Input:
+    """Marks where the tensor goes in an ElementwiseCall's arguments."""
+
+    def __repr__(self) -> str:
+        return "INPUT"
+
+
+INPUT = _Input()
+
+
+def _substitute(value: Any, x: Tensor) -> Any:
+    if value is INPUT:
+        return x
+    if isinstance(value, (tuple, list)):
+        return type(value)(_substitute(v, x) for v in value)
+    if isinstance(value, dict):
+        return {k: _substitute(v, x) for k, v in value.items()}
+    return value
+
+
+@dataclass(frozen=True)
+class ElementwiseCall:
+    """A recorded call of an elementwise function or tensor method, with INPUT for the tensor.
+
+    `method`: call getattr(x, target)(*args[1:]) instead of target(*args).
+    """
+
+    target: Callable[..., Any] | str
+    args: tuple[Any, ...]
+    kwargs: tuple[tuple[str, Any], ...] = ()
+    method: bool = False
+
+    def __call__(self, x: Tensor) -> Tensor:
+        args = _substitute(self.args, x)
+        kwargs = {k: _substitute(v, x) for k, v in self.kwargs}
+        if self.method:
+            return getattr(x, str(self.target))(*args[1:], **kwargs)
+        return self.target(*args, **kwargs)  # type: ignore[operator]
 
 
 @dataclass(frozen=True, eq=False)

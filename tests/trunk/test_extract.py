@@ -181,3 +181,18 @@ def test_add_with_two_inputs_is_not_pointwise():
     assert len(trunk.segments) == 1 and "add" in trunk.head_start
     x = torch.randn(1, 3, 6, 6)
     torch.testing.assert_close(trunk.forward(x), model(x))
+
+
+@torch.no_grad()
+def test_segments_survive_pickling():
+    import pickle
+
+    model = Functional().eval()
+    trunk = extract_trunk(model, (3, 11, 9), "functional")
+    copies = pickle.loads(pickle.dumps(trunk.segments))
+    x = torch.randn(1, 3, 11, 9)
+    a = b = x
+    for seg, twin in zip(trunk.segments, copies):
+        full_in, full_out = Region.full(*seg.in_shape[1:]), Region.full(*seg.out_shape[1:])
+        a, b = seg.run(a, full_in, full_out), twin.run(b, full_in, full_out)
+    assert torch.equal(a, b)
