@@ -282,6 +282,9 @@ class _Input:
     def __repr__(self) -> str:
         return "INPUT"
 
+    def __reduce__(self) -> str:
+        return "INPUT"  # unpickles as the module's one INPUT, so `is INPUT` keeps working
+
 
 INPUT = _Input()
 
