@@ -85,8 +85,34 @@ def requester_layout(model: CostModel, height: int) -> StripLayout:
     )
 
 
-def dpfl(model: CostModel, candidates: Candidates, *, routing: str = "p2p") -> DPResult:
-    """Optimal cuts and layouts over the candidate layouts (module docstring)."""
+def segment_lower_bounds(model: CostModel) -> np.ndarray:
+    """Per segment, a lower bound on its time however it is split: the whole map's work
+    shared by every device at once in proportion to speed (no halo, transfer or backlog).
+    Valid for curves too: a share f of the rows costs a device at least f x its full-map
+    time (its fixed cost a is paid at least once)."""
+    n_seg = model.n_segments
+    bounds = np.empty(n_seg)
+    for k in range(n_seg):
+        block = model.tables.block(k, k + 1)
+        full = model.strip_compute(block, np.array([0]), np.array([block.height]))[:, 0]
+        bounds[k] = 1.0 / float((1.0 / np.maximum(full, 1e-300)).sum())
+    return bounds
+
+
+def dpfl(
+    model: CostModel,
+    candidates: Candidates,
+    *,
+    routing: str = "p2p",
+    upper_bound: float = np.inf,
+) -> DPResult:
+    """Optimal cuts and layouts over the candidate layouts (module docstring).
+
+    ``upper_bound``: the latency of a plan known to be reachable through these candidates
+    (e.g. from a first pass over a subset of them). States and blocks that cannot finish
+    below it even if the rest of the trunk ran ideally parallel are skipped (exact: the
+    optimal path never exceeds it, and the pruning is strict).
+    """
     n_seg = model.n_segments
     tables = model.tables
     init_layout = requester_layout(model, tables.heights[0])
@@ -94,11 +120,15 @@ def dpfl(model: CostModel, candidates: Candidates, *, routing: str = "p2p") -> D
     states: list[list[_State]] = [[init]] + [[] for _ in range(n_seg)]
     backlog = model.backlog
     transitions = 0
+    # rest[k]: lower bound on the time from boundary k to the end of the head
+    seg_lb = segment_lower_bounds(model) if np.isfinite(upper_bound) else np.zeros(n_seg)
+    rest = np.append(np.cumsum(seg_lb[::-1])[::-1], 0.0) + model.head_s
+    limit = upper_bound * (1.0 + 1e-12) if np.isfinite(upper_bound) else np.inf
     for e in range(1, n_seg + 1):
         gather = e == n_seg or routing == "requester"
         for s in range(e):
             preds = sorted(states[s], key=lambda st: st.end_time)
-            if not preds:
+            if not preds or preds[0].end_time + rest[s] > limit:
                 continue
             block = tables.block(s, e)
             for layout in candidates(s, e):
@@ -109,7 +139,7 @@ def dpfl(model: CostModel, candidates: Candidates, *, routing: str = "p2p") -> D
                 best_pred: _State | None = None
                 for pred in preds:
                     lower = float((np.maximum(lb_backlog, pred.end_time) + comp).max())
-                    if lower >= best_t:
+                    if lower >= best_t or lower + rest[e] > limit:
                         break
                     holders = None
                     if routing == "p2p":
@@ -120,7 +150,7 @@ def dpfl(model: CostModel, candidates: Candidates, *, routing: str = "p2p") -> D
                     transitions += 1
                     if t < best_t:
                         best_t, best_pred = t, pred
-                if best_pred is not None:
+                if best_pred is not None and best_t + rest[e] <= limit:
                     states[e].append(_State(best_t, s, layout, best_pred, comp))
         states[e] = _dedupe(states[e], everything=routing == "requester")
     final = min(states[n_seg], key=lambda st: st.end_time)

@@ -12,8 +12,10 @@ How it is built here:
    ``local``), and for each parallelism degree k below the device count (every k up to
    8 devices, powers of two above) and k = the device count, the k devices that would finish H/k rows soonest
    (backlog, compute, and the input from / output to the requester at the ends), with rows
-   water-filled so that they finish together given backlog, speed and (first block)
-   the input transfer. The DP values every candidate with the exact cost model.
+   water-filled so that they finish together given backlog, speed, halo and (first block)
+   the input transfer. The DP values every candidate with the exact cost model. A first,
+   coarse pass (only the requester alone and the widest split) gives an upper bound that
+   lets the full pass skip blocks and states that cannot beat it (exact, see `dpfl`).
 2. AWAS on the chosen blocks (`auction_layouts`): per block, the auction core the mesh's
    auctioneer runs (`meshci.auction.assign`) over strips of the block, with a simulated
    bidder per cluster device bidding its compute (halo included) and transfer time on top
@@ -30,7 +32,7 @@ checked; the auction is simulated from the cluster description.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -38,7 +40,7 @@ from meshci.auction import assign, balance_strips
 from meshci.cost.geometry import BlockTable
 from meshci.cost.model import CostModel
 from meshci.planning.dpfl import DPResult, StripLayout, dpfl, requester_layout
-from meshci.planning.splits import per_row_seconds, water_filled_layout
+from meshci.planning.splits import halo_seconds, per_row_seconds, water_filled_layout
 
 FINE_DEGREES = (1, 2, 3, 4, 5, 6, 8)  # clusters of up to 8 devices: these degrees
 DEGREES = (1, 2, 4, 8, 16, 32, 64)  # larger clusters: powers of two
@@ -46,8 +48,11 @@ ITEMS_PER_DEVICE = 2
 BID_ROUNDS = 1  # simulated bidders answer every call and never decline an award
 
 
-def degree_candidates(model: CostModel, start: int, end: int) -> list[StripLayout]:
-    """The requester alone plus water-filled splits over the k best devices per degree."""
+def degree_candidates(
+    model: CostModel, start: int, end: int, degrees: Sequence[int] | None = None
+) -> list[StripLayout]:
+    """The requester alone plus water-filled splits over the k best devices per degree
+    (``degrees``: default every k up to 8 devices, powers of two above, and all)."""
     block = model.tables.block(start, end)
     height = block.height
     out = [requester_layout(model, height)]
@@ -56,7 +61,9 @@ def degree_candidates(model: CostModel, start: int, end: int) -> list[StripLayou
     if n == 1:
         return out
     rate = per_row_seconds(model, block)
-    degrees = sorted({k for k in (FINE_DEGREES if n <= 8 else DEGREES) if k < n} | {n})
+    halo = halo_seconds(model, block, rate)
+    if degrees is None:
+        degrees = sorted({k for k in (FINE_DEGREES if n <= 8 else DEGREES) if k < n} | {n})
     req = model.requester
     tables = model.tables
     bytes_in = tables.row_bytes[start] * tables.heights[start] if start == 0 else 0.0
@@ -72,7 +79,7 @@ def degree_candidates(model: CostModel, start: int, end: int) -> list[StripLayou
         )
         score = np.maximum(model.backlog, t_in) + rate * (height / k_eff) + t_out
         best = np.sort(np.argsort(score, kind="stable")[:k_eff])
-        layout = water_filled_layout(model, start, end, best, from_requester=start == 0, rates=rate)
+        layout = water_filled_layout(model, start, end, best, from_requester=start == 0, rates=rate, halo_s=halo)
         if layout.signature not in seen:
             seen.add(layout.signature)
             out.append(layout)
@@ -203,7 +210,12 @@ def auction_layouts(
 
 def plan_edgeci(model: CostModel) -> tuple[DPResult, int]:
     """DPFL, then AWAS on the chosen blocks, then the better strips per block."""
-    first = dpfl(model, lambda s, e: degree_candidates(model, s, e), routing="p2p")
+    def coarse(s: int, e: int) -> list[StripLayout]:
+        # the requester alone and the widest split: a quick first pass for an upper bound
+        return degree_candidates(model, s, e, [model.n_devices])
+
+    bound = dpfl(model, coarse, routing="p2p").latency_s
+    first = dpfl(model, lambda s, e: degree_candidates(model, s, e), routing="p2p", upper_bound=bound)
     distributed = [(s, e, t) for s, e, lay, t in _with_start_times(first) if lay.key != "requester"]
     if not distributed:
         return first, 0

@@ -44,6 +44,14 @@ def per_row_seconds(model: CostModel, block: BlockTable) -> np.ndarray:
     return full / block.height
 
 
+def halo_seconds(model: CostModel, block: BlockTable, rates: np.ndarray) -> np.ndarray:
+    """A strip also computes its halo rows: a fixed cost per device (a middle row's strip
+    time beyond the per-row rate)."""
+    mid = block.height // 2
+    one_row = model.strip_compute(block, np.array([mid]), np.array([mid + 1]))[:, 0]
+    return np.maximum(one_row - rates, 0.0)
+
+
 def proportional_layout(model: CostModel, start: int, end: int, devices: np.ndarray) -> StripLayout:
     """Rows in proportion to each device's speed on this block (MoDNN's and AOFL's rule)."""
     block = model.tables.block(start, end)
@@ -59,18 +67,18 @@ def water_filled_layout(
     *,
     from_requester: bool,
     rates: np.ndarray | None = None,
+    halo_s: np.ndarray | None = None,
 ) -> StripLayout:
     """Rows such that the devices would finish together, each starting after its backlog
     and, when the input comes from the requester, after receiving it (water filling: a
-    device whose ready time is past the common finish gets nothing). ``rates``: the
-    devices' per-row seconds on this block, if already known."""
+    device whose ready time is past the common finish gets nothing). ``rates`` and
+    ``halo_s``: every device's per-row seconds and halo seconds on this block, if already
+    known (see `halo_seconds`)."""
     block = model.tables.block(start, end)
-    rate = (per_row_seconds(model, block) if rates is None else rates)[devices]
-    # a strip also computes its halo rows: a fixed cost per device (a middle row's strip
-    # time beyond the per-row rate)
-    mid = block.height // 2
-    one_row = model.strip_compute(block, np.array([mid]), np.array([mid + 1]))[devices, 0]
-    ready = model.backlog[devices] + np.maximum(one_row - rate, 0.0)
+    rates = per_row_seconds(model, block) if rates is None else rates
+    halo_s = halo_seconds(model, block, rates) if halo_s is None else halo_s
+    rate = rates[devices]
+    ready = model.backlog[devices] + halo_s[devices]
     req = model.requester
     if from_requester:
         in_rows_per_row = model.tables.heights[start] / block.height

@@ -64,3 +64,18 @@ def test_dp_latency_is_the_plans_latency(small_models):
         latency, _ = timeline(model, tiles, "p2p")
         assert latency == pytest.approx(result.latency_s, rel=1e-9)
         assert [b[0] for b in result.blocks][0] == 0 and result.blocks[-1][1] == model.n_segments
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_upper_bound_pruning_is_exact(models_64, seed):
+    """The bounded pass (as edgeci runs it) finds the same optimum as the plain DP."""
+    rng = random.Random(100 + seed)
+    trunk = list(models_64.values())[seed % 2]
+    cluster = random_cluster(rng.randint(3, 12), rng)
+    model = CostModel(trunk, cluster)
+    plain = dpfl(model, lambda s, e: degree_candidates(model, s, e))
+    coarse = dpfl(model, lambda s, e: degree_candidates(model, s, e, [model.n_devices]))
+    assert coarse.latency_s >= plain.latency_s * (1 - 1e-12)
+    bounded = dpfl(model, lambda s, e: degree_candidates(model, s, e), upper_bound=coarse.latency_s)
+    assert bounded.latency_s == pytest.approx(plain.latency_s, rel=1e-12)
+    assert bounded.transitions <= plain.transitions
