@@ -118,7 +118,7 @@ def assign(
     searched: Assignment | None = None
     if search_nodes > 0 and biddable.size <= search_items:
         searched, complete = _search(cost, backlog, lpt, eps, search_nodes)
-        if searched is not None and complete:
+        if complete:
             return searched
     # Opening orders: largest cheapest bid first (LPT), then, unless that outcome already
     # meets the quick lower bound, largest average bid first; the better outcome is kept.
@@ -334,13 +334,12 @@ def _weighted_bound(cost: np.ndarray, steps: int = 60) -> float:
 
 def _search(
     cost: np.ndarray, backlog: np.ndarray, order: np.ndarray, eps: float, budget: int
-) -> tuple[Assignment | None, bool]:
+) -> tuple[Assignment, bool]:
     """Depth-first branch and bound over the bids, items in `order`.
 
-    Children are tried lowest finish time first, so the first leaf is the opening round's
-    outcome; every later leaf is better by more than `eps` (counted as an iteration).
-    Explores at most `budget` nodes. Returns (best found, whether the search completed:
-    then no assignment is better by more than `eps`).
+    Starts from the opening round's outcome; every leaf found later is better by more than
+    `eps` (counted as an iteration). Explores at most `budget` nodes. Returns (best found,
+    whether the search completed: then no assignment is better by more than `eps`).
     """
     n_bidders, n_items = cost.shape
     items = [int(i) for i in order]
@@ -351,14 +350,32 @@ def _search(
     suffix = [0.0] * (len(items) + 1)
     for k in range(len(items) - 1, -1, -1):
         suffix[k] = max(floor[k], suffix[k + 1])
-    # Bidders with identical bids and backlog are interchangeable while equally loaded.
+    # Symmetries. Items with identical bids (adjacent in `order`) are interchangeable: within
+    # such a run the bidders are taken in non-decreasing index. Bidders with identical bids
+    # and backlog are interchangeable while equally loaded: at the first item of a run only
+    # the lowest-indexed of them is tried. (Swapping twins from the run's start on, then
+    # sorting the run, maps any assignment onto one that obeys both rules.)
+    repeat = [k > 0 and col[k] == col[k - 1] for k in range(len(items))]
     rows = [tuple(c[b]) + (float(backlog[b]),) for b in range(n_bidders)]
     twin = [next(a for a in range(n_bidders) if rows[a] == rows[b]) for b in range(n_bidders)]
+    # cheapest[k][b]: bidder b's cheapest bid among items k.. (for the counting bound).
+    cheapest = [[math.inf] * n_bidders for _ in range(len(items) + 1)]
+    for k in range(len(items) - 1, -1, -1):
+        cheapest[k] = [min(x, y) for x, y in zip(col[k], cheapest[k + 1])]
+    fin = [float(x) for x in backlog]
+    # Incumbent: the opening round (each item, in order, to the lowest finish time).
+    greedy: list[int] = []
+    current = 0.0
+    for costs in col:
+        b = min(range(n_bidders), key=lambda x: fin[x] + costs[x])
+        fin[b] += costs[b]
+        current = max(current, fin[b])
+        greedy.append(b)
     fin = [float(x) for x in backlog]
     pick = [0] * len(items)
-    target = [math.inf]
-    best_pick: list[int] | None = None
-    leaves = 0
+    target = [current * (1.0 - eps)]
+    best_pick: list[int] = greedy
+    leaves = 1
     nodes = 0
 
     def dive(k: int, current: float) -> None:
@@ -370,16 +387,36 @@ def _search(
             return
         if suffix[k] >= target[0]:
             return
+        if k < 3 and target[0] < math.inf:
+            # Counting bound (near the root only: it costs a pass over the bidders): within
+            # the target, bidder b fits at most (target - fin[b]) / (its cheapest remaining
+            # bid) more items; together they must fit the rest.
+            need = len(items) - k
+            room = 0
+            for f, least in zip(fin, cheapest[k]):
+                if f < target[0] and least < math.inf:
+                    fit = (target[0] - f) / least if least > 0.0 else math.inf
+                    if fit >= need:
+                        room = need
+                        break
+                    room += int(fit)
+            if room < need:
+                return
         costs = col[k]
         tried: set[tuple[int, float]] = set()
+        lowest = pick[k - 1] if repeat[k] else -1
         for b in sorted(range(n_bidders), key=lambda x: fin[x] + costs[x]):
             new = fin[b] + costs[b]
             if new >= target[0]:
                 break
-            key = (twin[b], fin[b])
-            if key in tried:
-                continue
-            tried.add(key)
+            if repeat[k]:
+                if b < lowest:
+                    continue
+            else:
+                key = (twin[b], fin[b])
+                if key in tried:
+                    continue
+                tried.add(key)
             nodes += 1
             if nodes > budget:
                 return
@@ -392,8 +429,6 @@ def _search(
                 return
 
     dive(0, 0.0)
-    if best_pick is None:
-        return None, False
     owner = np.full(n_items, -1, dtype=np.int64)
     owner[items] = best_pick
     finish = backlog.copy()

@@ -26,6 +26,20 @@ def test_makespan_within_5_percent_of_enumerated_optimum(n_bidders: int, n_items
         assert got <= 1.05 * optimum, (cost, backlog, got, optimum)
 
 
+@pytest.mark.parametrize(("n_bidders", "n_items"), [(3, 7), (4, 6), (5, 5), (6, 5)])
+def test_small_symmetric_instances_are_solved_exactly(n_bidders: int, n_items: int) -> None:
+    """Identical tiles and identical devices (where the search prunes symmetric branches):
+    on small bid matrices the outcome is the optimum, up to the price step eps."""
+    rng = np.random.default_rng(31 * n_bidders + n_items)
+    for _ in range(15):
+        cost, backlog = tile_instance(rng, n_bidders, n_items)
+        twins = rng.integers(0, n_bidders, size=n_bidders // 2)
+        cost[: twins.size] = cost[twins]  # some devices are copies of others
+        backlog[: twins.size] = backlog[twins]
+        optimum = enumerate_optimum(cost, backlog)
+        assert assign(cost, backlog, eps=1e-3).makespan_s <= optimum * (1 + 1.001e-3)
+
+
 @pytest.mark.parametrize(
     ("n_bidders", "n_tiles"), [(2, 64), (3, 17), (4, 16), (4, 64), (7, 30), (8, 32), (12, 40), (16, 16), (16, 33), (16, 64)]
 )
