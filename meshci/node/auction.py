@@ -6,7 +6,8 @@ node's messages (pure: no sockets, no clock).
   bids say about it (seconds per FLOP, backlog), so strips can be levelled afterwards.
 * `awarded_plan` turns the auction's result into the request's `Plan`: per block, the
   winners in row order, strip boundaries moved by `balance_strips` so their predicted
-  finish times are close (a device that would slow the block gets no strip).
+  finish times are close (a device that would slow the block gets no strip). The head
+  is not in `predicted_latency_s` (it runs on the requester after the trunk).
 * `to_message` / `from_message` carry auction messages as JSON in a frame's meta:
   auctioneer -> bidder as CALL_FOR_BIDS (CallForBids) or AWARD (Award, Close);
   bidder -> auctioneer as BIDS (BidBundle) or ACCEPT (AwardReply).
@@ -26,9 +27,7 @@ from meshci.auction.messages import (
     AuctionMessage, Award, AwardReply, BidBundle, CallForBids, Close, Item, Outgoing,
     message_from_json,
 )
-from meshci.cost.cluster import Cluster
-from meshci.planning.evaluate import plan_from_assignment
-from meshci.planning.plan import Plan
+from meshci.planning.plan import BlockPlan, Plan, TileSpec
 from meshci.tiling import block_flops, block_input_region, split_rows
 from meshci.trunk import Region
 from meshci.wire import Message, MsgType
@@ -122,12 +121,13 @@ class NetworkAuction:
         return self.machine.result()
 
 
-def awarded_plan(trunk: Any, cluster: Cluster, dpfl_plan: Plan, auction: NetworkAuction) -> Plan:
+def awarded_plan(trunk: Any, dpfl_plan: Plan, auction: NetworkAuction) -> Plan:
     """The request's plan from the auction: DPFL's cuts, the auction's devices per block,
-    strips levelled with the bidders' own cost figures."""
+    strips levelled with the bidders' own cost figures (their bids). Predicted finish
+    times are the bidders' own: block k starts when block k-1's last device finishes."""
     result = auction.result()
-    blocks: list[tuple[int, int]] = []
-    assignments: list[dict[str, tuple[int, int]]] = []
+    blocks: list[BlockPlan] = []
+    t = 0.0
     for b, block in enumerate(dpfl_plan.blocks):
         _, h, w = trunk.boundary_shape(block.end)
         first_row: dict[str, int] = {}
@@ -139,21 +139,26 @@ def awarded_plan(trunk: Any, cluster: Cluster, dpfl_plan: Plan, auction: Network
         if not order:
             # nobody won anything of this block (every bidder dropped): keep DPFL's tiles
             log.warning("auction %d: block %d unassigned, keeping the DPFL assignment", auction.request_id, b)
-            assignments.append({t.device: (t.region.r0, t.region.r1) for t in block.tiles})
-            blocks.append((block.start, block.end))
+            blocks.append(BlockPlan(block.start, block.end, block.tiles, dict(block.finish_s)))
+            t = max([t, *block.finish_s.values()])
             continue
+        # FLOPs of rows [a, z): linear in the rows plus the halo of an interior strip (two
+        # geometry calls per block instead of hundreds; monotone, as balancing needs)
+        per_row = float(block_flops(trunk, block.start, block.end, Region(0, h, 0, w))) / h
+        mid = h // 2
+        halo = max(0.0, float(block_flops(trunk, block.start, block.end, Region(mid, mid + 1, 0, w))) - per_row)
 
-        def strip_time(device: str, a: int, z: int, start: int = block.start, end: int = block.end,
-                       block_index: int = b, width: int = w) -> float:
+        def strip_time(device: str, a: int, z: int, block_index: int = b, t0: float = t,
+                       per_row: float = per_row, halo: float = halo) -> float:
             rate = auction.seconds_per_flop(device, block_index)
-            flops = block_flops(trunk, start, end, Region(a, z, 0, width))
-            speed = rate if rate is not None else 1.0 / (cluster.device(device).gflops * 1e9)
-            return auction.backlog_s.get(device, 0.0) + flops * speed
+            if rate is None:  # it bid on nothing of this block: price it out
+                return float("inf")
+            return max(t0, auction.backlog_s.get(device, 0.0)) + (halo + (z - a) * per_row) * rate
 
         strips = balance_strips(h, order, strip_time)
-        assignments.append({device: (a, z) for device, a, z in strips})
-        blocks.append((block.start, block.end))
-    rounds = [result.rounds] + [0] * (len(blocks) - 1)
-    return plan_from_assignment(trunk, cluster, blocks, assignments, strategy=dpfl_plan.strategy,
-                                routing=dpfl_plan.routing, auction_rounds=rounds,
-                                planning_ms=dpfl_plan.planning_ms)
+        finish = {device: strip_time(device, a, z) for device, a, z in strips}
+        tiles = tuple(TileSpec(device, Region(a, z, 0, w)) for device, a, z in strips)
+        blocks.append(BlockPlan(block.start, block.end, tiles, finish, result.rounds if b == 0 else 0))
+        t = max(finish.values())
+    return Plan(dpfl_plan.strategy, dpfl_plan.model, dpfl_plan.input_shape, dpfl_plan.requester,
+                tuple(blocks), dpfl_plan.routing, t, dpfl_plan.planning_ms, result.rounds)

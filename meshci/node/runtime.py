@@ -1,8 +1,9 @@
 """The tile runtime of a node: a small cache of built trunks and one compute thread.
 
 A worker only needs a trunk's segments; only the requester needs the head (and, for
-`--check`, the monolithic reference). What a role does not need is dropped as soon as
-the trunk is extracted, so a worker serving VGG-16 does not hold its ~490 MB classifier.
+`--check`, the monolithic reference). A worker's trunk is built in a short-lived helper
+process that hands back only the segments, so a worker serving VGG-16 never holds its
+~490 MB classifier, not even while building.
 Compute runs on one worker thread, off the event loop, so heartbeats keep flowing.
 """
 
@@ -11,6 +12,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import pickle
+import subprocess
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -19,8 +23,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+import cloudpickle
 import torch
 
+from meshci.errors import MeshciError
 from meshci.models.registry import build_model
 from meshci.planning.plan import Plan
 from meshci.tiling import block_input_region, run_block
@@ -29,6 +35,7 @@ from meshci.trunk import Region, Trunk, extract_trunk
 log = logging.getLogger(__name__)
 
 ModelKey = tuple[str, int, int, int]  # model name, seed, input height, input width
+BUILD_TIMEOUT_S = 600.0
 
 
 @dataclass
@@ -68,10 +75,25 @@ _BUILD_LOCK = threading.Lock()
 class ModelCache:
     """Built trunks by (model, seed, input size); least recently used beyond `capacity`."""
 
-    def __init__(self, capacity: int = 2) -> None:
+    def __init__(self, capacity: int = 2, isolate_builds: bool = True) -> None:
         self.capacity = capacity
+        self.isolate_builds = isolate_builds
         self._entries: OrderedDict[ModelKey, LoadedModel] = OrderedDict()
         self._lock = threading.Lock()
+
+    def peek(self, name: str, seed: int, size: tuple[int, int], head: bool) -> LoadedModel | None:
+        """The cached entry without blocking (None while a build holds the cache, or absent)."""
+        key = (name, int(seed), int(size[0]), int(size[1]))
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            entry = self._entries.get(key)
+            if entry is not None and (entry.has_head or not head):
+                self._entries.move_to_end(key)
+                return entry
+            return None
+        finally:
+            self._lock.release()
 
     def get(self, name: str, seed: int, size: tuple[int, int], head: bool) -> LoadedModel:
         """Blocking (call from a thread): the trunk, with head and reference when `head`."""
@@ -82,15 +104,16 @@ class ModelCache:
                 self._entries.move_to_end(key)
                 return entry
             started = time.perf_counter()
-            with _BUILD_LOCK:
-                model = build_model(name, seed=seed)
-            model.eval()
-            trunk = extract_trunk(model, input_shape=(3, key[2], key[3]), name=name)
-            del model
-            if not head:
-                # a worker never runs the head or the monolithic reference: drop them
-                trunk.head = None  # type: ignore[assignment]
-                trunk.reference = None  # type: ignore[assignment]
+            if head:
+                with _BUILD_LOCK:
+                    model = build_model(name, seed=seed)
+                model.eval()
+                trunk = extract_trunk(model, input_shape=(3, key[2], key[3]), name=name)
+                del model
+            elif self.isolate_builds:
+                trunk = _build_in_child(name, seed, (key[2], key[3]))
+            else:
+                trunk = pickle.loads(_trunk_only_bytes(name, seed, (key[2], key[3])))
             entry = LoadedModel(key, trunk, head)
             self._entries[key] = entry
             self._entries.move_to_end(key)
@@ -102,21 +125,68 @@ class ModelCache:
             return entry
 
 
+def _trunk_only_bytes(name: str, seed: int, size: tuple[int, int]) -> bytes:
+    """Build the model, keep only the trunk's segments, serialise them (cloudpickle: the
+    segments hold closures). Runs in a helper process when builds are isolated."""
+    with _BUILD_LOCK:
+        model = build_model(name, seed=seed)
+    model.eval()
+    trunk = extract_trunk(model, input_shape=(3, size[0], size[1]), name=name)
+    del model
+    # a worker never runs the head or the monolithic reference: drop them
+    trunk.head = None  # type: ignore[assignment]
+    trunk.reference = None  # type: ignore[assignment]
+    return cloudpickle.dumps(trunk)
+
+
+class BuildError(MeshciError):
+    """The helper process that builds a worker's trunk failed; the message says why."""
+
+
+def _build_in_child(name: str, seed: int, size: tuple[int, int]) -> Trunk:
+    """A worker's trunk, built in a short-lived helper process so that this node's memory
+    never holds the whole model (VGG-16's classifier alone is ~490 MB). The bytes come
+    from our own child process, never from a peer, so unpickling them is safe."""
+    cmd = [sys.executable, "-m", "meshci.node.runtime", name, str(seed), str(size[0]), str(size[1])]
+    done = subprocess.run(cmd, capture_output=True, timeout=BUILD_TIMEOUT_S)
+    if done.returncode != 0:
+        lines = done.stderr.decode(errors="replace").strip().splitlines()
+        raise BuildError(lines[-1] if lines else f"building {name} failed (exit {done.returncode})")
+    trunk: Trunk = pickle.loads(done.stdout)
+    return trunk
+
+
+def _child_main(argv: list[str]) -> int:
+    """`python -m meshci.node.runtime NAME SEED H W`: the trunk's segments on stdout."""
+    name, seed, h, w = argv[0], int(argv[1]), int(argv[2]), int(argv[3])
+    try:
+        data = _trunk_only_bytes(name, seed, (h, w))
+    except MeshciError as exc:
+        print(f"{exc}", file=sys.stderr)
+        return 2
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+    return 0
+
+
 class Runtime:
     """Model cache plus the single compute thread (torch threads = `threads`)."""
 
-    def __init__(self, threads: int = 1, cache_capacity: int = 2) -> None:
+    def __init__(self, threads: int = 1, cache_capacity: int = 2, isolate_builds: bool = True) -> None:
         self.threads = max(1, threads)
-        self.cache = ModelCache(cache_capacity)
+        self.cache = ModelCache(cache_capacity, isolate_builds)
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshci-compute",
                                            initializer=torch.set_num_threads,
                                            initargs=(self.threads,))
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshci-load")
         self.compute_s = 0.0
         self.tiles_computed = 0
-        self.busy_until = 0.0  # monotonic time the queued compute is expected to end
+        self.queued_s = 0.0  # predicted seconds of tile compute queued or running
 
     async def load(self, name: str, seed: int, size: tuple[int, int], head: bool) -> LoadedModel:
+        cached = self.cache.peek(name, seed, size, head)
+        if cached is not None:
+            return cached
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._loader, self.cache.get, name, seed, size, head)
 
@@ -166,3 +236,7 @@ def measure_gflops(data_dir: Path, threads: int) -> float:
     trunk = extract_trunk(model, input_shape=PROFILE_SIZE, name=PROFILE_MODEL)
     curve = load_or_measure(trunk, threads=threads, data_dir=Path(data_dir))
     return max(effective_gflops(trunk, curve), 1e-3)
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1:]))

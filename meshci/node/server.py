@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 LOOPBACK_LINK = LinkSpec(mbps=1000.0, latency_ms=0.2)
 REQUEST_TIMEOUT_S = 300.0
 ORPHAN_PIECE_TTL_S = 30.0
+PLAN_TTL_S = 30.0
 MAX_INPUT_SIDE = 4096
 
 
@@ -113,6 +114,9 @@ class Node:
         self._requests: dict[int, _RequesterContext] = {}
         self._work: dict[int, _WorkerContext] = {}
         self._auctions: dict[int, tuple[NetworkAuction, asyncio.Event]] = {}
+        # DPFL plans by (model, seed, size, strategy, devices and speeds): the cuts depend on
+        # stable facts; for edgeci the network auction still reassigns tiles per request
+        self._plans: dict[tuple[Any, ...], tuple[Plan, float]] = {}
         self._stopped = asyncio.Event()
         self.links = LinkEstimator()
         self.bidder = Bidder(config.name, self._compute_s, self._link_s)
@@ -317,7 +321,7 @@ class Node:
         self.links.forget(name)
 
     def _advert(self) -> Advert:
-        backlog = max(0.0, self.runtime.busy_until - time.monotonic())
+        backlog = max(0.0, self.runtime.queued_s)
         links = tuple((n, spec.mbps, spec.latency_ms) for n, spec in sorted(self.links.known().items()))
         return Advert(self.config.gflops, backlog, links)
 
@@ -335,6 +339,9 @@ class Node:
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
 
     def _drop_orphans(self, now: float) -> None:
+        for key, (_, made) in list(self._plans.items()):
+            if now - made > PLAN_TTL_S:
+                del self._plans[key]
         for auction_id, since in list(self._bid_auctions.items()):
             if now - since > REQUEST_TIMEOUT_S:
                 self.bidder.release(auction_id)  # its request ended long ago, however it ended
@@ -411,6 +418,8 @@ class Node:
             "errors_replied": self.errors_replied,
             "peers": {p.name: p.status.value if p.heard_directly else "known"
                       for p in self.membership.peers()},
+            "links": {peer: {"mbps": spec.mbps, "latency_ms": spec.latency_ms}
+                      for peer, spec in sorted(self.links.known().items())},
             "rss_mb": _rss_mb(),
             "peak_rss_mb": _peak_rss_mb(),
         }
@@ -459,12 +468,20 @@ class Node:
         peers = self.membership.alive()
         cluster = cluster_from_view(self.name, self._advert(), peers, self.config.default_link)
         loop = asyncio.get_running_loop()
-        plan: Plan = await loop.run_in_executor(None, make_plan, trunk, cluster, strategy)
+        plan_key = (model, seed, size, strategy,
+                    tuple(sorted((d.name, round(d.gflops, 3)) for d in cluster.devices)))
+        cached = self._plans.get(plan_key)
+        if cached is not None and time.monotonic() - cached[1] < PLAN_TTL_S:
+            plan = cached[0]
+        else:
+            plan = await loop.run_in_executor(None, make_plan, trunk, cluster, strategy)
+            self._plans[plan_key] = (plan, time.monotonic())
         planned_at = time.perf_counter()
         rid = random.getrandbits(62) | 1
         auction_rounds = plan.auction_rounds
+        rounds_s = 0.0
         if strategy == "edgeci" and len(cluster.devices) > 1:
-            plan, auction_rounds = await self._auction(rid, trunk, cluster, plan)
+            plan, auction_rounds, rounds_s = await self._auction(rid, trunk, cluster, plan)
         auctioned_at = time.perf_counter()
 
         run = RequesterRun(plan, self.name, PlanGeometry(trunk, plan))
@@ -503,6 +520,7 @@ class Node:
             "load_s": loaded_at - began,
             "planning_s": planned_at - loaded_at,
             "auction_s": auctioned_at - planned_at,
+            "auction_rounds_s": rounds_s,
             "execution_s": trunk_at - auctioned_at,
             "head_s": head_s,
             "critical_path_s": path_s,
@@ -520,13 +538,15 @@ class Node:
             result["check_ok"] = bool(torch.allclose(logits, reference, rtol=1e-4, atol=1e-5))
         return result, logits
 
-    async def _auction(self, rid: int, trunk: Any, cluster: Any, plan: Plan) -> tuple[Plan, int]:
-        """AWAS over the network for the row strips of the blocks DPFL chose."""
+    async def _auction(self, rid: int, trunk: Any, cluster: Any, plan: Plan) -> tuple[Plan, int, float]:
+        """AWAS over the network for the row strips of the blocks DPFL chose; returns the
+        plan, the auction's round trips and the seconds its rounds took."""
         bidders = [d.name for d in cluster.devices]
         auction = NetworkAuction(rid, self.name, auction_items(trunk, plan), bidders)
         wake = asyncio.Event()
         self._auctions[rid] = (auction, wake)
         try:
+            began = time.perf_counter()
             await self._route_auction(rid, auction.start(time.monotonic()))
             while not auction.done:
                 deadline = auction.machine.next_deadline
@@ -537,12 +557,13 @@ class Node:
                     pass  # a round's deadline passed: tick() drops the silent bidders
                 wake.clear()
                 await self._route_auction(rid, auction.tick(time.monotonic()))
-            new_plan = awarded_plan(trunk, cluster, plan, auction)
+            rounds_s = time.perf_counter() - began
+            new_plan = awarded_plan(trunk, plan, auction)
         except AuctionError as exc:
             raise RequestFailed(f"auction failed: {exc}") from exc
         finally:
             self._auctions.pop(rid, None)
-        return new_plan, auction.result().rounds
+        return new_plan, auction.result().rounds, rounds_s
 
     async def _route_auction(self, rid: int, outgoing: list[Outgoing]) -> None:
         """Deliver auction messages: to this node's own bidder or auctioneer, or to peers."""
@@ -558,7 +579,7 @@ class Node:
                     log.info("auction %d: cannot reach %s: %s", rid, out.to, exc)
                 continue
             if isinstance(message, (CallForBids, Award, Close)):
-                self.bidder.base_backlog_s = max(0.0, self.runtime.busy_until - time.monotonic())
+                self.bidder.base_backlog_s = max(0.0, self.runtime.queued_s)
                 self._bid_auctions.setdefault(message.auction_id, time.monotonic())
                 queue += self.bidder.receive(message, time.monotonic())
             else:
@@ -582,8 +603,9 @@ class Node:
                                                  (size[0], size[1]), head=False)
             ctx.requester = plan.requester
             ctx.run = WorkerRun(plan, self.name, PlanGeometry(ctx.loaded.trunk, plan))
-        except (MeshciError, KeyError, TypeError, ValueError) as exc:
-            # a plan this node cannot serve: tell the requester why, keep serving
+        except (MeshciError, KeyError, TypeError, ValueError, RuntimeError, OSError) as exc:
+            # a plan this node cannot serve (bad plan, unknown model, the build helper
+            # process failed): tell the requester why, keep serving
             self._work.pop(rid, None)
             await self._fail_request(rid, sender, f"{self.name} cannot serve the plan: {exc}")
             return
@@ -657,8 +679,11 @@ class Node:
         ctx = self._work.get(rid)
         if ctx is None or ctx.run is None or ctx.loaded is None:
             return
-        estimate = block_flops(ctx.loaded.trunk, action.start, action.end, action.out) / (self.config.gflops * 1e9)
-        self.runtime.busy_until = max(self.runtime.busy_until, time.monotonic()) + estimate
+        # queued work outside any auction this node's bidder still holds (those it counts itself)
+        estimate = 0.0
+        if str(rid) not in self.bidder.auctions():
+            estimate = block_flops(ctx.loaded.trunk, action.start, action.end, action.out) / (self.config.gflops * 1e9)
+        self.runtime.queued_s += estimate
         try:
             y, seconds = await self.runtime.run_block(ctx.loaded.trunk, action.start, action.end,
                                                       action.x, action.have, action.out)
@@ -666,6 +691,8 @@ class Node:
             # a tile that cannot be computed (shape mismatch, out of memory): fail the request
             await self._fail_request(rid, ctx.requester, f"{self.name} failed a tile: {exc}")
             return
+        finally:
+            self.runtime.queued_s -= estimate
         actions = ctx.run.on_computed(action.block, action.tile, y)
         if ctx.run.done:
             self._work.pop(rid, None)
