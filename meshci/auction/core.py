@@ -23,11 +23,14 @@ The auctioneer resolves the bids in three phases.
    a bidder holds (they are finish times, not fixed values), so this phase is an
    ``eps``-improvement exchange between the critical bidder and one rival at a time, and
    what it ends in is a local optimum of those exchanges, not a certified optimum.
-3. Bounded search. On small bid matrices (at most ``search_items`` items), unless the
-   outcome already meets `lower_bound`, a depth-first branch and bound over the bids,
-   seeded with the outcome and capped at ``search_nodes`` nodes, looks for a makespan lower
-   by more than ``eps``. Few indivisible items are where exchanges get stuck (a better
-   assignment may need a cycle of moves through several bidders) and where a search is cheap.
+3. Bounded search, on small bid matrices (at most ``search_items`` items) and in place of
+   phase 2 when it completes: a depth-first branch and bound over the bids, starting from
+   the opening round's outcome, pruned by per-item and counting bounds and by symmetry
+   (identical tiles, identical devices), capped at ``search_nodes`` nodes. When it
+   completes, no assignment is better by more than ``eps``; when it runs out of nodes,
+   phase 2 runs and the better outcome is kept. Few indivisible items are where exchanges
+   get stuck (a better assignment may need a cycle of moves through several bidders) and
+   where a search is cheap.
 
 The makespan only counts bidders that hold at least one item: a busy bidder that wins
 nothing does not delay the block.
