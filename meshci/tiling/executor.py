@@ -24,6 +24,7 @@ def crop(x: Tensor, have: Region, want: Region) -> Tensor:
         raise TilingError(str(exc)) from exc
 
 
+@torch.no_grad()
 def run_block(trunk: Trunk, start: int, end: int, x: Tensor, have: Region, out: Region) -> Tensor:
     """Exactly `out` of boundary `end`, from `x` covering `have` of boundary `start`.
 
@@ -71,6 +72,7 @@ def check_blocks(trunk: Trunk, blocks: Sequence[Block]) -> None:
         raise TilingError(f"blocks end at boundary {expected}, the trunk has {len(trunk.segments)} segments")
 
 
+@torch.no_grad()
 def run_tiled(trunk: Trunk, x: Tensor, blocks: Sequence[Block]) -> tuple[Tensor, list[Tensor]]:
     """Run the trunk block by block, each block tile by tile, then the head.
 

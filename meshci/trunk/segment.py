@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from meshci.trunk.ops import Op, Shape
@@ -153,6 +154,7 @@ class Segment:
             total += self.post.flops_for(out)
         return total
 
+    @torch.no_grad()
     def run(self, x: Tensor, have: Region, out: Region) -> Tensor:
         """Exactly `out` of the output, from `x` covering `have` of the input."""
         if self.shortcut is None:

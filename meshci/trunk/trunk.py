@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from meshci.trunk.ops import Shape
@@ -54,10 +55,12 @@ class Trunk:
         _, h, w = self.boundary_shape(k)
         return Region.full(h, w)
 
+    @torch.no_grad()
     def forward_boundaries(self, x: Tensor) -> list[Tensor]:
         """Monolithic forward of the trunk: [x, out_0, ..., out_{S-1}]."""
         return list(self.reference(x))
 
+    @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
         """head(trunk(x)), equal to model(x)."""
         return self.head(self.forward_boundaries(x)[-1])
