@@ -11,7 +11,7 @@
 3. Peak resident memory of a node serving VGG-16 and one serving ResNet-34, as a worker
    and as the requester (which holds the head). Target: under 600 MB for VGG-16.
 
-Usage: tools/bench_node.py [--model resnet34] [--size 224] [--requests 7]
+Usage: tools/bench_node.py [--model resnet34] [--size 224] [--requests 7] [--nodes 4]
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ async def overhead_and_auction(mesh: LocalMesh, model: str, size: tuple[int, int
     share = [(m["latency_s"] - m["critical_path_s"]) / m["latency_s"] for m in rows]
     exec_share = [(m["execution_s"] + m["head_s"] - m["critical_path_s"]) / (m["execution_s"] + m["head_s"])
                   for m in rows]
-    print(f"[1] framework overhead, {model} {size[0]}x{size[1]}, edgeci on 4 loopback nodes, {n} requests")
+    print(f"[1] framework overhead, {model} {size[0]}x{size[1]}, edgeci on {len(mesh.nodes)} loopback "
+          f"nodes, {n} requests")
     print(f"    latency median {median(latency) * 1e3:.1f} ms, critical path (compute+transfer) "
           f"median {median(path) * 1e3:.1f} ms")
     print(f"    overhead share of latency: median {median(share) * 100:.1f}% "
@@ -93,14 +94,16 @@ async def main() -> None:
     parser.add_argument("--model", default="resnet34")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--requests", type=int, default=7)
+    parser.add_argument("--nodes", type=int, default=4, help="mesh size for [1] and [2] (default 4)")
+    parser.add_argument("--skip-memory", action="store_true", help="leave out [3]")
     args = parser.parse_args()
     size = (args.size, args.size)
     began = time.perf_counter()
     with LocalMesh.create() as mesh:
-        mesh.add_many([("n1", 30.0), ("n2", 30.0), ("n3", 30.0), ("n4", 30.0)])
+        mesh.add_many([(f"n{i + 1}", 30.0) for i in range(args.nodes)])
         await wait_formed([n.address for n in mesh.nodes], mesh.secret())
         await overhead_and_auction(mesh, args.model, size, args.requests)
-    for model in ("vgg16", "resnet34"):
+    for model in () if args.skip_memory else ("vgg16", "resnet34"):
         await memory(model, size)
     print(f"(benchmark wall time {time.perf_counter() - began:.0f} s)")
 

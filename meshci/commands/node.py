@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from meshci.errors import MeshciError
+from meshci.node.discovery import DEFAULT_DISCOVERY
 from meshci.node.membership import Address
 
 if TYPE_CHECKING:
@@ -35,6 +36,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads for tile compute (default 1)")
     p.add_argument("--gflops", type=float,
                    help="state this device's speed in GFLOP/s instead of profiling it")
+    p.add_argument("--discover", nargs="?", const=str(DEFAULT_DISCOVERY), metavar="BCAST:PORT",
+                   help=f"find peers on the LAN by UDP broadcast beacons (default {DEFAULT_DISCOVERY})")
     p.add_argument("--tls-cert", help="this node's certificate (mutual TLS)")
     p.add_argument("--tls-key", help="this node's private key (mutual TLS)")
     p.add_argument("--tls-ca", help="CA that signs every node's certificate (mutual TLS)")
@@ -51,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         listen = Address.parse(args.listen)
         join = tuple(Address.parse(a) for a in args.join)
+        discover = Address.parse(args.discover) if args.discover else None
     except ValueError as exc:
         raise MeshciError(str(exc)) from exc
     if args.secret_file is None and not args.insecure:
@@ -72,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     gflops = args.gflops if args.gflops is not None else measure_gflops(data_dir, args.threads)
     config = NodeConfig(name=name, listen=listen, join=join, secret=secret, insecure=args.insecure,
                         threads=args.threads, gflops=gflops, server_ssl=server_ssl,
-                        client_ssl=client_ssl)
+                        client_ssl=client_ssl, discover=discover)
     _install_uvloop()
     return asyncio.run(_serve(Node(config)))
 

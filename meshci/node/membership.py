@@ -289,10 +289,15 @@ class Membership:
         self._peers[name] = Peer(name, address, incarnation, PeerStatus.ALIVE, now, advert, True)
         return events
 
-    def _learn(self, entry: dict[str, Any], now: float) -> list[Event]:
+    def learn(self, entry: dict[str, Any], now: float, observed_host: str | None = None) -> list[Event]:
+        """A node announced itself without a connection (a LAN discovery beacon): learn
+        that it exists and dial it, exactly as for gossip."""
+        return self._learn(entry, now, observed_host)
+
+    def _learn(self, entry: dict[str, Any], now: float, observed_host: str | None = None) -> list[Event]:
         """Gossip about a third node: learn that it exists and dial it."""
         try:
-            name, address, incarnation = self._parse_digest(entry)
+            name, address, incarnation = self._parse_digest(entry, observed_host)
         except (KeyError, TypeError, ValueError) as exc:
             # one bad gossip entry is skipped, the others still count
             log.warning("skipping malformed gossip entry: %s", exc)

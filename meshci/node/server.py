@@ -32,6 +32,7 @@ from meshci.cost.links import LinkEstimator
 from meshci.node.auction import (
     AUCTION_KINDS, NetworkAuction, auction_items, awarded_plan, from_message, to_message,
 )
+from meshci.node.discovery import BEACON_INTERVAL_S, DiscoveryProtocol, discovery_socket, encode_beacon
 from meshci.node.membership import (
     HEARTBEAT_INTERVAL_S, Address, Advert, Dial, Membership, PeerDown, PeerUp,
 )
@@ -76,6 +77,7 @@ class NodeConfig:
     client_ssl: ssl.SSLContext | None = None
     default_link: LinkSpec = LOOPBACK_LINK
     join_timeout_s: float = 10.0
+    discover: Address | None = None  # broadcast address:port for LAN beacons (None: off)
 
 
 @dataclass
@@ -107,6 +109,7 @@ class Node:
         self.membership = Membership(config.name, config.listen, incarnation=time.time_ns(),
                                      advert=Advert(gflops=config.gflops))
         self._server: asyncio.base_events.Server | None = None
+        self._discovery: asyncio.DatagramTransport | None = None
         self._outbound: dict[str, Connection] = {}
         self._dialing: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._inbound: set[Connection] = set()
@@ -139,8 +142,36 @@ class Node:
         self.membership.address = Address(self.config.listen.host, port)
         if self.config.join:
             await self._join()
+        if self.config.discover is not None:
+            await self._start_discovery(self.config.discover)
         self._spawn(self._heartbeat_loop())
         return self.membership.address
+
+    async def _start_discovery(self, target: Address) -> None:
+        loop = asyncio.get_running_loop()
+        secret = None if self.config.insecure else self.config.secret
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: DiscoveryProtocol(secret, self._on_beacon), sock=discovery_socket(target.port))
+        self._discovery = transport
+
+        async def beacons() -> None:
+            while not self._stopped.is_set():
+                try:
+                    transport.sendto(encode_beacon(self.membership.self_digest(), secret),
+                                     (target.host, target.port))
+                except OSError as exc:
+                    # no route for broadcast right now (interface down): try again later
+                    log.info("cannot send a discovery beacon to %s: %s", target, exc)
+                await asyncio.sleep(BEACON_INTERVAL_S)
+
+        self._spawn(beacons())
+
+    def _on_beacon(self, digest: dict[str, Any], sender_ip: str) -> None:
+        if digest.get("name") == self.name:
+            if digest.get("incarnation") != self.membership.incarnation:
+                log.warning("another node announces our name %r from %s", self.name, sender_ip)
+            return
+        self._handle_events(self.membership.learn(digest, time.monotonic(), sender_ip))
 
     def stop(self) -> None:
         self._stopped.set()
@@ -155,6 +186,8 @@ class Node:
         await asyncio.gather(*(self._send_quietly(conn, leave) for conn in list(self._outbound.values())))
         if self._server is not None:
             self._server.close()
+        if self._discovery is not None:
+            self._discovery.close()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

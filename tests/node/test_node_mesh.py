@@ -155,3 +155,13 @@ def test_membership_join_gossip_death_and_duplicates(small_mesh: LocalMesh) -> N
             await asyncio.sleep(0.1)
 
     asyncio.run(asyncio.wait_for(until_left(), timeout=10))
+
+
+def test_nodes_find_each_other_by_discovery(small_mesh: LocalMesh) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    beacon = ["--discover", f"127.255.255.255:{port}"]
+    first = small_mesh.add("x1", join=False, extra=beacon)
+    second = small_mesh.add("x2", join=False, extra=beacon)
+    asyncio.run(wait_formed([first.address, second.address], small_mesh.secret(), timeout=20))

@@ -1,0 +1,105 @@
+"""The network AWAS glue without sockets: message mapping, items, and the plan the
+auction's result becomes (bidders are in-process `Bidder`s)."""
+
+from __future__ import annotations
+
+from collections import deque
+
+import pytest
+import torch
+from torch import nn
+
+from meshci.auction.bidder import Bidder
+from meshci.auction.errors import MessageFormatError
+from meshci.auction.messages import Award, AwardReply, Bid, BidBundle, CallForBids, Close, Item
+from meshci.cost.cluster import Cluster, Device, LinkSpec
+from meshci.node.auction import NetworkAuction, auction_items, awarded_plan, from_message, to_message
+from meshci.planning import execute_plan, make_plan
+from meshci.trunk import extract_trunk
+from meshci.wire import MsgType
+
+ITEM = Item("0:0", 0, (0, 4), 1e6, 10, 20, (0, 2))
+MESSAGES = [
+    (CallForBids("7", 1, "a", (ITEM,), 0.5), MsgType.CALL_FOR_BIDS),
+    (BidBundle("7", 1, "b", 0.1, (Bid("0:0", 0.3),)), MsgType.BIDS),
+    (Award("7", 2, "a", ("0:0",), 0.2), MsgType.AWARD),
+    (AwardReply("7", 2, "b", ("0:0",), ()), MsgType.ACCEPT),
+    (Close("7", 3, "a", ("0:0",)), MsgType.AWARD),
+]
+
+
+@pytest.mark.parametrize("message,kind", MESSAGES)
+def test_messages_travel_as_json_meta(message, kind) -> None:
+    msg = to_message(7, message)
+    assert msg.kind is kind and msg.request_id == 7
+    assert from_message(msg, message.sender) == message
+
+
+def test_a_peer_cannot_speak_for_another() -> None:
+    msg = to_message(7, MESSAGES[1][0])
+    with pytest.raises(MessageFormatError, match="claims"):
+        from_message(msg, "c")
+    wrong_kind = to_message(7, MESSAGES[0][0])
+    with pytest.raises(MessageFormatError):
+        from_message(type(wrong_kind)(MsgType.BIDS, 7, wrong_kind.meta), "a")
+
+
+@pytest.fixture(scope="module")
+def trunk():
+    torch.manual_seed(5)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval()
+    return extract_trunk(model, input_shape=(3, 48, 40), name="tiny")
+
+
+def run_auction(trunk, speeds: dict[str, float], backlog: dict[str, float] | None = None):
+    devices = tuple(Device(n, g) for n, g in speeds.items())
+    cluster = Cluster(devices, LinkSpec(1000.0, 0.2), {}, "switched", devices[0].name)
+    dpfl_plan = make_plan(trunk, cluster, "edgeci")
+    items = auction_items(trunk, dpfl_plan)
+    bidders = {n: Bidder.from_rates(n, g * 1e-3, 1000.0, 0.2, backlog_s=(backlog or {}).get(n, 0.0))
+               for n, g in speeds.items()}
+    auction = NetworkAuction(1, devices[0].name, items, list(speeds))
+    queue = deque(auction.start(0.0))
+    while queue:  # an in-memory router: bidders answer at once
+        out = queue.popleft()
+        if isinstance(out.message, (BidBundle, AwardReply)):
+            queue += auction.receive(out.message, 0.0)
+        else:
+            queue += bidders[out.to].receive(out.message, 0.0)
+    assert auction.done
+    return dpfl_plan, items, awarded_plan(trunk, dpfl_plan, auction)
+
+
+def test_items_cover_every_block_once(trunk) -> None:
+    dpfl_plan, items, _ = run_auction(trunk, {"a": 1.0, "b": 2.0})
+    for b, block in enumerate(dpfl_plan.blocks):
+        rows = sorted(item.rows for item in items if item.block == b)
+        _, h, _ = trunk.boundary_shape(block.end)
+        assert rows[0][0] == 0 and rows[-1][1] == h
+        assert all(x[1] == y[0] for x, y in zip(rows, rows[1:]))
+        assert all(item.flops > 0 and item.segments == (block.start, block.end)
+                   for item in items if item.block == b)
+
+
+def test_awarded_plan_is_exact_and_follows_speed(trunk) -> None:
+    dpfl_plan, _, plan = run_auction(trunk, {"a": 1.0, "b": 4.0, "c": 1.0})
+    assert [(b.start, b.end) for b in plan.blocks] == [(b.start, b.end) for b in dpfl_plan.blocks]
+    assert plan.auction_rounds >= 1 and plan.routing == "p2p"
+    x = torch.randn(1, *trunk.input_shape)
+    assert torch.allclose(execute_plan(trunk, plan, x), trunk.forward(x), rtol=1e-4, atol=1e-5)
+    rows = {}
+    for tile in plan.blocks[0].tiles:
+        rows[tile.device] = rows.get(tile.device, 0) + tile.region.height
+    assert rows.get("b", 0) == max(rows.values())  # the fastest device holds the most rows
+
+
+def test_a_busy_device_gets_less(trunk) -> None:
+    _, _, idle = run_auction(trunk, {"a": 1.0, "b": 1.0})
+    _, _, busy = run_auction(trunk, {"a": 1.0, "b": 1.0}, backlog={"b": 10.0})
+    def rows_of(plan, device):
+        return sum(t.region.height for blk in plan.blocks for t in blk.tiles if t.device == device)
+    assert rows_of(busy, "b") < rows_of(idle, "b")
