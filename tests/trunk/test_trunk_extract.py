@@ -196,3 +196,37 @@ def test_segments_survive_pickling():
         full_in, full_out = Region.full(*seg.in_shape[1:]), Region.full(*seg.out_shape[1:])
         a, b = seg.run(a, full_in, full_out), twin.run(b, full_in, full_out)
     assert torch.equal(a, b)
+
+
+class MidwayGlobal(nn.Module):
+    """A local trunk, then a non-local adaptive pooling followed by more convolutions."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+        self.squeeze = nn.AdaptiveAvgPool2d((3, 3))
+        self.late = nn.Conv2d(4, 2, 3)
+
+    def forward(self, x):
+        return self.late(self.squeeze(self.stem(x))).flatten(1)
+
+
+@torch.no_grad()
+def test_head_keeps_everything_after_the_first_non_local_node():
+    model = MidwayGlobal().eval()
+    trunk = extract_trunk(model, (3, 13, 17))
+    assert len(trunk.segments) == 1 and "AdaptiveAvgPool2d" in trunk.head_start
+    x = torch.randn(2, 3, 13, 17)
+    torch.testing.assert_close(trunk.head(trunk.forward_boundaries(x)[-1]), model(x), rtol=0, atol=0)
+
+
+def test_cli_model_without_spatial_trunk(capsys, monkeypatch, tmp_path):
+    (tmp_path / "flat_zoo.py").write_text(
+        "import torch\n"
+        "def mlp():\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["inspect", "--model", "flat_zoo:mlp", "--size", "8", "8"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("meshci: error: model 'flat_zoo:mlp' has no spatially local trunk") and err.count("\n") == 1
