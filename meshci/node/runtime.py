@@ -19,8 +19,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from functools import lru_cache
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cloudpickle
@@ -43,22 +42,36 @@ class LoadedModel:
     key: ModelKey
     trunk: Trunk
     has_head: bool
+    needs: dict[tuple[int, int, Region], Region] = field(default_factory=dict)  # PlanGeometry memo
+
+    def geometry(self, plan: Plan) -> PlanGeometry:
+        return PlanGeometry(self.trunk, plan, self.needs)
+
+
+NEED_CACHE_ENTRIES = 65536
 
 
 class PlanGeometry:
-    """`meshci.node.request.Geometry` for one plan on one trunk (memoised)."""
+    """`meshci.node.request.Geometry` for one plan on one trunk.
 
-    def __init__(self, trunk: Trunk, plan: Plan) -> None:
+    Input regions are memoised in `needs` (pass the trunk's shared dict so that requests
+    with the same cuts and strips reuse them)."""
+
+    def __init__(self, trunk: Trunk, plan: Plan,
+                 needs: dict[tuple[int, int, Region], Region] | None = None) -> None:
         self.trunk = trunk
         self.plan = plan
-        self._need = lru_cache(maxsize=None)(self._need_uncached)
-
-    def _need_uncached(self, block: int, out: Region) -> Region:
-        spec = self.plan.blocks[block]
-        return block_input_region(self.trunk, spec.start, spec.end, out)
+        self.needs = needs if needs is not None else {}
 
     def need(self, block: int, out: Region) -> Region:
-        return self._need(block, out)
+        spec = self.plan.blocks[block]
+        key = (spec.start, spec.end, out)
+        region = self.needs.get(key)
+        if region is None:
+            if len(self.needs) >= NEED_CACHE_ENTRIES:
+                self.needs.clear()
+            region = self.needs[key] = block_input_region(self.trunk, spec.start, spec.end, out)
+        return region
 
     def map_size(self, boundary: int) -> tuple[int, int]:
         blocks = self.plan.blocks

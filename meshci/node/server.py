@@ -40,7 +40,7 @@ from meshci.node.request import (
     Action, Compute, RequesterRun, RequestStateError, SendPiece, TrunkDone, WorkerRun,
     cluster_from_view, tensor_bytes,
 )
-from meshci.node.runtime import LoadedModel, PlanGeometry, Runtime
+from meshci.node.runtime import LoadedModel, Runtime
 from meshci.planning import STRATEGIES, Plan, make_plan
 from meshci.tiling import block_flops
 from meshci.trunk import Region
@@ -120,6 +120,7 @@ class Node:
         # DPFL plans by (model, seed, size, strategy, devices and speeds): the cuts depend on
         # stable facts; for edgeci the network auction still reassigns tiles per request
         self._plans: dict[tuple[Any, ...], tuple[Plan, float]] = {}
+        self._items: dict[int, tuple[Plan, list[Any]]] = {}  # auction items of a cached plan
         self._stopped = asyncio.Event()
         self.links = LinkEstimator()
         self.bidder = Bidder(config.name, self._compute_s, self._link_s)
@@ -372,9 +373,10 @@ class Node:
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
 
     def _drop_orphans(self, now: float) -> None:
-        for key, (_, made) in list(self._plans.items()):
+        for key, (plan, made) in list(self._plans.items()):
             if now - made > PLAN_TTL_S:
                 del self._plans[key]
+                self._items.pop(id(plan), None)
         for auction_id, since in list(self._bid_auctions.items()):
             if now - since > REQUEST_TIMEOUT_S:
                 self.bidder.release(auction_id)  # its request ended long ago, however it ended
@@ -447,6 +449,7 @@ class Node:
             "relayed_boundary_bytes": self.relayed_boundary_bytes,
             "tiles_computed": self.runtime.tiles_computed,
             "compute_s": self.runtime.compute_s,
+            "loop_cpu_s": time.thread_time(),  # CPU of the event-loop thread (stats runs on it)
             "requests_served": self.requests_served,
             "errors_replied": self.errors_replied,
             "peers": {p.name: p.status.value if p.heard_directly else "known"
@@ -517,7 +520,7 @@ class Node:
             plan, auction_rounds, rounds_s = await self._auction(rid, trunk, cluster, plan)
         auctioned_at = time.perf_counter()
 
-        run = RequesterRun(plan, self.name, PlanGeometry(trunk, plan))
+        run = RequesterRun(plan, self.name, loaded.geometry(plan))
         devices = run.devices()
         done: asyncio.Future[torch.Tensor] = loop.create_future()
         self._requests[rid] = _RequesterContext(run, loaded, done, frozenset(devices))
@@ -575,7 +578,10 @@ class Node:
         """AWAS over the network for the row strips of the blocks DPFL chose; returns the
         plan, the auction's round trips and the seconds its rounds took."""
         bidders = [d.name for d in cluster.devices]
-        auction = NetworkAuction(rid, self.name, auction_items(trunk, plan), bidders)
+        items = self._items.get(id(plan))
+        if items is None or items[0] is not plan:
+            items = self._items[id(plan)] = (plan, auction_items(trunk, plan))
+        auction = NetworkAuction(rid, self.name, items[1], bidders)
         wake = asyncio.Event()
         self._auctions[rid] = (auction, wake)
         try:
@@ -635,7 +641,7 @@ class Node:
             ctx.loaded = await self.runtime.load(str(msg.meta["model"]), int(msg.meta.get("seed", 0)),
                                                  (size[0], size[1]), head=False)
             ctx.requester = plan.requester
-            ctx.run = WorkerRun(plan, self.name, PlanGeometry(ctx.loaded.trunk, plan))
+            ctx.run = WorkerRun(plan, self.name, ctx.loaded.geometry(plan))
         except (MeshciError, KeyError, TypeError, ValueError, RuntimeError, OSError) as exc:
             # a plan this node cannot serve (bad plan, unknown model, the build helper
             # process failed): tell the requester why, keep serving
