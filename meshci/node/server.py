@@ -427,7 +427,7 @@ class Node:
                 log.warning("dropping %s from %r: %s", kind.name, conn.peer_name, exc)
                 return
             await self._route_auction(msg.request_id, [Outgoing(self.name, message)])
-        elif kind is MsgType.STATE:
+        elif kind is MsgType.STATE and msg.meta.get("op") == "stats":
             await self._send(conn, Message(MsgType.STATE, msg.request_id, self.stats()))
         elif kind is MsgType.ERROR:
             self._on_error(conn.peer_name, msg)
@@ -665,7 +665,13 @@ class Node:
                 return
             if block == len(req.run.plan.blocks):
                 req.path_s = max(req.path_s, path)
-            await self._execute(rid, req.run.on_gather(block, region, tensor), path)
+            try:
+                actions = req.run.on_gather(block, region, tensor)
+            except RequestStateError as exc:
+                # a gathered piece that fits nothing: the request cannot complete
+                await self._fail_request(rid, self.name, f"bad piece from a worker: {exc}")
+                return
+            await self._execute(rid, actions, path)
             return
         ctx = self._work.setdefault(rid, _WorkerContext(""))
         if ctx.run is None:

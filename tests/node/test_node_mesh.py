@@ -4,15 +4,18 @@ mesh, serving requests with every strategy, surviving bad input."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from meshci.node.client import RequestError, infer, stats
 from meshci.node.local import LocalMesh, wait_formed
 from meshci.planning import STRATEGIES
+from meshci.wire import client_tls_context
 
 pytestmark = pytest.mark.slow
 
@@ -165,3 +168,43 @@ def test_nodes_find_each_other_by_discovery(small_mesh: LocalMesh) -> None:
     first = small_mesh.add("x1", join=False, extra=beacon)
     second = small_mesh.add("x2", join=False, extra=beacon)
     asyncio.run(wait_formed([first.address, second.address], small_mesh.secret(), timeout=20))
+
+
+OPENSSL = shutil.which("openssl")
+
+
+def _make_pki(folder: Path, leaves: list[str]) -> None:
+    def run(*args: str) -> None:
+        subprocess.run([OPENSSL, *args], cwd=folder, check=True, capture_output=True, timeout=30)  # type: ignore[list-item]
+
+    key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    run("req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=ca")
+    for leaf in leaves:
+        run("req", *key, "-keyout", f"{leaf}.key", "-out", f"{leaf}.csr", "-subj", f"/CN={leaf}")
+        run("x509", "-req", "-in", f"{leaf}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", f"{leaf}.pem", "-days", "1")
+
+
+@pytest.mark.skipif(OPENSSL is None, reason="no openssl CLI to make a test CA")
+def test_mesh_over_mutual_tls(small_mesh: LocalMesh, tmp_path: Path) -> None:
+    _make_pki(tmp_path, ["t1", "t2", "client"])
+
+    def tls(leaf: str) -> list[str]:
+        return ["--tls-cert", str(tmp_path / f"{leaf}.pem"), "--tls-key", str(tmp_path / f"{leaf}.key"),
+                "--tls-ca", str(tmp_path / "ca.pem")]
+
+    t1 = small_mesh.add("t1", extra=tls("t1"))
+    t2 = small_mesh.add("t2", extra=tls("t2"))
+    context = client_tls_context(tmp_path / "client.pem", tmp_path / "client.key", tmp_path / "ca.pem")
+    secret = small_mesh.secret()
+
+    async def formed() -> None:
+        while (await stats(t1.address, secret=secret, ssl_context=context))["peers"].get("t2") != "alive":
+            await asyncio.sleep(0.2)
+
+    asyncio.run(asyncio.wait_for(formed(), timeout=20))
+    meta, _ = asyncio.run(infer(t2.address, model="resnet34", strategy="modnn", size=(32, 32),
+                                secret=secret, ssl_context=context, check=True))
+    assert meta["check_ok"] and sorted(meta["devices"]) == ["t1", "t2"]
+    with pytest.raises(RequestError):  # a client without a certificate is refused
+        asyncio.run(stats(t1.address, secret=secret))
