@@ -16,15 +16,15 @@ import argparse
 import statistics
 import time
 
-from meshci.cost import CostModel, pi_cluster
+from meshci.cost import Cluster, CostModel, pi_cluster
 from meshci.models import build_model
 from meshci.planning import make_plan
-from meshci.trunk import extract_trunk
+from meshci.trunk import Trunk, extract_trunk
 
 TARGET_MS = {16: 50.0, 64: 500.0}
 
 
-def timed(trunk, cluster, strategy: str, repeats: int) -> tuple[float, float, float]:  # noqa: ANN001
+def timed(trunk: Trunk, cluster: Cluster, strategy: str, repeats: int) -> tuple[float, float, float]:
     """(median wall ms, median CPU ms of this process, predicted latency s)."""
     make_plan(trunk, cluster, strategy)  # warm-up
     wall, cpu = [], []

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from meshci.trunk import Trunk
 from meshci.trunk.region import Region
 
 BYTES_PER_VALUE = 4  # float32 feature maps
@@ -58,7 +59,7 @@ class BlockTable:
 class StripTables:
     """Per-trunk strip tables; build once with `strip_tables(trunk)` (cached per trunk)."""
 
-    def __init__(self, trunk) -> None:  # noqa: ANN001 - meshci.trunk.Trunk
+    def __init__(self, trunk: Trunk) -> None:
         self._segments = list(trunk.segments)
         self._chains: dict[tuple[int, int, Region], tuple[list[Region], float]] = {}
         self.n_segments = len(trunk.segments)
@@ -157,7 +158,7 @@ class StripTables:
 _CACHE: dict[int, tuple[weakref.ref, StripTables]] = {}
 
 
-def strip_tables(trunk) -> StripTables:  # noqa: ANN001 - meshci.trunk.Trunk
+def strip_tables(trunk: Trunk) -> StripTables:
     """The (cached) strip tables of ``trunk``."""
     key = id(trunk)
     hit = _CACHE.get(key)

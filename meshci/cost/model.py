@@ -42,6 +42,7 @@ from torch import nn
 
 from meshci.cost.cluster import Cluster
 from meshci.cost.geometry import BYTES_PER_VALUE, BlockTable, StripTables, strip_tables
+from meshci.trunk import Trunk
 from meshci.trunk.region import Region
 
 
@@ -70,7 +71,7 @@ def head_flops(head: nn.Module, in_shape: Sequence[int]) -> float:
 class CostModel:
     """Cost model of one trunk on one cluster (devices addressed by index in the cluster)."""
 
-    def __init__(self, trunk, cluster: Cluster) -> None:  # noqa: ANN001 - meshci.trunk.Trunk
+    def __init__(self, trunk: Trunk, cluster: Cluster) -> None:
         self.trunk = trunk
         self.cluster = cluster
         self.tables: StripTables = strip_tables(trunk)

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from meshci.cost.cluster import Device, SegmentCurve
+from meshci.trunk import Trunk
 from meshci.trunk.region import Region
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def device_fingerprint(threads: int) -> dict[str, object]:
     }
 
 
-def model_hash(trunk) -> str:  # noqa: ANN001 - meshci.trunk.Trunk
+def model_hash(trunk: Trunk) -> str:
     """Hash of the trunk's structure (segment ops and shapes), not of its weights."""
     h = hashlib.sha256()
     h.update(repr(tuple(trunk.input_shape)).encode())
@@ -67,7 +68,7 @@ def model_hash(trunk) -> str:  # noqa: ANN001 - meshci.trunk.Trunk
     return h.hexdigest()[:16]
 
 
-def cache_path(trunk, threads: int, data_dir: Path | None = None) -> Path:  # noqa: ANN001
+def cache_path(trunk: Trunk, threads: int, data_dir: Path | None = None) -> Path:
     key = hashlib.sha256(
         (model_hash(trunk) + json.dumps(device_fingerprint(threads), sort_keys=True)).encode()
     ).hexdigest()[:20]
@@ -96,7 +97,7 @@ def fit_line(rows: list[int], seconds: list[float]) -> tuple[float, float]:
 
 
 def measure_curves(
-    trunk,  # noqa: ANN001 - meshci.trunk.Trunk
+    trunk: Trunk,
     *,
     threads: int = 1,
     repeats: int = 3,
@@ -135,7 +136,7 @@ def measure_curves(
 
 
 def load_or_measure(
-    trunk,  # noqa: ANN001 - meshci.trunk.Trunk
+    trunk: Trunk,
     *,
     threads: int = 1,
     data_dir: Path | None = None,
@@ -150,7 +151,9 @@ def load_or_measure(
             curve = tuple((float(a), float(b)) for a, b in data["curves"])
             if len(curve) == len(trunk.segments):
                 return curve
-            log.warning("profile %s has %d segments, model has %d: measuring again", path, len(curve), len(trunk.segments))
+            log.warning(
+                "profile %s has %d segments, model has %d: measuring again", path, len(curve), len(trunk.segments)
+            )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             # a corrupt or foreign cache file: measure again rather than fail the node
             log.warning("ignoring unreadable profile %s: %s", path, exc)
@@ -172,14 +175,13 @@ def load_or_measure(
     return curve
 
 
-def effective_gflops(trunk, curve: SegmentCurve) -> float:  # noqa: ANN001
+def effective_gflops(trunk: Trunk, curve: SegmentCurve) -> float:
     """Effective GFLOP/s of a device over the whole trunk, from its curves."""
     seconds = sum(a + b * seg.out_shape[1] for (a, b), seg in zip(curve, trunk.segments))
     return trunk.flops / seconds / 1e9 if seconds > 0 else 0.0
 
 
-def profiled_device(name: str, trunk, curve: SegmentCurve, **fields: object) -> Device:  # noqa: ANN001
+def profiled_device(name: str, trunk: Trunk, curve: SegmentCurve, **fields: object) -> Device:
     """A `Device` carrying ``curve`` for ``trunk`` and the matching effective GFLOP/s."""
-    return Device(
-        name=name, gflops=effective_gflops(trunk, curve), curves=((trunk.name, curve),), **fields  # type: ignore[arg-type]
-    )
+    gflops = effective_gflops(trunk, curve)
+    return Device(name=name, gflops=gflops, curves=((trunk.name, curve),), **fields)  # type: ignore[arg-type]

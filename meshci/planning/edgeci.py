@@ -10,12 +10,13 @@ How it is built here:
 1. DPFL (`meshci.planning.dpfl`) over all cut positions. Candidate layouts of a block
    [s, e): the block on the requester alone (no transfer at all, so DPFL never loses to
    ``local``), and for each parallelism degree k below the device count (every k up to
-   8 devices, powers of two above) and k = the device count, the k devices that would finish H/k rows soonest
-   (backlog, compute, and the input from / output to the requester at the ends), with rows
-   water-filled so that they finish together given backlog, speed, halo and (first block)
-   the input transfer. The DP values every candidate with the exact cost model. A first,
-   coarse pass (only the requester alone and the widest split) gives an upper bound that
-   lets the full pass skip blocks and states that cannot beat it (exact, see `dpfl`).
+   8 devices, powers of two above) and k = the device count, the k devices that would
+   finish H/k rows soonest (backlog, compute, and the input from / output to the
+   requester at the ends), with rows water-filled so that they finish together given
+   backlog, speed, halo and (first block) the input transfer. The DP values every
+   candidate with the exact cost model. A first, coarse pass (only the requester alone
+   and the widest split) gives an upper bound that lets the full pass skip blocks and
+   states that cannot beat it (exact, see `dpfl`).
 2. AWAS on the chosen blocks (`auction_layouts`): per block, the auction core the mesh's
    auctioneer runs (`meshci.auction.assign`) over strips of the block, with a simulated
    bidder per cluster device bidding its compute (halo included) and transfer time on top
@@ -210,6 +211,7 @@ def auction_layouts(
 
 def plan_edgeci(model: CostModel) -> tuple[DPResult, int]:
     """DPFL, then AWAS on the chosen blocks, then the better strips per block."""
+
     def coarse(s: int, e: int) -> list[StripLayout]:
         # the requester alone and the widest split: a quick first pass for an upper bound
         return degree_candidates(model, s, e, [model.n_devices])

@@ -14,6 +14,7 @@ from meshci.cost.cluster import Cluster
 from meshci.cost.model import CostModel
 from meshci.errors import PlanningError
 from meshci.planning.plan import BlockPlan, Plan, TileSpec
+from meshci.trunk import Trunk
 from meshci.trunk.region import Region
 
 TileList = Sequence[tuple[int, Region]]
@@ -38,7 +39,7 @@ def timeline(
     return t + model.head_s, finishes
 
 
-def _check(trunk, cluster: Cluster, plan: Plan) -> None:  # noqa: ANN001
+def _check(trunk: Trunk, cluster: Cluster, plan: Plan) -> None:
     if plan.blocks[-1].end != len(trunk.segments):
         raise PlanningError(
             f"plan covers segments up to {plan.blocks[-1].end}, the trunk has {len(trunk.segments)}"
@@ -53,7 +54,7 @@ def _check(trunk, cluster: Cluster, plan: Plan) -> None:  # noqa: ANN001
 
 
 def evaluate_plan(
-    trunk, cluster: Cluster, plan: Plan, model: CostModel | None = None  # noqa: ANN001
+    trunk: Trunk, cluster: Cluster, plan: Plan, model: CostModel | None = None
 ) -> tuple[float, list[dict[str, float]]]:
     """(predicted latency in seconds, per block the finish time of each of its devices)."""
     _check(trunk, cluster, plan)
@@ -66,7 +67,7 @@ def evaluate_plan(
 
 
 def build_plan(
-    trunk,  # noqa: ANN001
+    trunk: Trunk,
     cluster: Cluster,
     strategy: str,
     blocks: Sequence[tuple[int, int, TileList]],
@@ -104,7 +105,7 @@ def build_plan(
 
 
 def plan_from_assignment(
-    trunk,  # noqa: ANN001
+    trunk: Trunk,
     cluster: Cluster,
     blocks: Sequence[tuple[int, int]],
     assignments: Sequence[Mapping[str, tuple[int, int] | Region | Sequence[Region]]],

@@ -12,9 +12,10 @@ from torch import Tensor
 from meshci.errors import PlanningError
 from meshci.planning.plan import Plan
 from meshci.tiling import run_tiled
+from meshci.trunk import Trunk
 
 
-def execute_plan(trunk, plan: Plan, x: Tensor) -> Tensor:  # noqa: ANN001
+def execute_plan(trunk: Trunk, plan: Plan, x: Tensor) -> Tensor:
     """head(trunk(x)) computed the plan's way (tile by tile per block)."""
     if tuple(x.shape[1:]) != tuple(plan.input_shape):
         raise PlanningError(f"input of shape {tuple(x.shape[1:])}, the plan is for {tuple(plan.input_shape)}")

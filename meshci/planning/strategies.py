@@ -16,6 +16,7 @@ from meshci.planning.evaluate import TileList, build_plan
 from meshci.planning.local import plan_local
 from meshci.planning.modnn import plan_modnn
 from meshci.planning.plan import STRATEGIES, Plan
+from meshci.trunk import Trunk
 from meshci.trunk.region import Region
 
 BlockTiles = list[tuple[int, int, TileList]]
@@ -36,7 +37,7 @@ def _dp_blocks(model: CostModel, result: DPResult) -> BlockTiles:
     return blocks
 
 
-def make_plan(trunk, cluster: Cluster, strategy: str, model: CostModel | None = None) -> Plan:  # noqa: ANN001
+def make_plan(trunk: Trunk, cluster: Cluster, strategy: str, model: CostModel | None = None) -> Plan:
     """The plan of ``strategy`` for ``trunk`` on ``cluster``, with predicted finish times
     and latency under the cost model (`meshci.cost.model`) and the planning time."""
     if strategy not in STRATEGIES:
@@ -79,7 +80,7 @@ def default_cluster(n_devices: int) -> Cluster:
     return Cluster(devices, LinkSpec(100.0, 2.0), {}, "switched", devices[0].name)
 
 
-def auto_cuts(trunk, n_devices: int) -> list[int]:  # noqa: ANN001
+def auto_cuts(trunk: Trunk, n_devices: int) -> list[int]:
     """DPFL's cuts (block starts after the first) for a default homogeneous cluster of
     ``n_devices`` (see `default_cluster`)."""
     return make_plan(trunk, default_cluster(n_devices), "edgeci").cuts

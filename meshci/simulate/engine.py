@@ -34,6 +34,7 @@ from meshci.cost.cluster import Cluster
 from meshci.cost.geometry import BYTES_PER_VALUE
 from meshci.cost.model import CostModel
 from meshci.planning.plan import Plan
+from meshci.trunk import Trunk
 from meshci.trunk.region import Region
 
 
@@ -103,7 +104,9 @@ def _channel(cluster: Cluster, src: str, dst: str) -> str:
     return "medium" if cluster.medium == "shared" else f"{src}->{dst}"
 
 
-def build_tasks(trunk, cluster: Cluster, plan: Plan, model: CostModel) -> tuple[_Graph, list[dict[str, int]], int]:  # noqa: ANN001
+def build_tasks(
+    trunk: Trunk, cluster: Cluster, plan: Plan, model: CostModel
+) -> tuple[_Graph, list[dict[str, int]], int]:
     """The task graph of a plan: (graph, per block device -> compute task, head task)."""
     graph = _Graph()
     names = cluster.names
@@ -229,7 +232,9 @@ def run(graph: _Graph, backlog: dict[str, float]) -> int:
     return count
 
 
-def simulate_plan(trunk, cluster: Cluster, plan: Plan, model: CostModel | None = None) -> SimulationResult:  # noqa: ANN001
+def simulate_plan(
+    trunk: Trunk, cluster: Cluster, plan: Plan, model: CostModel | None = None
+) -> SimulationResult:
     """Replay ``plan`` on ``cluster`` event by event (module docstring)."""
     model = model or CostModel(trunk, cluster)
     graph, computes, head = build_tasks(trunk, cluster, plan, model)
@@ -249,7 +254,9 @@ def simulate_plan(trunk, cluster: Cluster, plan: Plan, model: CostModel | None =
             messages += 1
             n_bytes += task.n_bytes
             channel_busy[task.resource] += task.duration
-    block_finish = tuple({dev: float(tasks[tid].done) for dev, tid in c.items()} for c in computes)  # type: ignore[arg-type]
+    block_finish = tuple(
+        {dev: float(tasks[tid].done) for dev, tid in c.items()} for c in computes  # type: ignore[arg-type]
+    )
     return SimulationResult(
         strategy=plan.strategy,
         latency_s=float(tasks[head].done),  # type: ignore[arg-type]

@@ -77,9 +77,8 @@ def test_backlog_delays_a_device(small_models):
     n = len(trunk.segments)
     h = trunk.boundary_shape(n)[1]
     idle = two_helpers("switched")
-    busy = Cluster(
-        (Device("req", 1.0), Device("a", 4.0, backlog_s=5.0), Device("b", 4.0)), idle.default_link, {}, "switched", "req"
-    )
+    devices = (Device("req", 1.0), Device("a", 4.0, backlog_s=5.0), Device("b", 4.0))
+    busy = Cluster(devices, idle.default_link, {}, "switched", "req")
     results = []
     for cluster in (idle, busy):
         plan = plan_from_assignment(trunk, cluster, [(0, n)], [{"a": (0, h)}])
