@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from meshci.node.client import infer, stats  # noqa: E402
 from meshci.node.local import LocalMesh, wait_formed  # noqa: E402
+from meshci.planning import STRATEGIES  # noqa: E402
 
 
 def median(values: list[float]) -> float:
@@ -63,6 +64,14 @@ async def overhead_and_auction(mesh: LocalMesh, model: str, size: tuple[int, int
           f"{loop_cpu * 1e3:.1f} ms per request = {loop_cpu / median(latency) * 100:.1f}% of the median latency")
     print(f"    planning (DPFL, cached per device set): median {median([m['planning_s'] for m in rows]) * 1e3:.2f} ms; "
           f"devices used: {sorted({d for m in rows for d in m['devices']})}")
+
+    print("    per strategy (3 requests each): overhead share median, blocks, devices")
+    for strategy in STRATEGIES:
+        metas = [(await infer(via, model=model, strategy=strategy, size=size, secret=secret, input_seed=i))[0]
+                 for i in range(3)]
+        shares = [(m["latency_s"] - m["critical_path_s"]) / m["latency_s"] for m in metas]
+        print(f"      {strategy:10s} {median(shares) * 100:5.1f}%  latency {median([m['latency_s'] for m in metas]) * 1e3:6.1f} ms"
+              f"  blocks {len(metas[0]['plan']['blocks']):2d}  devices {len(metas[0]['devices'])}")
 
     rtts = []
     for node in mesh.nodes:
