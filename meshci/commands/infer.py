@@ -105,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         via = Address.parse(args.via)
     except ValueError as exc:
+        # not HOST:PORT: the user's typo, one line
         raise MeshciError(str(exc)) from exc
     if args.secret_file is None and not args.insecure:
         raise MeshciError("no cluster secret: give --secret-file F (or --insecure)")

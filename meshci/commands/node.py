@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         join = tuple(Address.parse(a) for a in args.join)
         discover = Address.parse(args.discover) if args.discover else None
     except ValueError as exc:
+        # not HOST:PORT: the user's typo, one line
         raise MeshciError(str(exc)) from exc
     if args.secret_file is None and not args.insecure:
         raise MeshciError("no cluster secret: give --secret-file F (or --insecure on a trusted network)")
@@ -88,6 +89,7 @@ async def _serve(node: Node) -> int:
     try:
         address = await node.start()
     except BaseException:
+        # join refused, port taken, interrupted: release sockets and threads, then re-raise
         await node.close()
         raise
     print(f"meshci node {node.name} listening on {address}", flush=True)

@@ -43,6 +43,7 @@ async def ask(address: Address, msg: Message, *, secret: bytes | None, insecure:
         # the node hung up mid-request
         raise RequestError(f"connection to {address} failed: {exc}") from exc
     except TimeoutError as exc:
+        # the node accepted the request but never answered: the user's wait ends here
         raise RequestError(f"no answer from {address} within {timeout:.0f} s") from exc
     finally:
         await conn.close()

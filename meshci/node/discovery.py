@@ -51,6 +51,7 @@ def decode_beacon(data: bytes, secret: bytes | None) -> dict[str, Any]:
     try:
         beacon = json.loads(data)
     except (UnicodeDecodeError, ValueError) as exc:
+        # any datagram can land on this port: not ours, say why
         raise BeaconError(f"not JSON: {exc}") from exc
     if not isinstance(beacon, dict) or beacon.get("meshci") != 1 or not isinstance(beacon.get("node"), dict):
         raise BeaconError("not a meshci beacon")

@@ -164,6 +164,7 @@ class LocalMesh:
                 self.nodes.append(node)
                 started.append(node)
         except NodeStartError:
+            # one node failed: do not leave the others running behind the error
             for proc, _, _ in spawned:
                 if proc.poll() is None:
                     proc.kill()

@@ -175,6 +175,7 @@ def _child_main(argv: list[str]) -> int:
     try:
         data = _trunk_only_bytes(name, seed, (h, w))
     except MeshciError as exc:
+        # unknown model and the like: the parent reports this line as the reason
         print(f"{exc}", file=sys.stderr)
         return 2
     sys.stdout.buffer.write(data)

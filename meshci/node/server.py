@@ -540,8 +540,10 @@ class Node:
             head_s = time.perf_counter() - head_began
             path_s = self._requests[rid].path_s + head_s
         except WireError as exc:
+            # a device could not be reached (PLAN or input tiles): the request fails, with why
             raise RequestFailed(f"lost a device during the request: {exc}") from exc
         except TimeoutError as exc:
+            # pieces never all arrived (a silent device): fail instead of waiting forever
             raise RequestFailed(f"request timed out after {REQUEST_TIMEOUT_S:.0f} s") from exc
         finally:
             self._requests.pop(rid, None)
@@ -599,6 +601,7 @@ class Node:
             rounds_s = time.perf_counter() - began
             new_plan = awarded_plan(trunk, plan, auction)
         except AuctionError as exc:
+            # the auction cannot produce an assignment (e.g. nobody to bid): say so to the client
             raise RequestFailed(f"auction failed: {exc}") from exc
         finally:
             self._auctions.pop(rid, None)
@@ -708,6 +711,7 @@ class Node:
         try:
             await self.send_to(action.dest, msg)
         except WireError as exc:
+            # the next device is gone: the request cannot complete, its requester must know
             await self._fail_request(rid, self._requester_of(rid), f"cannot reach {action.dest}: {exc}")
             return
         # send() returns once the last chunk is drained: a (slightly optimistic) transfer time
