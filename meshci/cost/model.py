@@ -96,6 +96,7 @@ class CostModel:
         for d in cluster.devices:
             curve = d.curve_for(trunk.name, self.n_segments)
             self.curves.append(None if curve is None else np.array(curve, dtype=np.float64))
+        self.curves_free = all(c is None for c in self.curves)  # every device by GFLOP/s
         self.head_s = head_flops(trunk.head, trunk.boundary_shape(self.n_segments)) / self.speed[self.requester]
 
     # ---- compute time -------------------------------------------------------------------

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -48,7 +49,7 @@ class StripLayout:
         if not (self.devices.size == self.r0.size == self.r1.size) or self.devices.size == 0:
             raise ValueError("a layout needs one (r0, r1) per device and at least one device")
 
-    @property
+    @cached_property
     def signature(self) -> bytes:
         """Equal for layouts with the same strips on the same devices."""
         return b"|".join(np.asarray(a, dtype=np.int64).tobytes() for a in (self.devices, self.r0, self.r1))
@@ -99,12 +100,131 @@ def segment_lower_bounds(model: CostModel) -> np.ndarray:
     return bounds
 
 
+class _Layouts:
+    """Per-block costs that do not depend on the predecessor's end time, kept across the
+    DP passes of one plan (`dpfl`'s ``memo``): one `_Block` per block and candidate list."""
+
+    def __init__(self, model: CostModel) -> None:
+        self.model = model
+        self.blocks: dict[tuple[int, int, bool, tuple[StripLayout, ...]], _Block] = {}
+
+    def block(self, start: int, end: int, gather: bool, layouts: Sequence[StripLayout]) -> _Block:
+        key = (start, end, gather, tuple(layouts))
+        hit = self.blocks.get(key)
+        if hit is None:
+            hit = self.blocks[key] = _Block(self.model, start, end, gather, key[3])
+        return hit
+
+
+class _Block:
+    """The candidate layouts of one block with their strips stacked, so that one numpy pass
+    times all of them: compute seconds, input rows, output sends; and, per predecessor,
+    every layout's end time (`ends`). Each strip's numbers come from the same elementwise
+    arithmetic as `CostModel.strip_block` on its own layout (bytes are exact integers, so
+    integer rows x row bytes converts to the same float), so the end times agree to the
+    bit; the tests compare them with `CostModel.strip_block`."""
+
+    def __init__(
+        self, model: CostModel, start: int, end: int, gather: bool, layouts: tuple[StripLayout, ...]
+    ) -> None:
+        tables = model.tables
+        block = tables.block(start, end)
+        self.model = model
+        self.layouts = layouts
+        devices = np.concatenate([lay.devices for lay in layouts])
+        r0 = np.concatenate([lay.r0 for lay in layouts])
+        r1 = np.concatenate([lay.r1 for lay in layouts])
+        sizes = [lay.devices.size for lay in layouts]
+        self.offsets = np.cumsum([0, *sizes[:-1]])
+        self.bounds: list[int] = np.cumsum([0, *sizes]).tolist()
+        self.row_bytes = tables.row_bytes[start]
+        lo = block.in_lo[r0]
+        hi = block.in_hi[r1]
+        self.lo_col = lo[:, None]
+        self.hi_col = hi[:, None]
+        self.dev_col = devices[:, None]
+        self.requester_rows = (hi - lo)[:, None]
+        self.requester_src = np.array([model.requester])
+        # [strip, holder device]: the link from the holder to the strip's device
+        self.lat_t = model.latency[:, devices].T
+        self.spb_t = model.sec_per_byte[:, devices].T
+        if model.curves_free and bool((r1 > r0).all()):
+            # strip_compute's flops / speed, for each strip's own device only
+            self.comp = block.flops(r0, r1) / model.speed[devices]
+        else:
+            self.comp = np.concatenate(
+                [model.strip_compute(block, lay.r0, lay.r1)[lay.devices, np.arange(lay.devices.size)] for lay in layouts]
+            )
+        spans = list(zip(self.bounds, self.bounds[1:]))
+        self.comps = [self.comp[a:b] for a, b in spans]
+        self.comp_max: list[float] = np.maximum.reduceat(self.comp, self.offsets).tolist()
+        self.backlog = model.backlog[devices]
+        self.backlog_max: list[float] = np.maximum.reduceat(self.backlog, self.offsets).tolist()
+        if gather:
+            out_bytes = ((r1 - r0) * tables.row_bytes[end]).astype(np.float64)
+            self.send = model.send_seconds(devices, out_bytes)
+        else:
+            self.send = np.zeros(devices.size)
+        self.sends = bool(self.send.any())
+        self._recv: dict[StripLayout | None, np.ndarray] = {}
+        self._ends: dict[tuple[StripLayout | None, float], list[float]] = {}
+
+    def lower(self, i: int, t0: float) -> float:
+        """Layout i's end if it started at ``t0`` with no transfer at all."""
+        if t0 >= self.backlog_max[i]:
+            # max_j(t0 + c_j) == t0 + max_j c_j exactly (rounding is monotone)
+            return t0 + self.comp_max[i]
+        a, b = self.bounds[i], self.bounds[i + 1]
+        return float((np.maximum(self.backlog[a:b], t0) + self.comp[a:b]).max())
+
+    def recv(self, pred: StripLayout | None) -> np.ndarray:
+        """Receive seconds per strip from the holders ``pred`` (None: the requester holds
+        the whole input), reduced over holders as `CostModel.block_timing` reduces them
+        (slowest message on a switched medium, their sum on a shared one)."""
+        hit = self._recv.get(pred)
+        if hit is None:
+            if pred is None:
+                src = self.requester_src
+                rows = self.requester_rows
+            else:
+                src = pred.devices
+                rows = np.minimum(self.hi_col, pred.r1) - np.maximum(self.lo_col, pred.r0)
+            sent = (rows > 0) & (self.dev_col != src)
+            recv = np.where(sent, self.lat_t[:, src] + (rows * self.row_bytes) * self.spb_t[:, src], 0.0)
+            hit = self._recv[pred] = recv.sum(axis=1) if self.model.shared else recv.max(axis=1)
+        return hit
+
+    def ends(self, pred: StripLayout | None, t0: float) -> list[float]:
+        """Every layout's end time when it starts at ``t0`` after holders ``pred``."""
+        key = (pred, t0)
+        hit = self._ends.get(key)
+        if hit is not None:
+            return hit
+        recv = self.recv(pred)
+        model = self.model
+        if model.shared:
+            hit = []
+            for i, lay in enumerate(self.layouts):
+                a, b = self.bounds[i], self.bounds[i + 1]
+                # a one-column receive matrix: its row sums are the per-strip sums
+                timing = model.block_timing(t0, lay.devices, self.comp[a:b], recv[a:b, None], self.send[a:b])
+                hit.append(timing[1])
+        else:
+            finish = np.maximum(t0 + recv, self.backlog) + self.comp
+            if self.sends:
+                finish = finish + self.send
+            hit = np.maximum.reduceat(finish, self.offsets).tolist()
+        self._ends[key] = hit
+        return hit
+
+
 def dpfl(
     model: CostModel,
     candidates: Candidates,
     *,
     routing: str = "p2p",
     upper_bound: float = np.inf,
+    memo: _Layouts | None = None,
 ) -> DPResult:
     """Optimal cuts and layouts over the candidate layouts (module docstring).
 
@@ -112,46 +232,49 @@ def dpfl(
     (e.g. from a first pass over a subset of them). States and blocks that cannot finish
     below it even if the rest of the trunk ran ideally parallel are skipped (exact: the
     optimal path never exceeds it, and the pruning is strict).
+    ``memo``: per-layout costs shared by several passes over the same layouts
+    (`new_memo`); the result is the same with or without it.
     """
     n_seg = model.n_segments
     tables = model.tables
+    memo = memo if memo is not None and memo.model is model else _Layouts(model)
     init_layout = requester_layout(model, tables.heights[0])
     init = _State(0.0, -1, init_layout, None, np.zeros(1))
     states: list[list[_State]] = [[init]] + [[] for _ in range(n_seg)]
-    backlog = model.backlog
+    ordered: list[list[_State] | None] = [None] * (n_seg + 1)
     transitions = 0
     # rest[k]: lower bound on the time from boundary k to the end of the head
     seg_lb = segment_lower_bounds(model) if np.isfinite(upper_bound) else np.zeros(n_seg)
     rest = np.append(np.cumsum(seg_lb[::-1])[::-1], 0.0) + model.head_s
+    rest_l = rest.tolist()
     limit = upper_bound * (1.0 + 1e-12) if np.isfinite(upper_bound) else np.inf
+    p2p = routing == "p2p"
     for e in range(1, n_seg + 1):
         gather = e == n_seg or routing == "requester"
+        rest_e = rest_l[e]
         for s in range(e):
-            preds = sorted(states[s], key=lambda st: st.end_time)
-            if not preds or preds[0].end_time + rest[s] > limit:
+            preds = ordered[s]
+            if preds is None:
+                preds = ordered[s] = sorted(states[s], key=lambda st: st.end_time)
+            if not preds or preds[0].end_time + rest_l[s] > limit:
                 continue
-            block = tables.block(s, e)
-            for layout in candidates(s, e):
-                idx = np.arange(layout.devices.size)
-                comp = model.strip_compute(block, layout.r0, layout.r1)[layout.devices, idx]
-                lb_backlog = backlog[layout.devices]
+            layouts = candidates(s, e)
+            if not layouts:
+                continue
+            costs = memo.block(s, e, gather, layouts)
+            for i, layout in enumerate(layouts):
                 best_t = np.inf
                 best_pred: _State | None = None
                 for pred in preds:
-                    lower = float((np.maximum(lb_backlog, pred.end_time) + comp).max())
-                    if lower >= best_t or lower + rest[e] > limit:
+                    lower = costs.lower(i, pred.end_time)
+                    if lower >= best_t or lower + rest_e > limit:
                         break
-                    holders = None
-                    if routing == "p2p":
-                        holders = (pred.layout.devices, pred.layout.r0, pred.layout.r1)
-                    _, t = model.strip_block(
-                        pred.end_time, s, e, layout.devices, layout.r0, layout.r1, holders, gather, comp
-                    )
+                    t = costs.ends(pred.layout if p2p else None, pred.end_time)[i]
                     transitions += 1
                     if t < best_t:
                         best_t, best_pred = t, pred
-                if best_pred is not None and best_t + rest[e] <= limit:
-                    states[e].append(_State(best_t, s, layout, best_pred, comp))
+                if best_pred is not None and best_t + rest_e <= limit:
+                    states[e].append(_State(best_t, s, layout, best_pred, costs.comps[i]))
         states[e] = _dedupe(states[e], everything=routing == "requester")
     final = min(states[n_seg], key=lambda st: st.end_time)
     blocks: list[tuple[int, int, StripLayout]] = []
@@ -166,6 +289,11 @@ def dpfl(
     blocks.reverse()
     ends.reverse()
     return DPResult(final.end_time + model.head_s, tuple(blocks), transitions, tuple(ends))
+
+
+def new_memo(model: CostModel) -> _Layouts:
+    """A per-layout cost memo for several `dpfl` passes on ``model`` (see `dpfl`)."""
+    return _Layouts(model)
 
 
 def _dedupe(states: list[_State], everything: bool) -> list[_State]:

@@ -40,8 +40,8 @@ import numpy as np
 from meshci.auction import assign, balance_strips
 from meshci.cost.geometry import BlockTable
 from meshci.cost.model import CostModel
-from meshci.planning.dpfl import DPResult, StripLayout, dpfl, requester_layout
-from meshci.planning.splits import halo_seconds, per_row_seconds, water_filled_layout
+from meshci.planning.dpfl import DPResult, StripLayout, dpfl, new_memo, requester_layout
+from meshci.planning.splits import halo_seconds, per_row_seconds, water_filled_rows
 
 FINE_DEGREES = (1, 2, 3, 4, 5, 6, 8)  # clusters of up to 8 devices: these degrees
 DEGREES = (1, 2, 4, 8, 16, 32, 64)  # larger clusters: powers of two
@@ -54,39 +54,86 @@ def degree_candidates(
 ) -> list[StripLayout]:
     """The requester alone plus water-filled splits over the k best devices per degree
     (``degrees``: default every k up to 8 devices, powers of two above, and all)."""
+    return _candidates(model, start, end, degrees)[0]
+
+
+def _candidates(
+    model: CostModel, start: int, end: int, degrees: Sequence[int] | None = None
+) -> tuple[list[StripLayout], StripLayout | None]:
+    """`degree_candidates`, and the split over all devices (what
+    ``degree_candidates(model, start, end, [n])`` adds to the requester alone; None on a
+    single device). All degrees are scored and water-filled at once
+    (`water_filled_rows`), with the same arithmetic as one degree at a time."""
     block = model.tables.block(start, end)
     height = block.height
     out = [requester_layout(model, height)]
-    seen = {out[0].signature}
     n = model.n_devices
     if n == 1:
-        return out
+        return out, None
     rate = per_row_seconds(model, block)
     halo = halo_seconds(model, block, rate)
     if degrees is None:
         degrees = sorted({k for k in (FINE_DEGREES if n <= 8 else DEGREES) if k < n} | {n})
+    ks: list[int] = []
+    for k in degrees:
+        ks.append(min(k, height))
+        if ks[-1] == height:
+            break  # more devices than rows: every later degree is this one
+    listed = len(ks)
+    if min(n, height) not in ks:  # degrees short of the device count: score the widest too
+        ks.append(min(n, height))
+    widest = ks.index(min(n, height))
     req = model.requester
     tables = model.tables
     bytes_in = tables.row_bytes[start] * tables.heights[start] if start == 0 else 0.0
     bytes_out = tables.row_bytes[end] * height if end == tables.n_segments else 0.0
     others = np.arange(n) != req
-    for k in degrees:
-        k_eff = min(k, height)
-        # who finishes a 1/k share first: its input from the requester (first block), its
-        # backlog, its compute, its output to the requester (last block)
-        t_in = np.where(others & (bytes_in > 0), model.latency[req] + bytes_in / k_eff * model.sec_per_byte[req], 0.0)
-        t_out = np.where(
-            others & (bytes_out > 0), model.latency[:, req] + bytes_out / k_eff * model.sec_per_byte[:, req], 0.0
+    k_eff = np.array(ks, dtype=np.float64)[:, None]
+    # who finishes a 1/k share first: its input from the requester (first block), its
+    # backlog, its compute, its output to the requester (last block)
+    if bytes_in > 0:
+        t_in = np.where(others, model.latency[req] + bytes_in / k_eff * model.sec_per_byte[req], 0.0)
+        score = np.maximum(model.backlog, t_in)
+    else:
+        score = np.broadcast_to(model.backlog, (len(ks), n))
+    score = score + rate * (height / k_eff)
+    if bytes_out > 0:
+        score = score + np.where(
+            others, model.latency[:, req] + bytes_out / k_eff * model.sec_per_byte[:, req], 0.0
         )
-        score = np.maximum(model.backlog, t_in) + rate * (height / k_eff) + t_out
-        best = np.sort(np.argsort(score, kind="stable")[:k_eff])
-        layout = water_filled_layout(model, start, end, best, from_requester=start == 0, rates=rate, halo_s=halo)
-        if layout.signature not in seen:
-            seen.add(layout.signature)
-            out.append(layout)
-        if k_eff == height:
-            break
-    return out
+    rank = np.empty((len(ks), n), dtype=np.int64)
+    rank[np.arange(len(ks))[:, None], np.argsort(score, axis=1, kind="stable")] = np.arange(n)
+    members = rank < k_eff.astype(np.int64)
+    rows = water_filled_rows(model, start, end, members, from_requester=start == 0, rates=rate, halo_s=halo)
+    seen = {_rows_key(n, req, height)}
+    keep = []
+    for i in range(listed):
+        key = rows[i].tobytes()
+        if key not in seen:
+            seen.add(key)
+            keep.append(i)
+    # equal rows make equal layouts (one signature): the widest may repeat a kept one
+    layouts = _layouts(rows, keep if widest in keep else [*keep, widest])
+    out.extend(layouts[: len(keep)])
+    return out, layouts[keep.index(widest) if widest in keep else -1]
+
+
+def _rows_key(n: int, device: int, height: int) -> bytes:
+    rows = np.zeros(n, dtype=np.int64)
+    rows[device] = height
+    return rows.tobytes()
+
+
+def _layouts(rows: np.ndarray, which: list[int]) -> list[StripLayout]:
+    """`layout_from_rows` for the sets ``which`` of ``rows`` (per set, rows per device in
+    device order), all at once."""
+    picked = rows[which]
+    r1_all = np.cumsum(picked, axis=1)
+    sets, devices = np.nonzero(picked > 0)
+    r1 = r1_all[sets, devices]
+    r0 = r1 - picked[sets, devices]
+    cuts = np.searchsorted(sets, np.arange(len(which) + 1)).tolist()
+    return [StripLayout(devices[a:b], r0[a:b], r1[a:b], 0) for a, b in zip(cuts, cuts[1:])]
 
 
 def _strip_seconds(model: CostModel, start: int, end: int, device: int, a: int, b: int) -> float:
@@ -210,14 +257,27 @@ def auction_layouts(
 
 
 def plan_edgeci(model: CostModel) -> tuple[DPResult, int]:
-    """DPFL, then AWAS on the chosen blocks, then the better strips per block."""
+    """DPFL, then AWAS on the chosen blocks, then the better strips per block.
+
+    Every block's candidates are generated once (the first pass takes the requester alone
+    and the widest split from them), and the three DP passes share one memo of per-layout
+    costs (`new_memo`)."""
+    cands: dict[tuple[int, int], tuple[list[StripLayout], StripLayout | None]] = {}
+
+    def generated(s: int, e: int) -> tuple[list[StripLayout], StripLayout | None]:
+        hit = cands.get((s, e))
+        if hit is None:
+            hit = cands[(s, e)] = _candidates(model, s, e)
+        return hit
 
     def coarse(s: int, e: int) -> list[StripLayout]:
         # the requester alone and the widest split: a quick first pass for an upper bound
-        return degree_candidates(model, s, e, [model.n_devices])
+        layouts, widest = generated(s, e)
+        return layouts[:1] if widest is None else [layouts[0], widest]
 
-    bound = dpfl(model, coarse, routing="p2p").latency_s
-    first = dpfl(model, lambda s, e: degree_candidates(model, s, e), routing="p2p", upper_bound=bound)
+    memo = new_memo(model)
+    bound = dpfl(model, coarse, routing="p2p", memo=memo).latency_s
+    first = dpfl(model, lambda s, e: generated(s, e)[0], routing="p2p", upper_bound=bound, memo=memo)
     distributed = [(s, e, t) for s, e, lay, t in _with_start_times(first) if lay.key != "requester"]
     if not distributed:
         return first, 0
@@ -226,7 +286,7 @@ def plan_edgeci(model: CostModel) -> tuple[DPResult, int]:
     for (s, e, _), lay in zip(distributed, auctioned):
         if lay is not None:
             options[(s, e)].append(lay)
-    return dpfl(model, lambda s, e: options.get((s, e), []), routing="p2p"), rounds
+    return dpfl(model, lambda s, e: options.get((s, e), []), routing="p2p", memo=memo), rounds
 
 
 def _with_start_times(result: DPResult) -> list[tuple[int, int, StripLayout, float]]:

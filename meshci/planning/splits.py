@@ -40,6 +40,8 @@ def layout_from_rows(devices: np.ndarray, rows: np.ndarray, rounds: int = 0) -> 
 
 def per_row_seconds(model: CostModel, block: BlockTable) -> np.ndarray:
     """Seconds per output row of each device on the block (whole map / height, no halo)."""
+    if model.curves_free:  # strip_compute's flops / speed, without the matrix
+        return block.flops(0, block.height) / model.speed / block.height
     full = model.strip_compute(block, np.array([0]), np.array([block.height]))[:, 0]
     return full / block.height
 
@@ -48,7 +50,10 @@ def halo_seconds(model: CostModel, block: BlockTable, rates: np.ndarray) -> np.n
     """A strip also computes its halo rows: a fixed cost per device (a middle row's strip
     time beyond the per-row rate)."""
     mid = block.height // 2
-    one_row = model.strip_compute(block, np.array([mid]), np.array([mid + 1]))[:, 0]
+    if model.curves_free:  # strip_compute's flops / speed, without the matrix
+        one_row = block.flops(mid, mid + 1) / model.speed
+    else:
+        one_row = model.strip_compute(block, np.array([mid]), np.array([mid + 1]))[:, 0]
     return np.maximum(one_row - rates, 0.0)
 
 
@@ -99,3 +104,58 @@ def water_filled_layout(
     if shares.sum() <= 0:
         shares[order[0]] = 1.0
     return layout_from_rows(devices, round_rows(block.height, shares))
+
+
+def water_filled_rows(
+    model: CostModel,
+    start: int,
+    end: int,
+    members: np.ndarray,
+    *,
+    from_requester: bool,
+    rates: np.ndarray,
+    halo_s: np.ndarray,
+) -> np.ndarray:
+    """`water_filled_layout` for several device sets at once: ``members[i]`` (bool, one
+    column per device) is the i-th set; returns the rows per device (int, one row per
+    set, 0 for devices left out). Bit for bit the same arithmetic as one
+    `water_filled_layout` call per set: a set sorted by ready time is the cluster sorted
+    by ready time (stable, so ties by index) with the other devices removed, and the
+    running sums over it pass the removed devices as exact zeros."""
+    block = model.tables.block(start, end)
+    height = block.height
+    n_sets, n = members.shape
+    rate = rates
+    ready = model.backlog + halo_s
+    req = model.requester
+    if from_requester:
+        in_rows_per_row = model.tables.heights[start] / height
+        rate = rate + model.sec_per_byte[req] * model.tables.row_bytes[start] * in_rows_per_row
+        ready = ready + np.where(np.arange(n) != req, model.latency[req], 0.0)
+    order = np.argsort(ready, kind="stable")
+    inv = 1.0 / rate[order]
+    a_sorted = ready[order]
+    inside = members[:, order]
+    cum_inv = np.cumsum(np.where(inside, inv, 0.0), axis=1)
+    cum_ready = np.cumsum(np.where(inside, a_sorted * inv, 0.0), axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):  # before a set's first device
+        finish = (height + cum_ready) / cum_inv
+    valid = (finish > a_sorted) & inside
+    # the last valid device of each set (its first device if none is valid)
+    last = np.where(valid.any(axis=1), n - 1 - np.argmax(valid[:, ::-1], axis=1), np.argmax(inside, axis=1))
+    sets = np.arange(n_sets)
+    taken = inside & (np.arange(n)[None, :] <= last[:, None])
+    share_sorted = np.where(taken, np.maximum(finish[sets, last][:, None] - a_sorted, 0.0) * inv, 0.0)
+    shares = np.empty((n_sets, n))
+    shares[:, order] = share_sorted
+    idle = ~(shares > 0).any(axis=1)
+    shares[idle, order[np.argmax(inside[idle], axis=1)]] = 1.0
+    # round_rows per set, on the set's own devices (the totals are summed as it sums them)
+    totals = np.array([float(shares[i][members[i]].sum()) for i in range(n_sets)])
+    exact = shares * (height / totals)[:, None]
+    rows = np.floor(exact).astype(np.int64)
+    short = height - rows.sum(axis=1)
+    key = np.where(members, -(exact - rows), np.inf)
+    rank = np.empty((n_sets, n), dtype=np.int64)
+    rank[np.arange(n_sets)[:, None], np.argsort(key, axis=1, kind="stable")] = np.arange(n)
+    return rows + (rank < short[:, None])
