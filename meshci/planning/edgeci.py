@@ -41,7 +41,7 @@ from meshci.auction import assign, balance_strips
 from meshci.cost.geometry import BlockTable
 from meshci.cost.model import CostModel
 from meshci.planning.dpfl import DPResult, StripLayout, dpfl, new_memo, requester_layout
-from meshci.planning.splits import halo_seconds, per_row_seconds, water_filled_rows
+from meshci.planning.splits import halo_seconds, per_row_seconds, water_fill_sets
 
 FINE_DEGREES = (1, 2, 3, 4, 5, 6, 8)  # clusters of up to 8 devices: these degrees
 DEGREES = (1, 2, 4, 8, 16, 32, 64)  # larger clusters: powers of two
@@ -62,16 +62,32 @@ def _candidates(
 ) -> tuple[list[StripLayout], StripLayout | None]:
     """`degree_candidates`, and the split over all devices (what
     ``degree_candidates(model, start, end, [n])`` adds to the requester alone; None on a
-    single device). All degrees are scored and water-filled at once
-    (`water_filled_rows`), with the same arithmetic as one degree at a time."""
-    block = model.tables.block(start, end)
-    height = block.height
-    out = [requester_layout(model, height)]
+    single device)."""
+    return _candidates_at(model, end, [start], degrees)[0]
+
+
+def _candidates_at(
+    model: CostModel, end: int, starts: Sequence[int], degrees: Sequence[int] | None = None
+) -> list[tuple[list[StripLayout], StripLayout | None]]:
+    """`_candidates` of the blocks [s, end) for every s in ``starts``. The blocks share
+    their height, so every start and degree is scored and water-filled in one numpy pass
+    (`water_fill_sets`), with the same arithmetic as one block and degree at a time."""
+    tables = model.tables
+    height = tables.heights[end]
     n = model.n_devices
+    req = model.requester
     if n == 1:
-        return out, None
-    rate = per_row_seconds(model, block)
-    halo = halo_seconds(model, block, rate)
+        return [([requester_layout(model, height)], None) for _ in starts]
+    blocks = [tables.block(s, end) for s in starts]
+    if model.curves_free:  # per_row_seconds and halo_seconds for every start at once
+        full = np.array([b.flops(0, height) for b in blocks])[:, None]
+        mid = height // 2
+        one_row = np.array([b.flops(mid, mid + 1) for b in blocks])[:, None] / model.speed
+        rate = full / model.speed / height
+        halo = np.maximum(one_row - rate, 0.0)
+    else:
+        rate = np.array([per_row_seconds(model, b) for b in blocks])
+        halo = np.array([halo_seconds(model, b, r) for b, r in zip(blocks, rate)])
     if degrees is None:
         degrees = sorted({k for k in (FINE_DEGREES if n <= 8 else DEGREES) if k < n} | {n})
     ks: list[int] = []
@@ -83,39 +99,53 @@ def _candidates(
     if min(n, height) not in ks:  # degrees short of the device count: score the widest too
         ks.append(min(n, height))
     widest = ks.index(min(n, height))
-    req = model.requester
-    tables = model.tables
-    bytes_in = tables.row_bytes[start] * tables.heights[start] if start == 0 else 0.0
-    bytes_out = tables.row_bytes[end] * height if end == tables.n_segments else 0.0
+    n_deg = len(ks)
     others = np.arange(n) != req
     k_eff = np.array(ks, dtype=np.float64)[:, None]
     # who finishes a 1/k share first: its input from the requester (first block), its
     # backlog, its compute, its output to the requester (last block)
-    if bytes_in > 0:
+    score = model.backlog + rate[:, None, :] * (height / k_eff)
+    ready = model.backlog + halo
+    rate_w = rate
+    first = starts.index(0) if 0 in starts else None
+    if first is not None:
+        bytes_in = tables.row_bytes[0] * tables.heights[0]
         t_in = np.where(others, model.latency[req] + bytes_in / k_eff * model.sec_per_byte[req], 0.0)
-        score = np.maximum(model.backlog, t_in)
-    else:
-        score = np.broadcast_to(model.backlog, (len(ks), n))
-    score = score + rate * (height / k_eff)
-    if bytes_out > 0:
-        score = score + np.where(
-            others, model.latency[:, req] + bytes_out / k_eff * model.sec_per_byte[:, req], 0.0
-        )
-    rank = np.empty((len(ks), n), dtype=np.int64)
-    rank[np.arange(len(ks))[:, None], np.argsort(score, axis=1, kind="stable")] = np.arange(n)
-    members = rank < k_eff.astype(np.int64)
-    rows = water_filled_rows(model, start, end, members, from_requester=start == 0, rates=rate, halo_s=halo)
-    seen = {_rows_key(n, req, height)}
-    keep = []
-    for i in range(listed):
-        key = rows[i].tobytes()
-        if key not in seen:
-            seen.add(key)
-            keep.append(i)
-    # equal rows make equal layouts (one signature): the widest may repeat a kept one
-    layouts = _layouts(rows, keep if widest in keep else [*keep, widest])
-    out.extend(layouts[: len(keep)])
-    return out, layouts[keep.index(widest) if widest in keep else -1]
+        score[first] = np.maximum(model.backlog, t_in) + rate[first] * (height / k_eff)
+        in_rows_per_row = tables.heights[0] / height
+        rate_w = rate.copy()
+        rate_w[first] = rate[first] + model.sec_per_byte[req] * tables.row_bytes[0] * in_rows_per_row
+        ready[first] = ready[first] + np.where(others, model.latency[req], 0.0)
+    if end == tables.n_segments:
+        bytes_out = tables.row_bytes[end] * height
+        score = score + np.where(others, model.latency[:, req] + bytes_out / k_eff * model.sec_per_byte[:, req], 0.0)
+    score = score.reshape(-1, n)
+    rank = np.empty(score.shape, dtype=np.int64)
+    rank[np.arange(score.shape[0])[:, None], np.argsort(score, axis=1, kind="stable")] = np.arange(n)
+    members = rank < np.tile(k_eff[:, 0].astype(np.int64), len(starts))[:, None]
+    rows = water_fill_sets(height, members, np.repeat(rate_w, n_deg, axis=0), np.repeat(ready, n_deg, axis=0))
+    requester_key = _rows_key(n, req, height)
+    picks: list[int] = []  # rows to turn into layouts
+    kept: list[tuple[int, int, int]] = []  # per start: its picks [a, b) and its widest pick
+    for j in range(len(starts)):
+        seen = {requester_key}
+        base = j * n_deg
+        a = len(picks)
+        for i in range(base, base + listed):
+            key = rows[i].tobytes()
+            if key not in seen:
+                seen.add(key)
+                picks.append(i)
+        own = picks[a:]
+        # equal rows make equal layouts (one signature): the widest may repeat a kept one
+        if base + widest in own:
+            w = a + own.index(base + widest)
+        else:
+            w = len(picks)
+            picks.append(base + widest)
+        kept.append((a, a + len(own), w))
+    layouts = _layouts(rows, picks)
+    return [([requester_layout(model, height), *layouts[a:b]], layouts[w]) for a, b, w in kept]
 
 
 def _rows_key(n: int, device: int, height: int) -> bytes:
@@ -266,8 +296,10 @@ def plan_edgeci(model: CostModel) -> tuple[DPResult, int]:
 
     def generated(s: int, e: int) -> tuple[list[StripLayout], StripLayout | None]:
         hit = cands.get((s, e))
-        if hit is None:
-            hit = cands[(s, e)] = _candidates(model, s, e)
+        if hit is None:  # all blocks ending at e at once
+            for start, found in enumerate(_candidates_at(model, e, range(e))):
+                cands[(start, e)] = found
+            hit = cands[(s, e)]
         return hit
 
     def coarse(s: int, e: int) -> list[StripLayout]:

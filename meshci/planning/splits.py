@@ -106,36 +106,21 @@ def water_filled_layout(
     return layout_from_rows(devices, round_rows(block.height, shares))
 
 
-def water_filled_rows(
-    model: CostModel,
-    start: int,
-    end: int,
-    members: np.ndarray,
-    *,
-    from_requester: bool,
-    rates: np.ndarray,
-    halo_s: np.ndarray,
-) -> np.ndarray:
-    """`water_filled_layout` for several device sets at once: ``members[i]`` (bool, one
-    column per device) is the i-th set; returns the rows per device (int, one row per
-    set, 0 for devices left out). Bit for bit the same arithmetic as one
-    `water_filled_layout` call per set: a set sorted by ready time is the cluster sorted
-    by ready time (stable, so ties by index) with the other devices removed, and the
-    running sums over it pass the removed devices as exact zeros."""
-    block = model.tables.block(start, end)
-    height = block.height
+def water_fill_sets(height: int, members: np.ndarray, rate: np.ndarray, ready: np.ndarray) -> np.ndarray:
+    """`water_filled_layout`'s rows for many device sets at once. Set i is ``members[i]``
+    (bool, one column per device) with per-row seconds ``rate[i]`` and ready times
+    ``ready[i]`` (as `water_filled_layout` derives them: backlog + halo, plus the input
+    transfer for a first block); returns the rows per device (one row per set, 0 for
+    devices left out). Bit for bit the same arithmetic as one `water_filled_layout` call
+    per set: a set sorted by ready time is all devices sorted by ready time (stable, so
+    ties by index) with the others removed, and the running sums pass the removed
+    devices as exact zeros."""
     n_sets, n = members.shape
-    rate = rates
-    ready = model.backlog + halo_s
-    req = model.requester
-    if from_requester:
-        in_rows_per_row = model.tables.heights[start] / height
-        rate = rate + model.sec_per_byte[req] * model.tables.row_bytes[start] * in_rows_per_row
-        ready = ready + np.where(np.arange(n) != req, model.latency[req], 0.0)
-    order = np.argsort(ready, kind="stable")
-    inv = 1.0 / rate[order]
-    a_sorted = ready[order]
-    inside = members[:, order]
+    sets = np.arange(n_sets)[:, None]
+    order = np.argsort(ready, axis=1, kind="stable")
+    inv = 1.0 / rate[sets, order]
+    a_sorted = ready[sets, order]
+    inside = members[sets, order]
     cum_inv = np.cumsum(np.where(inside, inv, 0.0), axis=1)
     cum_ready = np.cumsum(np.where(inside, a_sorted * inv, 0.0), axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):  # before a set's first device
@@ -143,13 +128,13 @@ def water_filled_rows(
     valid = (finish > a_sorted) & inside
     # the last valid device of each set (its first device if none is valid)
     last = np.where(valid.any(axis=1), n - 1 - np.argmax(valid[:, ::-1], axis=1), np.argmax(inside, axis=1))
-    sets = np.arange(n_sets)
     taken = inside & (np.arange(n)[None, :] <= last[:, None])
-    share_sorted = np.where(taken, np.maximum(finish[sets, last][:, None] - a_sorted, 0.0) * inv, 0.0)
+    level = finish[sets[:, 0], last][:, None]
+    share_sorted = np.where(taken, np.maximum(level - a_sorted, 0.0) * inv, 0.0)
     shares = np.empty((n_sets, n))
-    shares[:, order] = share_sorted
-    idle = ~(shares > 0).any(axis=1)
-    shares[idle, order[np.argmax(inside[idle], axis=1)]] = 1.0
+    shares[sets, order] = share_sorted
+    idle = np.flatnonzero(~(shares > 0).any(axis=1))
+    shares[idle, order[idle, np.argmax(inside[idle], axis=1)]] = 1.0
     # round_rows per set, on the set's own devices (the totals are summed as it sums them)
     totals = np.array([float(shares[i][members[i]].sum()) for i in range(n_sets)])
     exact = shares * (height / totals)[:, None]
@@ -157,5 +142,5 @@ def water_filled_rows(
     short = height - rows.sum(axis=1)
     key = np.where(members, -(exact - rows), np.inf)
     rank = np.empty((n_sets, n), dtype=np.int64)
-    rank[np.arange(n_sets)[:, None], np.argsort(key, axis=1, kind="stable")] = np.arange(n)
+    rank[sets, np.argsort(key, axis=1, kind="stable")] = np.arange(n)
     return rows + (rank < short[:, None])
