@@ -15,9 +15,14 @@ earliest end of a state is reached from the earliest ends of the states before i
 best plan over every cut set and every choice of candidate layouts — the tests check this
 against brute-force enumeration on small trunks.
 
-Speed: each transition is a handful of numpy operations; predecessors are visited in
-order of their end time and the scan stops when a lower bound (the block's compute alone,
-started no earlier than the predecessor's end) cannot beat the best found, which is exact.
+Speed: the candidate layouts of a block are timed together (their strips stacked in one
+array, `_Block`), so a predecessor costs a handful of numpy operations for all of them;
+what does not depend on the start time (compute, input rows, receive seconds from given
+holders) is kept in a memo that several passes over the same layouts share (`new_memo`).
+Predecessors are visited in order of their end time and the scan stops when a lower bound
+(the block's compute alone, started no earlier than the predecessor's end) cannot beat the
+best found, which is exact. The timings are the cost model's to the bit (the tests
+compare the DP with one that times every transition by `CostModel.strip_block`).
 States at one boundary with the same layout (the requester-only one, and the same split
 reached from different starts) keep only the earliest.
 Under ``routing="requester"`` the holders are always the requester, so one state per
@@ -153,7 +158,10 @@ class _Block:
             self.comp = block.flops(r0, r1) / model.speed[devices]
         else:
             self.comp = np.concatenate(
-                [model.strip_compute(block, lay.r0, lay.r1)[lay.devices, np.arange(lay.devices.size)] for lay in layouts]
+                [
+                    model.strip_compute(block, lay.r0, lay.r1)[lay.devices, np.arange(lay.devices.size)]
+                    for lay in layouts
+                ]
             )
         spans = list(zip(self.bounds, self.bounds[1:]))
         self.comps = [self.comp[a:b] for a, b in spans]
