@@ -14,9 +14,11 @@ How it is built here:
    finish H/k rows soonest (backlog, compute, and the input from / output to the
    requester at the ends), with rows water-filled so that they finish together given
    backlog, speed, halo and (first block) the input transfer. The DP values every
-   candidate with the exact cost model. A first, coarse pass (only the requester alone
-   and the widest split) gives an upper bound that lets the full pass skip blocks and
-   states that cannot beat it (exact, see `dpfl`).
+   candidate with the exact cost model. The candidates of all blocks ending at one
+   boundary are built in one numpy pass (`_candidates_at`), and the DP times all
+   candidates of a block together (`meshci.planning.dpfl`), so one exact pass over all
+   of them is quicker than a coarse pass for an upper bound followed by a pruned one
+   (`dpfl`'s ``upper_bound``; both give the same plan).
 2. AWAS on the chosen blocks (`auction_layouts`): per block, the auction core the mesh's
    auctioneer runs (`meshci.auction.assign`) over strips of the block, with a simulated
    bidder per cluster device bidding its compute (halo included) and transfer time on top
@@ -54,22 +56,13 @@ def degree_candidates(
 ) -> list[StripLayout]:
     """The requester alone plus water-filled splits over the k best devices per degree
     (``degrees``: default every k up to 8 devices, powers of two above, and all)."""
-    return _candidates(model, start, end, degrees)[0]
-
-
-def _candidates(
-    model: CostModel, start: int, end: int, degrees: Sequence[int] | None = None
-) -> tuple[list[StripLayout], StripLayout | None]:
-    """`degree_candidates`, and the split over all devices (what
-    ``degree_candidates(model, start, end, [n])`` adds to the requester alone; None on a
-    single device)."""
     return _candidates_at(model, end, [start], degrees)[0]
 
 
 def _candidates_at(
     model: CostModel, end: int, starts: Sequence[int], degrees: Sequence[int] | None = None
-) -> list[tuple[list[StripLayout], StripLayout | None]]:
-    """`_candidates` of the blocks [s, end) for every s in ``starts``. The blocks share
+) -> list[list[StripLayout]]:
+    """`degree_candidates` of the blocks [s, end) for every s in ``starts``. The blocks share
     their height, so every start and degree is scored and water-filled in one numpy pass
     (`water_fill_sets`), with the same arithmetic as one block and degree at a time."""
     tables = model.tables
@@ -77,7 +70,7 @@ def _candidates_at(
     n = model.n_devices
     req = model.requester
     if n == 1:
-        return [([requester_layout(model, height)], None) for _ in starts]
+        return [[requester_layout(model, height)] for _ in starts]
     blocks = [tables.block(s, end) for s in starts]
     if model.curves_free:  # per_row_seconds and halo_seconds for every start at once
         full = np.array([b.flops(0, height) for b in blocks])[:, None]
@@ -95,10 +88,6 @@ def _candidates_at(
         ks.append(min(k, height))
         if ks[-1] == height:
             break  # more devices than rows: every later degree is this one
-    listed = len(ks)
-    if min(n, height) not in ks:  # degrees short of the device count: score the widest too
-        ks.append(min(n, height))
-    widest = ks.index(min(n, height))
     n_deg = len(ks)
     others = np.arange(n) != req
     k_eff = np.array(ks, dtype=np.float64)[:, None]
@@ -126,26 +115,18 @@ def _candidates_at(
     rows = water_fill_sets(height, members, np.repeat(rate_w, n_deg, axis=0), np.repeat(ready, n_deg, axis=0))
     requester_key = _rows_key(n, req, height)
     picks: list[int] = []  # rows to turn into layouts
-    kept: list[tuple[int, int, int]] = []  # per start: its picks [a, b) and its widest pick
+    kept: list[tuple[int, int]] = []  # per start: its picks [a, b)
     for j in range(len(starts)):
-        seen = {requester_key}
-        base = j * n_deg
+        seen = {requester_key}  # equal rows make equal layouts (one signature)
         a = len(picks)
-        for i in range(base, base + listed):
+        for i in range(j * n_deg, (j + 1) * n_deg):
             key = rows[i].tobytes()
             if key not in seen:
                 seen.add(key)
                 picks.append(i)
-        own = picks[a:]
-        # equal rows make equal layouts (one signature): the widest may repeat a kept one
-        if base + widest in own:
-            w = a + own.index(base + widest)
-        else:
-            w = len(picks)
-            picks.append(base + widest)
-        kept.append((a, a + len(own), w))
+        kept.append((a, len(picks)))
     layouts = _layouts(rows, picks)
-    return [([requester_layout(model, height), *layouts[a:b]], layouts[w]) for a, b, w in kept]
+    return [[requester_layout(model, height), *layouts[a:b]] for a, b in kept]
 
 
 def _rows_key(n: int, device: int, height: int) -> bytes:
@@ -287,14 +268,11 @@ def auction_layouts(
 
 
 def plan_edgeci(model: CostModel) -> tuple[DPResult, int]:
-    """DPFL, then AWAS on the chosen blocks, then the better strips per block.
+    """DPFL, then AWAS on the chosen blocks, then the better strips per block (the two DP
+    passes share one memo of per-layout costs, `new_memo`)."""
+    cands: dict[tuple[int, int], list[StripLayout]] = {}
 
-    Every block's candidates are generated once (the first pass takes the requester alone
-    and the widest split from them), and the three DP passes share one memo of per-layout
-    costs (`new_memo`)."""
-    cands: dict[tuple[int, int], tuple[list[StripLayout], StripLayout | None]] = {}
-
-    def generated(s: int, e: int) -> tuple[list[StripLayout], StripLayout | None]:
+    def candidates(s: int, e: int) -> list[StripLayout]:
         hit = cands.get((s, e))
         if hit is None:  # all blocks ending at e at once
             for start, found in enumerate(_candidates_at(model, e, range(e))):
@@ -302,14 +280,8 @@ def plan_edgeci(model: CostModel) -> tuple[DPResult, int]:
             hit = cands[(s, e)]
         return hit
 
-    def coarse(s: int, e: int) -> list[StripLayout]:
-        # the requester alone and the widest split: a quick first pass for an upper bound
-        layouts, widest = generated(s, e)
-        return layouts[:1] if widest is None else [layouts[0], widest]
-
     memo = new_memo(model)
-    bound = dpfl(model, coarse, routing="p2p", memo=memo).latency_s
-    first = dpfl(model, lambda s, e: generated(s, e)[0], routing="p2p", upper_bound=bound, memo=memo)
+    first = dpfl(model, candidates, routing="p2p", memo=memo)
     distributed = [(s, e, t) for s, e, lay, t in _with_start_times(first) if lay.key != "requester"]
     if not distributed:
         return first, 0
