@@ -33,6 +33,7 @@ there, the earliest time it can be reached.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -139,6 +140,8 @@ class CostModel:
             return 0.0
         if out.c0 == 0 and out.c1 == self.tables.widths[end]:
             block = self.tables.block(start, end)
+            if self.curves[device] is None:  # strip_compute's entry, without the matrix
+                return float(block.flops(out.r0, out.r1) / self.speed[device])
             return float(self.strip_compute(block, np.array([out.r0]), np.array([out.r1]))[device, 0])
         regions, flops = self.tables.chain(start, end, out)
         curve = self.curves[device]
@@ -271,17 +274,26 @@ class CostModel:
         src_devices = sorted({d for d, _ in holders})
         src_pos = {d: j for j, d in enumerate(src_devices)}
         n_bytes = np.zeros((len(devices), len(src_devices)))
+        # holders by first row: only those starting above a tile's input end can overlap
+        # it, and when their last rows are in order too, only those ending below its start
+        held = sorted(((have.r0, have.r1, have.c0, have.c1, h) for h, have in holders), key=lambda x: x[0])
+        starts = [x[0] for x in held]
+        ends = [x[1] for x in held]
+        ends_sorted = all(a <= b for a, b in zip(ends, ends[1:]))
         for d, out in tiles:
             i = pos[d]
             comp[i] += self.tile_compute(d, start, end, out)
             out_bytes[i] += out.area * channels_out
             need = self.input_region(start, end, out)
-            for h, have in holders:
+            first = bisect.bisect_right(ends, need.r0) if ends_sorted else 0
+            for hr0, hr1, hc0, hc1, h in held[first : bisect.bisect_left(starts, need.r1)]:
                 if h == d:
                     continue
-                overlap = need.intersect(have)
-                if overlap is not None:
-                    n_bytes[i, src_pos[h]] += overlap.area * channels_in
+                # Region.intersect's overlap, as integers (byte counts add up exactly)
+                r0, r1 = max(need.r0, hr0), min(need.r1, hr1)
+                c0, c1 = max(need.c0, hc0), min(need.c1, hc1)
+                if r0 < r1 and c0 < c1:
+                    n_bytes[i, src_pos[h]] += (r1 - r0) * (c1 - c0) * channels_in
         recv = self.transfer_matrix(n_bytes, np.array(src_devices, dtype=np.int64), dests)
         send = self.send_seconds(dests, out_bytes) if gather else np.zeros(len(devices))
         finish, end_t = self.block_timing(t0, dests, comp, recv, send)

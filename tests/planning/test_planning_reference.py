@@ -1,9 +1,11 @@
 """The fast edgeci planner equals a straightforward one to the bit.
 
 The planner batches its work (all candidate degrees and starts water-filled in one numpy
-pass, all layouts of a block timed at once, costs shared across DP passes). Here the
-straightforward versions are written out plainly: candidates one degree at a time through
-`water_filled_layout`, and a DP that times every transition with `CostModel.strip_block`.
+pass, all layouts of a block timed at once, costs shared across DP passes; plans timed by
+looking only at the holders whose rows can overlap a tile). Here the straightforward
+versions are written out plainly: candidates one degree at a time through
+`water_filled_layout`, a DP that times every transition with `CostModel.strip_block`, and
+block timings that intersect every tile with every holder.
 On random clusters (both media, small and large device counts) the candidates, the DP
 optimum, its blocks and layouts, and the whole edgeci plan must be identical, not merely
 close.
@@ -17,9 +19,11 @@ import numpy as np
 import pytest
 
 from meshci.cost import CostModel, random_cluster
+from meshci.planning import STRATEGIES, make_plan
 from meshci.planning.dpfl import DPResult, StripLayout, dpfl, requester_layout, segment_lower_bounds
 from meshci.planning.edgeci import DEGREES, FINE_DEGREES, auction_layouts, degree_candidates, plan_edgeci
 from meshci.planning.splits import halo_seconds, per_row_seconds, water_filled_layout
+from meshci.trunk.region import Region
 
 
 def reference_candidates(model: CostModel, start: int, end: int, degrees=None) -> list[StripLayout]:
@@ -154,3 +158,57 @@ def test_edgeci_equals_the_reference(models_64, seed, n_devices):
     trunk = models_64["vgg16" if seed % 2 else "resnet34"]
     model = CostModel(trunk, random_cluster(n_devices, rng))
     assert same(plan_edgeci(model)[0], reference_edgeci(model))
+
+
+def reference_tiles_block(model: CostModel, t0, start, end, tiles, holders, gather):
+    """`CostModel.tiles_block` written plainly: every tile against every holder."""
+    devices = sorted({d for d, _ in tiles})
+    pos = {d: i for i, d in enumerate(devices)}
+    comp = np.zeros(len(devices))
+    out_bytes = np.zeros(len(devices))
+    channels_in = model.tables.channels[start] * 4
+    channels_out = model.tables.channels[end] * 4
+    if holders is None:
+        holders = [(model.requester, Region.full(model.tables.heights[start], model.tables.widths[start]))]
+    src = sorted({d for d, _ in holders})
+    n_bytes = np.zeros((len(devices), len(src)))
+    for d, out in tiles:
+        i = pos[d]
+        if out.c0 == 0 and out.c1 == model.tables.widths[end]:
+            block = model.tables.block(start, end)
+            comp[i] += float(model.strip_compute(block, np.array([out.r0]), np.array([out.r1]))[d, 0])
+        else:
+            comp[i] += model.tile_compute(d, start, end, out)
+        out_bytes[i] += out.area * channels_out
+        need = model.input_region(start, end, out)
+        for h, have in holders:
+            overlap = need.intersect(have)
+            if h != d and overlap is not None:
+                n_bytes[i, src.index(h)] += overlap.area * channels_in
+    dests = np.array(devices)
+    recv = model.transfer_matrix(n_bytes, np.array(src), dests)
+    send = model.send_seconds(dests, out_bytes) if gather else np.zeros(len(devices))
+    finish, end_t = model.block_timing(t0, dests, comp, recv, send)
+    return {d: float(finish[pos[d]]) for d in devices}, end_t
+
+
+@pytest.mark.parametrize(("seed", "n_devices"), CASES[::2])
+def test_plan_timings_equal_the_reference(models_64, seed, n_devices):
+    """Every strategy's plan (row strips, DeepThings's grid tiles, gathers) is timed by the
+    generic path exactly as by the plain every-tile-against-every-holder loop."""
+    rng = random.Random(600 + seed)
+    trunk = models_64["resnet34" if seed % 2 else "vgg16"]
+    cluster = random_cluster(n_devices, rng)
+    model = CostModel(trunk, cluster)
+    index = {name: i for i, name in enumerate(cluster.names)}
+    for strategy in STRATEGIES:
+        plan = make_plan(trunk, cluster, strategy, model)
+        t, holders = 0.0, None
+        for b, block in enumerate(plan.blocks):
+            tiles = [(index[tile.device], tile.region) for tile in block.tiles]
+            gather = b == len(plan.blocks) - 1 or plan.routing == "requester"
+            prior = None if plan.routing == "requester" else holders
+            fast = model.tiles_block(t, block.start, block.end, tiles, prior, gather)
+            want_finish, want_end = reference_tiles_block(model, t, block.start, block.end, tiles, prior, gather)
+            assert fast.finish == want_finish and fast.end == want_end
+            t, holders = fast.end, tiles
