@@ -13,6 +13,7 @@ devices and <= 500 ms at 64.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -44,6 +45,7 @@ def main() -> None:
     parser.add_argument("--devices", type=int, nargs="+", default=[4, 16, 64])
     args = parser.parse_args()
     print("wall ms: median wall-clock time of make_plan; cpu ms: this process's CPU time (steadier on a shared host)")
+    print("load average (1, 5, 15 min) at start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     print(f"{'model':<9} {'devices':>7} {'edgeci wall':>11} {'edgeci cpu':>10} {'aofl wall':>9} {'aofl cpu':>8}"
           f" {'edgeci/aofl':>11} {'target':>7} {'edgeci pred s':>13} {'aofl pred s':>11}")
     for name in ("resnet34", "vgg16"):
@@ -56,6 +58,7 @@ def main() -> None:
             verdict = "-" if target is None else ("ok" if e_ms <= target else "MISS")
             print(f"{name:<9} {n:>7} {e_ms:>11.1f} {e_cpu:>10.1f} {a_ms:>9.1f} {a_cpu:>8.1f}"
                   f" {e_ms / a_ms:>11.2f} {verdict:>7} {e_lat:>13.3f} {a_lat:>11.3f}")
+    print("load average (1, 5, 15 min) at end: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
 
 
 if __name__ == "__main__":
