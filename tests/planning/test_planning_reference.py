@@ -13,6 +13,7 @@ close.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import numpy as np
@@ -212,3 +213,19 @@ def test_plan_timings_equal_the_reference(models_64, seed, n_devices):
             want_finish, want_end = reference_tiles_block(model, t, block.start, block.end, tiles, prior, gather)
             assert fast.finish == want_finish and fast.end == want_end
             t, holders = fast.end, tiles
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_edgeci_equals_the_reference_with_measured_curves(models_64, seed):
+    """Devices described by per-segment latency curves take the general compute path."""
+    rng = random.Random(700 + seed)
+    trunk = models_64["vgg16" if seed else "resnet34"]
+    cluster = random_cluster(6, rng)
+    n_seg = len(trunk.segments)
+    devices = list(cluster.devices)
+    for i in (0, 3):  # two devices measured, the others by GFLOP/s
+        curve = tuple((rng.random() * 1e-3, rng.random() * 1e-3) for _ in range(n_seg))
+        devices[i] = dataclasses.replace(devices[i], curves=((trunk.name, curve),))
+    model = CostModel(trunk, dataclasses.replace(cluster, devices=tuple(devices)))
+    assert not model.curves_free
+    assert same(plan_edgeci(model)[0], reference_edgeci(model))
