@@ -58,7 +58,8 @@ def format_plan(plan: Plan) -> str:
         f"{plan.strategy}: {plan.model} {plan.input_shape[1]}x{plan.input_shape[2]}, requester {plan.requester}, "
         f"routing {plan.routing}",
         f"  predicted latency {plan.predicted_latency_s * 1e3:.1f} ms, planning {plan.planning_ms:.1f} ms"
-        + (f", auction rounds {plan.auction_rounds}" if plan.auction_rounds else ""),
+        + (f", auction rounds {plan.auction_rounds} (bidders simulated from the cluster file)"
+           if plan.auction_rounds else ""),
     ]
     for i, block in enumerate(plan.blocks):
         lines.append(f"  block {i}: segments [{block.start}, {block.end})")
