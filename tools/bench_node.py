@@ -78,6 +78,12 @@ async def overhead_and_auction(mesh: LocalMesh, model: str, size: tuple[int, int
         view = await stats(node.address, secret=secret)
         rtts += [2.0 * spec["latency_ms"] for spec in view["links"].values()]
     rtt_ms = median(rtts)
+    planned = [spec["latency_ms"] for node in mesh.nodes
+               for spec in (await stats(node.address, secret=secret))["planned_links"].values()]
+    handling = [(await stats(node.address, secret=secret))["tile_handling_ms"] for node in mesh.nodes]
+    print(f"    per-message latency the planner sees (measured delivery + per-tile handling): "
+          f"median {median(planned):.2f} ms (min {min(planned):.2f}, max {max(planned):.2f}); "
+          f"per-tile handling median {median(handling):.2f} ms")
     rounds = [m["auction_rounds"] for m in rows]
     rounds_ms = [m["auction_rounds_s"] * 1e3 for m in rows]
     step_ms = [m["auction_s"] * 1e3 for m in rows]
@@ -115,8 +121,13 @@ async def main() -> None:
     args = parser.parse_args()
     size = (args.size, args.size)
     began = time.perf_counter()
+    from meshci.node.runtime import measure_gflops
+
+    # every node shares this machine: each states the speed of one core, measured here once
+    gflops = measure_gflops(threads=1)
+    print(f"(one core of this machine: {gflops:.1f} GFLOP/s effective, measured)")
     with LocalMesh.create() as mesh:
-        mesh.add_many([(f"n{i + 1}", 30.0) for i in range(args.nodes)])
+        mesh.add_many([(f"n{i + 1}", gflops) for i in range(args.nodes)])
         await wait_formed([n.address for n in mesh.nodes], mesh.secret())
         await overhead_and_auction(mesh, args.model, size, args.requests)
     for model in () if args.skip_memory else ("vgg16", "resnet34"):

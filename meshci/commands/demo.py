@@ -1,10 +1,12 @@
 """`meshci demo`: a local mesh on this machine, end to end.
 
 Starts N node processes on 127.0.0.1 with a generated secret, emulates heterogeneous
-device speeds with CPU quotas when it can (root and a cgroup cpu controller), waits for
-the mesh to form, sends requests from two different nodes, and prints the plan, each
-device's share of the work, the latency against the same request on one device
-(`local`), and the exactness check. Everything is torn down at the end.
+device speeds with CPU quotas when it can (root and a cgroup cpu controller): each node
+starts inside its cgroup (short CFS period) and profiles its own speed there, as a real
+device would. It waits for the mesh to form, times every device alone (`local`), sends
+requests from two different nodes, and prints the plan, each device's share of the work,
+the latency against the requester alone and against the fastest device alone (medians,
+measured in the same run), and the exactness check. Everything is torn down at the end.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import argparse
 import asyncio
 import json
 import logging
+import math
+import os
 import sys
 import time
 from contextlib import ExitStack
@@ -23,8 +27,17 @@ from meshci.errors import MeshciError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_QUOTAS = (0.3, 0.5, 0.5, 0.7)
-
+# CPUs per node: together about half of a 2-core machine, leaving the rest to the demo
+# client and the OS, so that each node really gets its quota; the slowest is clearly slow
+DEFAULT_QUOTAS = (0.15, 0.25, 0.25, 0.35)
+QUOTA_BUDGET_CPUS = 1.2  # the quotas are scaled to sum to at most this many CPUs ...
+QUOTA_BUDGET_SHARE = 0.6  # ... and at most this share of the machine's cores
+# a short CFS period: a 0.15-CPU node runs 1 ms of every 6.7 ms, steadily slower, instead
+# of running at full speed for 15 ms and stalling 85 ms (the default 100 ms period). The
+# shortest period that gives the smallest quota the kernel's 1 ms minimum, at least 5 ms.
+MIN_PERIOD_US = 5_000
+KERNEL_MIN_QUOTA_US = 1_000
+MIN_QUOTA_CPUS = 0.05
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("demo", help="start a local mesh and run requests through it",
@@ -37,6 +50,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--strategy", default="edgeci", help="a strategy or `all` (default edgeci)")
     p.add_argument("--size", type=int, nargs=2, default=(224, 224), metavar=("H", "W"),
                    help="input size (default 224 224)")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="requests per measurement; the median latency is reported (default 3)")
     p.add_argument("--check", action="store_true",
                    help="exit with status 1 when a distributed result differs from one device's "
                         "(the check itself always runs and is printed)")
@@ -58,6 +73,14 @@ def _device_specs(args: argparse.Namespace) -> list[tuple[str, float]]:
     return [(f"dev{i + 1}", DEFAULT_QUOTAS[i % len(DEFAULT_QUOTAS)] / top) for i in range(args.devices)]
 
 
+def quotas_for(relative: list[float], cores: int) -> list[float]:
+    """CPUs per node for relative speeds (fastest 1.0): the default top quota, scaled down
+    so that the sum stays within the budget, none below the kernel's minimum."""
+    budget = min(QUOTA_BUDGET_CPUS, QUOTA_BUDGET_SHARE * cores)
+    top = min(max(DEFAULT_QUOTAS), budget / sum(relative))
+    return [max(MIN_QUOTA_CPUS, round(rel * top, 3)) for rel in relative]
+
+
 def run(args: argparse.Namespace) -> int:
     from meshci.planning import STRATEGIES
 
@@ -65,80 +88,124 @@ def run(args: argparse.Namespace) -> int:
     for s in strategies:
         if s not in STRATEGIES:
             raise MeshciError(f"unknown strategy {s!r} (known: {', '.join(STRATEGIES)}, all)")
+    if not 1 <= args.repeat <= 20:
+        raise MeshciError("--repeat must be between 1 and 20")
     specs = _device_specs(args)
     out = sys.stdout if not args.json else sys.stderr
     began = time.perf_counter()
     with ExitStack() as stack:
-        results = _run_mesh(stack, args, specs, strategies, out)
-    summary = {"results": results, "wall_s": time.perf_counter() - began}
+        summary = _run_mesh(stack, args, specs, strategies, out)
+    summary["wall_s"] = time.perf_counter() - began
     if args.json:
         print(json.dumps(summary, indent=1))
     else:
         print(f"\ndemo finished in {summary['wall_s']:.1f} s; mesh torn down", file=out)
-    exact = all(r["check_ok"] for r in results)
+    exact = all(r["check_ok"] for r in summary["results"])
     return 1 if args.check and not exact else 0
 
 
 def _run_mesh(stack: ExitStack, args: argparse.Namespace, specs: list[tuple[str, float]],
-              strategies: list[str], out: Any) -> list[dict[str, Any]]:
-    from meshci.node.local import LocalMesh
+              strategies: list[str], out: Any) -> dict[str, Any]:
+    from meshci.node.local import LocalMesh, NodeSpec
     from meshci.testbed.cpu import CpuQuota, cgroup_support
 
     mesh = stack.enter_context(LocalMesh.create())
     reason = cgroup_support()
-    top_quota = max(DEFAULT_QUOTAS)
+    cores = os.cpu_count() or 1
+    quotas = quotas_for([rel for _, rel in specs], cores)
+    period_us = max(MIN_PERIOD_US, math.ceil(KERNEL_MIN_QUOTA_US / min(quotas)))
+    node_specs = []
     if reason is None:
-        print("CPU quotas: " + ", ".join(f"{n} {rel * top_quota:.2f} CPU" for n, rel in specs)
-              + " (heterogeneous speeds emulated with cgroups)", file=out)
+        print(f"CPU quotas ({cores} cores here, {period_us / 1000:.1f} ms period): "
+              + ", ".join(f"{n} {q:.2f} CPU" for (n, _), q in zip(specs, quotas))
+              + f" = {sum(quotas):.2f} CPU; each node starts inside its cgroup and profiles its own speed",
+              file=out)
+        for (name, _), cpus in zip(specs, quotas):
+            quota = stack.enter_context(CpuQuota(name, cpus, period_us=period_us))
+            assert quota.path is not None
+            node_specs.append(NodeSpec(name, None, cgroup_procs=quota.path / "cgroup.procs"))
     else:
         print(f"CPU quotas not available ({reason}): device speeds are NOT emulated; every node "
-              "shares this machine's cores and states its speed as given", file=out)
-    base = _base_gflops(out)
-    nodes = mesh.add_many([(name, base * rel * top_quota) for name, rel in specs])
-    if reason is None:
-        for node, (_, rel) in zip(nodes, specs):
-            quota = stack.enter_context(CpuQuota(node.name, rel * top_quota))
-            quota.add(node.pid)
+              f"shares this machine's {cores} cores and profiles its own speed", file=out)
+        node_specs = [NodeSpec(name, None) for name, _ in specs]
+    # the fastest node first: the others join through it
+    order = sorted(range(len(specs)), key=lambda i: -specs[i][1])
+    print(f"starting {len(specs)} nodes (each profiles its speed first)...", file=out)
+    started = mesh.start_together([node_specs[i] for i in order])
+    by_name = {node.name: node for node in started}
+    nodes = [by_name[name] for name, _ in specs]
     for node in nodes:
         print(f"  node {node.name} at {node.address} (pid {node.pid})", file=out)
     return asyncio.run(_requests(mesh, nodes, args, strategies, out))
 
 
-def _base_gflops(out: Any) -> float:
-    """One core's effective GFLOP/s (profiled once, cached by the planner's profiling)."""
-    from meshci.cost.profiling import default_data_dir
-    from meshci.node.runtime import measure_gflops
+def _median_request(via: Any, args: argparse.Namespace, strategy: str, secret: bytes,
+                    check: bool) -> Any:
+    from meshci.node.client import infer
 
-    print("profiling this machine (cached after the first run)...", file=out)
-    return measure_gflops(default_data_dir(), threads=1)
+    async def go() -> dict[str, Any]:
+        size = (int(args.size[0]), int(args.size[1]))
+        metas = []
+        for _ in range(args.repeat):
+            meta, _ = await infer(via.address, model=args.model, strategy=strategy, size=size,
+                                  secret=secret, input_seed=1, check=check)
+            metas.append(meta)
+        metas.sort(key=lambda m: m["latency_s"])
+        best = dict(metas[len(metas) // 2])
+        best["latencies_s"] = [m["latency_s"] for m in metas]
+        best["check_ok"] = all(m.get("check_ok", True) for m in metas)
+        best["max_abs_diff"] = max((m.get("max_abs_diff", 0.0) for m in metas), default=0.0)
+        return best
+
+    return go()
 
 
 async def _requests(mesh: Any, nodes: list[Any], args: argparse.Namespace, strategies: list[str],
-                    out: Any) -> list[dict[str, Any]]:
+                    out: Any) -> dict[str, Any]:
     from meshci.node.client import infer, stats
     from meshci.node.local import wait_formed
 
     secret = mesh.secret()
-    await wait_formed([n.address for n in nodes], secret)
-    print(f"mesh of {len(nodes)} nodes formed", file=out)
+    await wait_formed([n.address for n in nodes], secret, timeout=60.0)
+    speeds = {n.name: (await stats(n.address, secret=secret))["gflops"] for n in nodes}
+    print(f"mesh of {len(nodes)} nodes formed; measured speeds: "
+          + ", ".join(f"{name} {g:.1f} GFLOP/s" for name, g in speeds.items()), file=out)
     size = (int(args.size[0]), int(args.size[1]))
+    # warm-up, not timed: every node builds the model (with its head) at once, so that no
+    # timed request pays a device's cold build
+    await asyncio.gather(*(infer(n.address, model=args.model, strategy="local", size=size, secret=secret)
+                           for n in nodes))
+    alone = {}
+    for n in nodes:
+        alone[n.name] = (await _median_request(n, args, "local", secret, check=False))["latency_s"]
+    fastest = min(alone, key=alone.__getitem__)
+    print("each device alone (median of {}): ".format(args.repeat)
+          + ", ".join(f"{name} {s * 1000:.0f} ms" for name, s in alone.items())
+          + f"; fastest {fastest}", file=out)
     requesters = [nodes[0], nodes[len(nodes) // 2]]
-    # warm-up: every node builds the model once (not timed)
-    for via in requesters:
-        await infer(via.address, model=args.model, strategy="edgeci", size=size, secret=secret)
     results = []
     for via in requesters:
-        single, _ = await infer(via.address, model=args.model, strategy="local", size=size, secret=secret,
-                                input_seed=1)
         for strategy in strategies:
-            meta, _ = await infer(via.address, model=args.model, strategy=strategy, size=size,
-                                  secret=secret, input_seed=1, check=True)
-            meta["local_latency_s"] = single["latency_s"]
-            meta["speedup"] = single["latency_s"] / meta["latency_s"]
+            await infer(via.address, model=args.model, strategy=strategy, size=size, secret=secret,
+                        input_seed=1)  # plans once per device set: not timed
+            meta = await _median_request(via, args, strategy, secret, check=True)
+            meta["local_latency_s"] = alone[via.name]
+            meta["fastest_device"] = fastest
+            meta["fastest_latency_s"] = alone[fastest]
+            meta["speedup"] = alone[via.name] / meta["latency_s"]
+            meta["speedup_vs_fastest"] = alone[fastest] / meta["latency_s"]
             meta["relayed_boundary_bytes"] = (await stats(via.address, secret=secret))["relayed_boundary_bytes"]
             results.append(meta)
             _print_result(meta, out)
-    return results
+    _print_summary(results, strategies, out)
+    links: dict[str, dict[str, float]] = {}
+    for n in nodes:
+        view = await stats(n.address, secret=secret)
+        links[n.name] = {peer: spec["latency_ms"] for peer, spec in view["planned_links"].items()}
+        print(f"  {n.name}: per-message cost the planner sees (measured delivery + tile handling): "
+              + ", ".join(f"{peer} {ms:.1f} ms" for peer, ms in sorted(links[n.name].items())), file=out)
+    return {"results": results, "alone_s": alone, "gflops": speeds, "fastest_device": fastest,
+            "planned_link_ms": links}
 
 
 def _print_result(meta: dict[str, Any], out: Any) -> None:
@@ -151,7 +218,18 @@ def _print_result(meta: dict[str, Any], out: Any) -> None:
         print(f"  block {i} segments {block['segments'][0]}-{block['segments'][1]}: {tiles}", file=out)
     shares = ", ".join(f"{d} {s * 100:.0f}%" for d, s in meta["shares"].items())
     print(f"  share of the work: {shares}", file=out)
-    print(f"  latency {meta['latency_s'] * 1000:.0f} ms vs one device {meta['local_latency_s'] * 1000:.0f} ms "
-          f"(x{meta['speedup']:.2f}); auction rounds {meta['auction_rounds']}", file=out)
+    print(f"  latency {meta['latency_s'] * 1000:.0f} ms (median of {len(meta['latencies_s'])}) vs "
+          f"requester alone {meta['local_latency_s'] * 1000:.0f} ms (x{meta['speedup']:.2f}), vs fastest "
+          f"device alone ({meta['fastest_device']}) {meta['fastest_latency_s'] * 1000:.0f} ms "
+          f"(x{meta['speedup_vs_fastest']:.2f}); auction rounds {meta['auction_rounds']}", file=out)
     verdict = "exact" if meta["check_ok"] else "MISMATCH"
     print(f"  check: max |mesh - one device| = {meta['max_abs_diff']:.2e} ({verdict})", file=out)
+
+
+def _print_summary(results: list[dict[str, Any]], strategies: list[str], out: Any) -> None:
+    print("\nsummary (median latency; speed-up against the requester alone / the fastest device alone):",
+          file=out)
+    for meta in results:
+        print(f"  via {meta['requester']:8s} {meta['strategy']:10s} {meta['latency_s'] * 1000:7.0f} ms  "
+              f"x{meta['speedup']:.2f} / x{meta['speedup_vs_fastest']:.2f}  "
+              f"{'exact' if meta['check_ok'] else 'MISMATCH'}", file=out)

@@ -27,6 +27,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="address to listen on (port 0: any free port; default 127.0.0.1:0)")
     p.add_argument("--join", action="append", default=[], metavar="HOST:PORT",
                    help="a known peer to join the mesh through (repeatable)")
+    p.add_argument("--join-timeout", type=float, default=10.0, metavar="S",
+                   help="keep trying the --join peers this many seconds (default 10)")
     secret = p.add_mutually_exclusive_group()
     secret.add_argument("--secret-file", metavar="F", help="cluster secret (see `meshci node --help`)")
     secret.add_argument("--insecure", action="store_true",
@@ -35,7 +37,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", type=Path, help="state and profile cache (default ~/.cache/meshci)")
     p.add_argument("--threads", type=int, default=1, help="torch threads for tile compute (default 1)")
     p.add_argument("--gflops", type=float,
-                   help="state this device's speed in GFLOP/s instead of profiling it")
+                   help="state this device's speed in GFLOP/s instead of measuring it at start")
     p.add_argument("--discover", nargs="?", const=str(DEFAULT_DISCOVERY), metavar="BCAST:PORT",
                    help=f"find peers on the LAN by UDP broadcast beacons (default {DEFAULT_DISCOVERY})")
     p.add_argument("--tls-cert", help="this node's certificate (mutual TLS)")
@@ -66,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
         raise MeshciError("mutual TLS needs all of --tls-cert, --tls-key and --tls-ca")
     server_ssl = server_tls_context(*tls) if all(tls) else None
     client_ssl = client_tls_context(*tls) if all(tls) else None
+    if not args.join_timeout > 0:
+        raise MeshciError("--join-timeout must be positive")
     if args.threads < 1:
         raise MeshciError("--threads must be at least 1")
     if args.gflops is not None and not args.gflops > 0:
@@ -74,10 +78,10 @@ def run(args: argparse.Namespace) -> int:
     name = args.name or node_name(data_dir)
     if not valid_name(name):
         raise MeshciError(f"bad node name {name!r}: 1-64 letters, digits or ._:@- , starting alphanumeric")
-    gflops = args.gflops if args.gflops is not None else measure_gflops(data_dir, args.threads)
+    gflops = args.gflops if args.gflops is not None else measure_gflops(args.threads)
     config = NodeConfig(name=name, listen=listen, join=join, secret=secret, insecure=args.insecure,
                         threads=args.threads, gflops=gflops, server_ssl=server_ssl,
-                        client_ssl=client_ssl, discover=discover)
+                        client_ssl=client_ssl, discover=discover, join_timeout_s=args.join_timeout)
     _install_uvloop()
     return asyncio.run(_serve(Node(config)))
 

@@ -9,6 +9,7 @@ import os
 import re
 import select
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -63,10 +64,16 @@ class NodeProcess:
         return self.process.returncode
 
 
-def spawn_node(args: list[str], *, log_path: Path, env: dict[str, str] | None = None
-               ) -> subprocess.Popen[str]:
-    """Start `meshci node ARGS` (stdout piped for the ready line, stderr to `log_path`)."""
+def spawn_node(args: list[str], *, log_path: Path, env: dict[str, str] | None = None,
+               cgroup_procs: Path | None = None) -> subprocess.Popen[str]:
+    """Start `meshci node ARGS` (stdout piped for the ready line, stderr to `log_path`).
+
+    `cgroup_procs`: a cgroup's `cgroup.procs` file; the process writes itself into it
+    before it execs Python, so it runs under that group's limits from its first
+    instruction (its profiling included)."""
     cmd = [sys.executable, "-m", "meshci", "-v", "node", *args]
+    if cgroup_procs is not None:
+        cmd = ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', str(cgroup_procs), *cmd]
     log_file: IO[str] = open(log_path, "w")
     try:
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, text=True,
@@ -104,6 +111,30 @@ def wait_ready(proc: subprocess.Popen[str], args: list[str], log_path: Path,
     raise NodeStartError(f"node {' '.join(args)} did not start: " + (" | ".join(tail) or f"exit {proc.returncode}"))
 
 
+JOIN_TOGETHER_TIMEOUT_S = 120.0  # nodes started together wait this long for the first one
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """One node of `LocalMesh.start_together`. `gflops=None`: it profiles its own speed."""
+
+    name: str
+    gflops: float | None = None
+    threads: int = 1
+    cgroup_procs: Path | None = None  # start it inside this cgroup (see `spawn_node`)
+
+
+def _free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports on loopback (held open together while choosing)."""
+    with ExitStack() as stack:
+        ports = []
+        for _ in range(n):
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock.bind(("127.0.0.1", 0))
+            ports.append(sock.getsockname()[1])
+        return ports
+
+
 @dataclass
 class LocalMesh:
     """N nodes on 127.0.0.1 sharing a generated secret; a context manager that tears down."""
@@ -128,9 +159,12 @@ class LocalMesh:
         return load_secret(self.secret_file)
 
     def node_args(self, name: str, *, gflops: float | None = 1.0, threads: int = 1,
-                  join: Address | None = None) -> list[str]:
-        args = ["--listen", "127.0.0.1:0", "--name", name, "--secret-file", str(self.secret_file),
-                "--data-dir", str(self.directory / "data"), "--threads", str(threads)]
+                  join: Address | None = None, port: int = 0, own_data_dir: bool = False) -> list[str]:
+        """Arguments of one node. `gflops=None`: the node profiles its own speed (give it
+        `own_data_dir`, or nodes share one cached profile)."""
+        data = self.directory / (f"data-{name}" if own_data_dir else "data")
+        args = ["--listen", f"127.0.0.1:{port}", "--name", name, "--secret-file", str(self.secret_file),
+                "--data-dir", str(data), "--threads", str(threads)]
         if gflops is not None:
             args += ["--gflops", str(gflops)]
         if join is not None:
@@ -158,6 +192,34 @@ class LocalMesh:
             args = self.node_args(name, gflops=gflops, threads=threads, join=via)
             log_path = self.directory / f"{name}.log"
             spawned.append((spawn_node(args, log_path=log_path), args, log_path))
+        try:
+            for proc, args, log_path in spawned:
+                node = wait_ready(proc, args, log_path)
+                self.nodes.append(node)
+                started.append(node)
+        except NodeStartError:
+            # one node failed: do not leave the others running behind the error
+            for proc, _, _ in spawned:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(5)
+            raise
+        return started
+
+    def start_together(self, specs: list[NodeSpec]) -> list[NodeProcess]:
+        """Start every node at once (ports chosen first, all joining through the first
+        node), so that slow starters (profiling under a small CPU quota) overlap."""
+        ports = _free_ports(len(specs))
+        first = Address("127.0.0.1", ports[0])
+        spawned = []
+        for i, (spec, port) in enumerate(zip(specs, ports)):
+            args = self.node_args(spec.name, gflops=spec.gflops, threads=spec.threads, port=port,
+                                  join=first if i else None, own_data_dir=spec.gflops is None)
+            args += ["--join-timeout", f"{JOIN_TOGETHER_TIMEOUT_S:.0f}"] if i else []
+            log_path = self.directory / f"{spec.name}.log"
+            spawned.append((spawn_node(args, log_path=log_path, cgroup_procs=spec.cgroup_procs),
+                            args, log_path))
+        started: list[NodeProcess] = []
         try:
             for proc, args, log_path in spawned:
                 node = wait_ready(proc, args, log_path)

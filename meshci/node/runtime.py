@@ -4,7 +4,9 @@ A worker only needs a trunk's segments; only the requester needs the head (and, 
 `--check`, the monolithic reference). A worker's trunk is built in a short-lived helper
 process that hands back only the segments, so a worker serving VGG-16 never holds its
 ~490 MB classifier, not even while building.
-Compute runs on one worker thread, off the event loop, so heartbeats keep flowing.
+Long compute runs on one worker thread, off the event loop, so heartbeats keep flowing;
+a short tile runs on the loop itself (a thread hand-off costs two wake-ups, milliseconds
+on a busy machine, more than such a tile holds the loop).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import asyncio
 import gc
 import logging
 import pickle
+import statistics
 import subprocess
 import sys
 import threading
@@ -20,7 +23,6 @@ import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import cloudpickle
 import torch
@@ -28,7 +30,7 @@ import torch
 from meshci.errors import MeshciError
 from meshci.models.registry import build_model
 from meshci.planning.plan import Plan
-from meshci.tiling import block_input_region, run_block
+from meshci.tiling import block_flops, block_input_region, run_block
 from meshci.trunk import Region, Trunk, extract_trunk
 
 log = logging.getLogger(__name__)
@@ -196,6 +198,9 @@ class Runtime:
         self.compute_s = 0.0
         self.tiles_computed = 0
         self.queued_s = 0.0  # predicted seconds of tile compute queued or running
+        self._thread_free_at = 0.0  # perf_counter when the compute thread last finished a task
+        self._sized_threads: set[int] = set()
+        self.loop_free_wall = 0.0  # wall clock when an inline tile last gave the loop back  # threads whose torch pool is set to `threads`
 
     async def load(self, name: str, seed: int, size: tuple[int, int], head: bool) -> LoadedModel:
         cached = self.cache.peek(name, seed, size, head)
@@ -205,28 +210,55 @@ class Runtime:
         return await loop.run_in_executor(self._loader, self.cache.get, name, seed, size, head)
 
     async def run_block(self, trunk: Trunk, start: int, end: int, x: torch.Tensor,
-                        have: Region, out: Region) -> tuple[torch.Tensor, float]:
-        """Run segments [start, end) on the compute thread; returns (output, seconds)."""
-        loop = asyncio.get_running_loop()
+                        have: Region, out: Region, *, inline: bool = False
+                        ) -> tuple[torch.Tensor, float, float]:
+        """Run segments [start, end); returns (output, compute seconds, hand-off seconds).
 
-        def work() -> tuple[torch.Tensor, float]:
+        `inline`: on the calling (event-loop) thread, for tiles short enough that holding
+        the loop costs less than the two thread wake-ups a hand-off needs. Otherwise on
+        the compute thread; the hand-off is then the wall time of the call that was
+        neither this tile's compute nor waiting behind another task on that thread."""
+        if inline:
+            if threading.get_ident() not in self._sized_threads:
+                # OpenMP's thread count is per calling thread: size this one's pool too
+                torch.set_num_threads(self.threads)
+                self._sized_threads.add(threading.get_ident())
             began = time.perf_counter()
             with torch.inference_mode():
-                y = run_block(trunk, start, end, x, have, out)
-            return y.contiguous(), time.perf_counter() - began
+                y = run_block(trunk, start, end, x, have, out).contiguous()
+            seconds = time.perf_counter() - began
+            self.loop_free_wall = time.time()
+            self.compute_s += seconds
+            self.tiles_computed += 1
+            return y, seconds, 0.0
+        loop = asyncio.get_running_loop()
+        submitted = time.perf_counter()
 
-        y, seconds = await loop.run_in_executor(self._compute, work)
+        def work() -> tuple[torch.Tensor, float, float, float]:
+            began = time.perf_counter()
+            to_thread = max(0.0, began - max(submitted, self._thread_free_at))
+            with torch.inference_mode():
+                y = run_block(trunk, start, end, x, have, out)
+            y = y.contiguous()
+            self._thread_free_at = ended = time.perf_counter()
+            return y, ended - began, to_thread, ended
+
+        y, seconds, to_thread, ended = await loop.run_in_executor(self._compute, work)
+        handoff = to_thread + max(0.0, time.perf_counter() - ended)
         self.compute_s += seconds
         self.tiles_computed += 1
-        return y, seconds
+        return y, seconds, handoff
 
     async def call(self, fn, *args):  # type: ignore[no-untyped-def]
         """Run any other torch work (head, monolithic check) on the compute thread."""
         loop = asyncio.get_running_loop()
 
         def work():  # type: ignore[no-untyped-def]
-            with torch.inference_mode():
-                return fn(*args)
+            try:
+                with torch.inference_mode():
+                    return fn(*args)
+            finally:
+                self._thread_free_at = time.perf_counter()
 
         return await loop.run_in_executor(self._compute, work)
 
@@ -236,20 +268,48 @@ class Runtime:
 
 
 PROFILE_MODEL = "resnet34"
-PROFILE_SIZE = (3, 160, 160)
+PROFILE_SIZE = (3, 224, 224)
+PROFILE_RUNS = 5
+PROFILE_STRIPS = 4  # the profile's tiles: a quarter of each map's rows, like a 4-device plan
 
 
-def measure_gflops(data_dir: Path, threads: int) -> float:
-    """This device's effective GFLOP/s on ResNet-34's trunk, measured once per machine and
-    cached under `data_dir` by the planner's profiling."""
-    from meshci.cost.profiling import effective_gflops, load_or_measure
+def measure_gflops(threads: int, runs: int = PROFILE_RUNS, strips: int = PROFILE_STRIPS) -> float:
+    """This device's effective GFLOP/s right now, on work shaped like a mesh's tiles:
+    every segment of ResNet-34's trunk (224x224 input) on a row strip of 1/`strips` of its
+    output (halo rows included), one after the other; the whole sweep is timed end to end,
+    median of `runs` after a warm-up.
 
+    Whole sweeps, not best-of timings of each millisecond-long piece: a sweep spans many
+    scheduler periods, so a CPU quota, a throttled or shared core shows in the figure as
+    it will in real tiles (a best-of catches the moments a quota has not cut in yet and
+    overstates a throttled device several times). Measured at every start, not cached:
+    the conditions it reflects can change between starts."""
     with _BUILD_LOCK:
         model = build_model(PROFILE_MODEL, seed=0)
     model.eval()
     trunk = extract_trunk(model, input_shape=PROFILE_SIZE, name=PROFILE_MODEL)
-    curve = load_or_measure(trunk, threads=threads, data_dir=Path(data_dir))
-    return max(effective_gflops(trunk, curve), 1e-3)
+    del model
+    pieces = []
+    flops = 0.0
+    for k, seg in enumerate(trunk.segments):
+        _, h, w = seg.out_shape
+        out = Region(0, max(1, -(-h // strips)), 0, w)
+        have = block_input_region(trunk, k, k + 1, out)
+        pieces.append((k, torch.randn(1, seg.in_shape[0], have.height, have.width), have, out))
+        flops += block_flops(trunk, k, k + 1, out)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        times = []
+        with torch.inference_mode():
+            for _ in range(max(1, runs) + 1):  # the first sweep warms up
+                began = time.perf_counter()
+                for k, x, have, out in pieces:
+                    run_block(trunk, k, k + 1, x, have, out)
+                times.append(time.perf_counter() - began)
+    finally:
+        torch.set_num_threads(previous)
+    return max(flops / statistics.median(times[1:]) / 1e9, 1e-3)
 
 
 if __name__ == "__main__":

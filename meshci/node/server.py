@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import random
 import ssl
@@ -32,6 +33,7 @@ from meshci.cost.links import LinkEstimator
 from meshci.node.auction import (
     AUCTION_KINDS, NetworkAuction, auction_items, awarded_plan, from_message, to_message,
 )
+from meshci.node.latency import BoundaryCosts
 from meshci.node.discovery import BEACON_INTERVAL_S, DiscoveryProtocol, discovery_socket, encode_beacon
 from meshci.node.membership import (
     HEARTBEAT_INTERVAL_S, Address, Advert, Dial, Membership, PeerDown, PeerUp,
@@ -54,6 +56,10 @@ REQUEST_TIMEOUT_S = 300.0
 ORPHAN_PIECE_TTL_S = 30.0
 PLAN_TTL_S = 30.0
 MAX_INPUT_SIDE = 4096
+# a tile predicted to compute within this runs on the event loop, not the compute thread:
+# short enough for heartbeats and other requests, and it saves the thread's two wake-ups
+INLINE_COMPUTE_S = 0.05
+LINK_STEP = 1.5  # a cached plan is reused until a link's measured cost moves by this factor
 
 
 class JoinRefused(MeshciError):
@@ -119,10 +125,12 @@ class Node:
         self._auctions: dict[int, tuple[NetworkAuction, asyncio.Event]] = {}
         # DPFL plans by (model, seed, size, strategy, devices and speeds): the cuts depend on
         # stable facts; for edgeci the network auction still reassigns tiles per request
-        self._plans: dict[tuple[Any, ...], tuple[Plan, float]] = {}
+        self._plans: dict[tuple[Any, ...], tuple[Plan, float, tuple[Any, ...]]] = {}  # plan, made, links
+        self._replanning: set[tuple[Any, ...]] = set()
         self._items: dict[int, tuple[Plan, list[Any]]] = {}  # auction items of a cached plan
         self._stopped = asyncio.Event()
         self.links = LinkEstimator()
+        self.boundary = BoundaryCosts()  # measured per-message delivery and per-tile handling
         self.bidder = Bidder(config.name, self._compute_s, self._link_s)
         self._bid_auctions: dict[str, float] = {}  # auction id -> when this node first bid
         self.sent_bytes: dict[str, int] = defaultdict(int)
@@ -353,11 +361,23 @@ class Node:
             if name in ctx.devices and not ctx.done.done():
                 ctx.done.set_exception(RequestFailed(f"device {name} failed during the request: {reason}"))
         self.links.forget(name)
+        self.boundary.forget(name)
 
     def _advert(self) -> Advert:
         backlog = max(0.0, self.runtime.queued_s)
-        links = tuple((n, spec.mbps, spec.latency_ms) for n, spec in sorted(self.links.known().items()))
-        return Advert(self.config.gflops, backlog, links)
+        return Advert(self.config.gflops, backlog, self._link_view())
+
+    def _link_view(self) -> tuple[tuple[str, float, float], ...]:
+        """(peer, Mbit/s, per-message ms) per measured link: bandwidth from timed transfers;
+        the per-message latency is the one-way delivery this node measured on tile messages
+        (half the heartbeat round trip before any) plus its own per-tile handling, so that a
+        plan pays for each block boundary what a boundary really costs here."""
+        known = self.links.known()
+        names = sorted(set(known) | set(self.boundary.peers()))
+        fallback = self.config.default_link
+        return tuple((n, known[n].mbps if n in known else fallback.mbps,
+                      self.boundary.link_latency_ms(n, known[n].latency_ms if n in known else fallback.latency_ms))
+                     for n in names)
 
     async def _heartbeat_loop(self) -> None:
         while not self._stopped.is_set():
@@ -373,7 +393,7 @@ class Node:
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
 
     def _drop_orphans(self, now: float) -> None:
-        for key, (plan, made) in list(self._plans.items()):
+        for key, (plan, made, _links) in list(self._plans.items()):
             if now - made > PLAN_TTL_S:
                 del self._plans[key]
                 self._items.pop(id(plan), None)
@@ -409,7 +429,11 @@ class Node:
             self._handle_events(self.membership.on_heartbeat(msg.meta, now, peer_host))
             echo = msg.meta.get("echo", {}).get(self.name) if isinstance(msg.meta.get("echo"), dict) else None
             if isinstance(echo, (int, float)):
-                self.links.observe_rtt(conn.peer_name, time.perf_counter() - echo)
+                rtt = time.perf_counter() - echo
+                self.links.observe_rtt(conn.peer_name, rtt)
+                wall = msg.meta.get("wall")
+                if isinstance(wall, (int, float)):
+                    self.boundary.observe_echo(conn.peer_name, rtt, float(wall), time.time())
             await self._echo(conn.peer_name, msg.meta.get("sent"))
         elif kind is MsgType.LEAVE:
             self._handle_events(self.membership.on_leave(conn.peer_name, now))
@@ -418,7 +442,14 @@ class Node:
         elif kind is MsgType.PLAN:
             self._spawn(self._on_plan(conn.peer_name, msg))
         elif kind is MsgType.TILE:
-            await self._on_tile(msg, time.time())
+            received_at = time.time()
+            sent_at = msg.meta.get("sent_at")
+            if isinstance(sent_at, (int, float)) and msg.tensors:
+                mbps = self.links.estimate(conn.peer_name, self.config.default_link).mbps
+                wire_s = tensor_bytes(msg.tensors[0]) * 8.0 / (mbps * 1e6)
+                self.boundary.observe_delivery(conn.peer_name, float(sent_at), received_at, wire_s,
+                                               self.runtime.loop_free_wall)
+            await self._on_tile(msg, received_at)
         elif kind in AUCTION_KINDS:
             try:
                 message = from_message(msg, conn.peer_name)
@@ -439,11 +470,12 @@ class Node:
         if not isinstance(sent, (int, float)) or peer not in self._outbound:
             return
         await self._send_quietly(self._outbound[peer], Message(
-            MsgType.GOSSIP, 0, {**self.membership.heartbeat(), "echo": {peer: sent}}))
+            MsgType.GOSSIP, 0, {**self.membership.heartbeat(), "echo": {peer: sent}, "wall": time.time()}))
 
     def stats(self) -> dict[str, Any]:
         return {
             "name": self.name,
+            "gflops": self.config.gflops,
             "sent_bytes": dict(self.sent_bytes),
             "received_bytes": dict(self.received_bytes),
             "relayed_boundary_bytes": self.relayed_boundary_bytes,
@@ -456,6 +488,8 @@ class Node:
                       for p in self.membership.peers()},
             "links": {peer: {"mbps": spec.mbps, "latency_ms": spec.latency_ms}
                       for peer, spec in sorted(self.links.known().items())},
+            "planned_links": {peer: {"mbps": mbps, "latency_ms": ms} for peer, mbps, ms in self._link_view()},
+            "tile_handling_ms": (self.boundary.handling_s or 0.0) * 1000.0,
             "rss_mb": _rss_mb(),
             "peak_rss_mb": _peak_rss_mb(),
         }
@@ -506,12 +540,18 @@ class Node:
         loop = asyncio.get_running_loop()
         plan_key = (model, seed, size, strategy,
                     tuple(sorted((d.name, round(d.gflops, 3)) for d in cluster.devices)))
+        links = _link_signature(cluster)
         cached = self._plans.get(plan_key)
         if cached is not None and time.monotonic() - cached[1] < PLAN_TTL_S:
             plan = cached[0]
+            if cached[2] != links and plan_key not in self._replanning:
+                # the measured link costs moved: re-plan off this request's critical path
+                # (planning takes a slow device hundreds of ms); later requests use it
+                self._replanning.add(plan_key)
+                self._spawn(self._replan(plan_key, trunk, cluster, strategy, links))
         else:
             plan = await loop.run_in_executor(None, make_plan, trunk, cluster, strategy)
-            self._plans[plan_key] = (plan, time.monotonic())
+            self._plans[plan_key] = (plan, time.monotonic(), links)
         planned_at = time.perf_counter()
         rid = random.getrandbits(62) | 1
         auction_rounds = plan.auction_rounds
@@ -575,6 +615,14 @@ class Node:
             result["max_abs_diff"] = float((reference - logits).abs().max())
             result["check_ok"] = bool(torch.allclose(logits, reference, rtol=1e-4, atol=1e-5))
         return result, logits
+
+    async def _replan(self, key: tuple[Any, ...], trunk: Any, cluster: Any, strategy: str,
+                      links: tuple[Any, ...]) -> None:
+        try:
+            plan = await asyncio.get_running_loop().run_in_executor(None, make_plan, trunk, cluster, strategy)
+            self._plans[key] = (plan, time.monotonic(), links)
+        finally:
+            self._replanning.discard(key)
 
     async def _auction(self, rid: int, trunk: Any, cluster: Any, plan: Plan) -> tuple[Plan, int, float]:
         """AWAS over the network for the row strips of the blocks DPFL chose; returns the
@@ -694,7 +742,7 @@ class Node:
             if isinstance(action, SendPiece):
                 await self._send_piece(rid, action, path_s)
             elif isinstance(action, Compute):
-                self._spawn(self._compute(rid, action, path_s))
+                self._spawn(self._compute(rid, action, path_s, time.perf_counter()))
             elif isinstance(action, TrunkDone):
                 req = self._requests.get(rid)
                 if req is not None and not req.done.done():
@@ -724,24 +772,28 @@ class Node:
         ctx = self._work.get(rid)
         return ctx.requester if ctx is not None else ""
 
-    async def _compute(self, rid: int, action: Compute, path_s: float) -> None:
+    async def _compute(self, rid: int, action: Compute, path_s: float, issued: float) -> None:
         ctx = self._work.get(rid)
         if ctx is None or ctx.run is None or ctx.loaded is None:
             return
         # queued work outside any auction this node's bidder still holds (those it counts itself)
-        estimate = 0.0
-        if str(rid) not in self.bidder.auctions():
-            estimate = block_flops(ctx.loaded.trunk, action.start, action.end, action.out) / (self.config.gflops * 1e9)
+        predicted = block_flops(ctx.loaded.trunk, action.start, action.end, action.out) / (self.config.gflops * 1e9)
+        estimate = predicted if str(rid) not in self.bidder.auctions() else 0.0
+        inline = predicted <= INLINE_COMPUTE_S
         self.runtime.queued_s += estimate
         try:
-            y, seconds = await self.runtime.run_block(ctx.loaded.trunk, action.start, action.end,
-                                                      action.x, action.have, action.out)
+            y, seconds, handoff = await self.runtime.run_block(
+                ctx.loaded.trunk, action.start, action.end, action.x, action.have, action.out,
+                inline=inline)
         except (RuntimeError, ValueError, MeshciError) as exc:
             # a tile that cannot be computed (shape mismatch, out of memory): fail the request
             await self._fail_request(rid, ctx.requester, f"{self.name} failed a tile: {exc}")
             return
         finally:
             self.runtime.queued_s -= estimate
+        # per-tile handling: inline, the wait for the loop to start the task; on the thread,
+        # the hand-off there and back
+        self.boundary.observe_handling(time.perf_counter() - issued - seconds if inline else handoff)
         actions = ctx.run.on_computed(action.block, action.tile, y)
         if ctx.run.done:
             self._work.pop(rid, None)
@@ -765,6 +817,16 @@ class Node:
             except WireError as exc:
                 # the requester is gone too: nobody left to tell
                 log.info("cannot tell %s that request %d failed: %s", requester, rid, exc)
+
+
+def _link_signature(cluster: Any) -> tuple[tuple[str, str, int, int], ...]:
+    """The cluster's links on a coarse logarithmic scale (steps of 50%): a plan made for
+    one set of measured link costs serves requests until they move by a step."""
+    def step(value: float) -> int:
+        return round(math.log(max(value, 1e-3)) / math.log(LINK_STEP))
+
+    return tuple(sorted((*sorted(pair), step(spec.latency_ms), step(spec.mbps))
+                        for pair, spec in cluster.links.items()))
 
 
 def _request_input(meta: dict[str, Any], tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:

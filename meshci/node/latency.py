@@ -1,0 +1,102 @@
+"""What a block boundary really costs a node, measured (sans-IO: callers pass times).
+
+The planner trades the number of fused blocks against the cost of each boundary, so the
+live `Cluster` must carry what a boundary costs here, not a wire constant:
+
+* **delivery**: the one-way time of a tile message from the sender's send call to the
+  moment this node's handler has it decoded (framing, MAC, the kernel, the event loop's
+  scheduling), less the bytes' wire time. The sender stamps its wall clock; the peers'
+  clock offsets come from heartbeat echoes (NTP-style: the peer's wall clock at the echo
+  against the middle of the round trip, from the round trip with the smallest RTT seen
+  recently), so the figure holds between machines whose clocks differ.
+* **handling**: per tile, the time between the moment a tile's input is complete and
+  the moment its output is back on the event loop, less the compute itself (hand-off to
+  the compute thread and back, waiting for the loop).
+
+Both are EWMAs. `link_latency_ms` gives what a link is worth to the planner: the
+delivery plus this node's per-tile handling (every tile fed by a peer pays both).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+OFFSET_WINDOW = 8  # clock-offset samples kept per peer (the smallest-RTT one is used)
+OUTLIER_FACTOR = 3.0  # a delivery sample counts at most this times the estimate ...
+OUTLIER_FLOOR_S = 0.002  # ... plus this
+
+
+@dataclass
+class BoundaryCosts:
+    """EWMA per-message delivery per peer and per-tile handling of this node."""
+
+    alpha: float = 0.2
+    _delivery_s: dict[str, float] = field(default_factory=dict)
+    _offsets: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # peer -> [(rtt, offset)]
+    handling_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in (0, 1], got {self.alpha}")
+
+    def _ewma(self, old: float | None, sample: float) -> float:
+        return sample if old is None else (1.0 - self.alpha) * old + self.alpha * sample
+
+    # ---- clocks ----------------------------------------------------------------------
+    def observe_echo(self, peer: str, rtt_s: float, peer_wall: float, my_wall_now: float) -> None:
+        """A heartbeat echo: it left `rtt_s` ago, the peer stamped `peer_wall` when it
+        answered; `my_wall_now` is this node's wall clock on arrival."""
+        if not (math.isfinite(rtt_s) and math.isfinite(peer_wall) and rtt_s >= 0):
+            return
+        offset = peer_wall - (my_wall_now - rtt_s / 2.0)  # peer's clock minus ours
+        samples = self._offsets.setdefault(peer, [])
+        samples.append((rtt_s, offset))
+        del samples[:-OFFSET_WINDOW]
+
+    def clock_offset(self, peer: str) -> float | None:
+        """The peer's wall clock minus ours (None before any echo)."""
+        samples = self._offsets.get(peer)
+        if not samples:
+            return None
+        return min(samples)[1]
+
+    # ---- samples ---------------------------------------------------------------------
+    def observe_delivery(self, peer: str, sent_wall: float, handled_wall: float, wire_s: float = 0.0,
+                         loop_free_wall: float = 0.0) -> None:
+        """A message stamped `sent_wall` by `peer` reached its handler at `handled_wall`
+        (this node's clock); `wire_s`: the part that is bandwidth (bytes over the link);
+        `loop_free_wall`: when this node's event loop last came back from computing a tile
+        on it (waiting behind this node's own compute is compute, not the link's cost)."""
+        offset = self.clock_offset(peer)
+        if offset is None or not (math.isfinite(sent_wall) and math.isfinite(handled_wall)):
+            return  # no clock offset yet: the sample would be meaningless between machines
+        began = max(sent_wall - offset, loop_free_wall)
+        sample = max(0.0, handled_wall - began - max(0.0, wire_s))
+        old = self._delivery_s.get(peer)
+        if old is not None:  # one message stuck behind a long compute moves the estimate, not leaps it
+            sample = min(sample, OUTLIER_FACTOR * old + OUTLIER_FLOOR_S)
+        self._delivery_s[peer] = self._ewma(old, sample)
+
+    def observe_handling(self, seconds: float) -> None:
+        """A tile's wall time from complete input to output on the loop, less its compute."""
+        if math.isfinite(seconds):
+            self.handling_s = self._ewma(self.handling_s, max(0.0, seconds))
+
+    # ---- answers ---------------------------------------------------------------------
+    def delivery_s(self, peer: str) -> float | None:
+        return self._delivery_s.get(peer)
+
+    def link_latency_ms(self, peer: str, fallback_ms: float) -> float:
+        """Per-message latency of the link to `peer` as the planner should see it: measured
+        delivery (or `fallback_ms` before any) plus this node's per-tile handling."""
+        delivery = self._delivery_s.get(peer)
+        base = fallback_ms / 1000.0 if delivery is None else delivery
+        return (base + (self.handling_s or 0.0)) * 1000.0
+
+    def peers(self) -> list[str]:
+        return sorted(self._delivery_s)
+
+    def forget(self, peer: str) -> None:
+        self._delivery_s.pop(peer, None)
+        self._offsets.pop(peer, None)
