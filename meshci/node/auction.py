@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from meshci.auction import balance_strips
@@ -121,11 +121,14 @@ class NetworkAuction:
         return self.machine.result()
 
 
-def awarded_plan(trunk: Any, dpfl_plan: Plan, auction: NetworkAuction) -> Plan:
+def awarded_plan(trunk: Any, dpfl_plan: Plan, auction: NetworkAuction,
+                 flops: Callable[[int, int, Region], float] | None = None) -> Plan:
     """The request's plan from the auction: DPFL's cuts, the auction's devices per block,
     strips levelled with the bidders' own cost figures (their bids). Predicted finish
     times are the bidders' own: block k starts when block k-1's last device finishes."""
     result = auction.result()
+    count = flops if flops is not None else (
+        lambda start, end, out: float(block_flops(trunk, start, end, out)))
     blocks: list[BlockPlan] = []
     t = 0.0
     for b, block in enumerate(dpfl_plan.blocks):
@@ -144,9 +147,9 @@ def awarded_plan(trunk: Any, dpfl_plan: Plan, auction: NetworkAuction) -> Plan:
             continue
         # FLOPs of rows [a, z): linear in the rows plus the halo of an interior strip (two
         # geometry calls per block instead of hundreds; monotone, as balancing needs)
-        per_row = float(block_flops(trunk, block.start, block.end, Region(0, h, 0, w))) / h
+        per_row = count(block.start, block.end, Region(0, h, 0, w)) / h
         mid = h // 2
-        halo = max(0.0, float(block_flops(trunk, block.start, block.end, Region(mid, mid + 1, 0, w))) - per_row)
+        halo = max(0.0, count(block.start, block.end, Region(mid, mid + 1, 0, w)) - per_row)
 
         def strip_time(device: str, a: int, z: int, block_index: int = b, t0: float = t,
                        per_row: float = per_row, halo: float = halo) -> float:

@@ -46,8 +46,21 @@ class LoadedModel:
     has_head: bool
     needs: dict[tuple[int, int, Region], Region] = field(default_factory=dict)  # PlanGeometry memo
 
+    flops_memo: dict[tuple[int, int, Region], float] = field(default_factory=dict)
+
     def geometry(self, plan: Plan) -> PlanGeometry:
         return PlanGeometry(self.trunk, plan, self.needs)
+
+    def flops(self, start: int, end: int, out: Region) -> float:
+        """FLOPs of `out` of block [start, end) with its halo, memoised: the geometry walk
+        costs ~0.1 ms, and every request asks it again for the same strips."""
+        key = (start, end, out)
+        value = self.flops_memo.get(key)
+        if value is None:
+            if len(self.flops_memo) >= NEED_CACHE_ENTRIES:
+                self.flops_memo.clear()
+            value = self.flops_memo[key] = float(block_flops(self.trunk, start, end, out))
+        return value
 
 
 NEED_CACHE_ENTRIES = 65536
@@ -200,7 +213,8 @@ class Runtime:
         self.queued_s = 0.0  # predicted seconds of tile compute queued or running
         self._thread_free_at = 0.0  # perf_counter when the compute thread last finished a task
         self._sized_threads: set[int] = set()
-        self.loop_free_wall = 0.0  # wall clock when an inline tile last gave the loop back  # threads whose torch pool is set to `threads`
+        self.loop_free_wall = 0.0  # wall clock when an inline tile last gave the loop back
+        self.inline_cpu_s = 0.0  # CPU the event-loop thread spent computing tiles inline  # threads whose torch pool is set to `threads`
 
     async def load(self, name: str, seed: int, size: tuple[int, int], head: bool) -> LoadedModel:
         cached = self.cache.peek(name, seed, size, head)
@@ -223,10 +237,11 @@ class Runtime:
                 # OpenMP's thread count is per calling thread: size this one's pool too
                 torch.set_num_threads(self.threads)
                 self._sized_threads.add(threading.get_ident())
-            began = time.perf_counter()
+            began, cpu_began = time.perf_counter(), time.thread_time()
             with torch.inference_mode():
                 y = run_block(trunk, start, end, x, have, out).contiguous()
             seconds = time.perf_counter() - began
+            self.inline_cpu_s += time.thread_time() - cpu_began
             self.loop_free_wall = time.time()
             self.compute_s += seconds
             self.tiles_computed += 1

@@ -20,6 +20,7 @@ import ssl
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -44,7 +45,6 @@ from meshci.node.request import (
 )
 from meshci.node.runtime import LoadedModel, Runtime
 from meshci.planning import STRATEGIES, Plan, make_plan
-from meshci.tiling import block_flops
 from meshci.trunk import Region
 from meshci.wire import Connection, Message, MsgType
 from meshci.wire.errors import ConnectionClosed, HandshakeTimeout, RemoteProtocolError, WireError
@@ -219,9 +219,13 @@ class Node:
         return float(item.flops) / (self.config.gflops * 1e9)
 
     def _link_s(self, n_bytes: int, peer: str) -> float:
+        """A bidder's price for moving `n_bytes` to or from `peer`: the same measured
+        per-message cost the planner sees (`_link_view`), plus the bytes' wire time."""
         if peer == self.name:
             return 0.0
-        return self.links.estimate(peer, self.config.default_link).transfer_s(n_bytes)
+        spec = self.links.estimate(peer, self.config.default_link)
+        latency_ms = self.boundary.link_latency_ms(peer, spec.latency_ms)
+        return LinkSpec(spec.mbps, latency_ms).transfer_s(n_bytes)
 
     # ---- connections ---------------------------------------------------------------
     async def _open(self, address: Address) -> Connection:
@@ -481,7 +485,8 @@ class Node:
             "relayed_boundary_bytes": self.relayed_boundary_bytes,
             "tiles_computed": self.runtime.tiles_computed,
             "compute_s": self.runtime.compute_s,
-            "loop_cpu_s": time.thread_time(),  # CPU of the event-loop thread (stats runs on it)
+            # CPU of the event-loop thread (stats runs on it) less the tiles it computed inline
+            "loop_cpu_s": time.thread_time() - self.runtime.inline_cpu_s,
             "requests_served": self.requests_served,
             "errors_replied": self.errors_replied,
             "peers": {p.name: p.status.value if p.heard_directly else "known"
@@ -557,7 +562,7 @@ class Node:
         auction_rounds = plan.auction_rounds
         rounds_s = 0.0
         if strategy == "edgeci" and len(cluster.devices) > 1:
-            plan, auction_rounds, rounds_s = await self._auction(rid, trunk, cluster, plan)
+            plan, auction_rounds, rounds_s = await self._auction(rid, loaded, cluster, plan)
         auctioned_at = time.perf_counter()
 
         run = RequesterRun(plan, self.name, loaded.geometry(plan))
@@ -604,7 +609,7 @@ class Node:
             "critical_path_s": path_s,
             "top5": [[int(i), float(p)] for p, i in zip(top.values, top.indices)],
             "devices": devices,
-            "shares": _shares(trunk, plan),
+            "shares": _shares(loaded.flops, plan),
             "auction_rounds": auction_rounds,
             "routing": plan.routing,
             "predicted_latency_s": plan.predicted_latency_s,
@@ -624,9 +629,10 @@ class Node:
         finally:
             self._replanning.discard(key)
 
-    async def _auction(self, rid: int, trunk: Any, cluster: Any, plan: Plan) -> tuple[Plan, int, float]:
+    async def _auction(self, rid: int, loaded: LoadedModel, cluster: Any, plan: Plan) -> tuple[Plan, int, float]:
         """AWAS over the network for the row strips of the blocks DPFL chose; returns the
         plan, the auction's round trips and the seconds its rounds took."""
+        trunk = loaded.trunk
         bidders = [d.name for d in cluster.devices]
         items = self._items.get(id(plan))
         if items is None or items[0] is not plan:
@@ -647,7 +653,7 @@ class Node:
                 wake.clear()
                 await self._route_auction(rid, auction.tick(time.monotonic()))
             rounds_s = time.perf_counter() - began
-            new_plan = awarded_plan(trunk, plan, auction)
+            new_plan = awarded_plan(trunk, plan, auction, flops=loaded.flops)
         except AuctionError as exc:
             # the auction cannot produce an assignment (e.g. nobody to bid): say so to the client
             raise RequestFailed(f"auction failed: {exc}") from exc
@@ -777,7 +783,7 @@ class Node:
         if ctx is None or ctx.run is None or ctx.loaded is None:
             return
         # queued work outside any auction this node's bidder still holds (those it counts itself)
-        predicted = block_flops(ctx.loaded.trunk, action.start, action.end, action.out) / (self.config.gflops * 1e9)
+        predicted = ctx.loaded.flops(action.start, action.end, action.out) / (self.config.gflops * 1e9)
         estimate = predicted if str(rid) not in self.bidder.auctions() else 0.0
         inline = predicted <= INLINE_COMPUTE_S
         self.runtime.queued_s += estimate
@@ -848,12 +854,12 @@ def _request_input(meta: dict[str, Any], tensors: tuple[torch.Tensor, ...]) -> t
     return x.contiguous()
 
 
-def _shares(trunk: Any, plan: Plan) -> dict[str, float]:
+def _shares(flops: Callable[[int, int, Region], float], plan: Plan) -> dict[str, float]:
     """Each device's share of the plan's trunk FLOPs (halo work included)."""
     work: dict[str, float] = defaultdict(float)
     for block in plan.blocks:
         for tile in block.tiles:
-            work[tile.device] += block_flops(trunk, block.start, block.end, tile.region)
+            work[tile.device] += flops(block.start, block.end, tile.region)
     total = sum(work.values()) or 1.0
     return {name: value / total for name, value in sorted(work.items())}
 
