@@ -59,7 +59,8 @@ MAX_INPUT_SIDE = 4096
 # a tile predicted to compute within this runs on the event loop, not the compute thread:
 # short enough for heartbeats and other requests, and it saves the thread's two wake-ups
 INLINE_COMPUTE_S = 0.05
-LINK_STEP = 1.5  # a cached plan is reused until a link's measured cost moves by this factor
+LINK_STEP = 2.0  # a cached plan is reused until a link's measured cost moves by this factor
+REPLAN_MIN_S = 10.0  # ... and is at least this old
 
 
 class JoinRefused(MeshciError):
@@ -549,9 +550,11 @@ class Node:
         cached = self._plans.get(plan_key)
         if cached is not None and time.monotonic() - cached[1] < PLAN_TTL_S:
             plan = cached[0]
-            if cached[2] != links and plan_key not in self._replanning:
+            stale = time.monotonic() - cached[1] > REPLAN_MIN_S
+            if cached[2] != links and stale and plan_key not in self._replanning:
                 # the measured link costs moved: re-plan off this request's critical path
-                # (planning takes a slow device hundreds of ms); later requests use it
+                # (planning takes a slow device hundreds of ms); later requests use it. At
+                # most every REPLAN_MIN_S: planning competes with tiles for the device's CPU
                 self._replanning.add(plan_key)
                 self._spawn(self._replan(plan_key, trunk, cluster, strategy, links))
         else:
@@ -826,7 +829,7 @@ class Node:
 
 
 def _link_signature(cluster: Any) -> tuple[tuple[str, str, int, int], ...]:
-    """The cluster's links on a coarse logarithmic scale (steps of 50%): a plan made for
+    """The cluster's links on a coarse logarithmic scale (factors of 2): a plan made for
     one set of measured link costs serves requests until they move by a step."""
     def step(value: float) -> int:
         return round(math.log(max(value, 1e-3)) / math.log(LINK_STEP))
