@@ -12,8 +12,14 @@
    round-trip time between the nodes. Target: at most 3 round trips + 2 ms.
 3. Peak resident memory of a node serving VGG-16 and one serving ResNet-34, as a worker
    and as the requester (which holds the head). Target: under 600 MB for VGG-16.
+4. The requester's CPU for AWAS per request, in-process (no sockets): the auctioneer's
+   rounds, encoding its messages to the remote bidders and decoding their answers (JSON,
+   as on the wire), its own bidder, and levelling the strips into the plan
+   (`awarded_plan`); the remote bidders' CPU is not counted. ResNet-34 at 224x224 on the
+   DPFL plan of 4 devices at 1.5/2.5/2.5/3.5 GFLOP/s, as in the demo.
 
 Usage: tools/bench_node.py [--model resnet34] [--size 224] [--requests 7] [--nodes 4]
+                           [--skip-memory] [--awas-only]
 """
 
 from __future__ import annotations
@@ -111,6 +117,71 @@ async def memory(model: str, size: tuple[int, int]) -> None:
               f"{req['peak_rss_mb']:.0f} MB (now {req['rss_mb']:.0f} MB)")
 
 
+def requester_awas_cpu(model: str, size: tuple[int, int], requests: int) -> None:
+    import json
+
+    from meshci.auction import Bidder
+    from meshci.auction.messages import AwardReply, BidBundle
+    from meshci.cost import Cluster, Device
+    from meshci.cost.links import LinkSpec
+    from meshci.models.registry import build_model
+    from meshci.node.auction import NetworkAuction, auction_items, awarded_plan, from_message, to_message
+    from meshci.node.runtime import LoadedModel
+    from meshci.planning import make_plan
+    from meshci.trunk import extract_trunk
+    from meshci.wire import Message
+
+    net = build_model(model, seed=0).eval()
+    trunk = extract_trunk(net, input_shape=(3, *size), name=model)
+    names = ["dev0", "dev1", "dev2", "dev3"]
+    speeds = [1.5, 2.5, 2.5, 3.5]
+    cluster = Cluster(tuple(Device(n, g) for n, g in zip(names, speeds)), LinkSpec(1000, 0.5), {},
+                      "switched", "dev0")
+    plan = make_plan(trunk, cluster, "edgeci")
+    loaded = LoadedModel((model, 0, *size), trunk, True)
+    items = auction_items(trunk, plan)
+    bidders = {n: Bidder.from_rates(n, g * 1e9, 1e9) for n, g in zip(names, speeds)}
+
+    def one(rid: int) -> float:
+        """One auction; returns the requester's CPU seconds."""
+        cpu = 0.0
+        t0 = time.thread_time()
+        auction = NetworkAuction(rid, "dev0", items, names)
+        queue = list(auction.start(0.0))
+        cpu += time.thread_time() - t0
+        while queue:
+            out = queue.pop(0)
+            t0 = time.thread_time()
+            if isinstance(out.message, (BidBundle, AwardReply)):  # to the auctioneer
+                message = out.message
+                if message.sender != "dev0":  # decoded from the wire
+                    wire = json.loads(json.dumps(to_message(rid, message).meta))
+                    t0 = time.thread_time()
+                    message = from_message(Message(to_message(rid, message).kind, rid, wire), message.sender)
+                queue += auction.receive(message, 0.0)
+                cpu += time.thread_time() - t0
+            elif out.to == "dev0":  # the requester's own bidder
+                queue += bidders["dev0"].receive(out.message, 0.0)
+                cpu += time.thread_time() - t0
+            else:  # encoded for the wire here, decoded and answered by a remote bidder
+                msg = to_message(rid, out.message)
+                wire = json.dumps(msg.meta)
+                cpu += time.thread_time() - t0
+                queue += bidders[out.to].receive(from_message(Message(msg.kind, rid, json.loads(wire)), "dev0"))
+        t0 = time.thread_time()
+        awarded_plan(trunk, plan, auction, flops=loaded.flops)
+        cpu += time.thread_time() - t0
+        for bidder in bidders.values():
+            bidder.release(str(rid))
+        return cpu
+
+    one(0)  # warm-up (memoised geometry)
+    cpus = [one(k + 1) for k in range(max(1, requests))]
+    print(f"[4] requester AWAS CPU per request, {model} {size[0]}x{size[1]}, {len(plan.blocks)} blocks, "
+          f"{len(items)} items, 4 bidders: median {median(cpus) * 1000:.2f} ms, "
+          f"min {min(cpus) * 1000:.2f} ms over {len(cpus)} auctions")
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet34")
@@ -118,9 +189,13 @@ async def main() -> None:
     parser.add_argument("--requests", type=int, default=7)
     parser.add_argument("--nodes", type=int, default=4, help="mesh size for [1] and [2] (default 4)")
     parser.add_argument("--skip-memory", action="store_true", help="leave out [3]")
+    parser.add_argument("--awas-only", action="store_true", help="only [4] (in-process, seconds)")
     args = parser.parse_args()
     size = (args.size, args.size)
     began = time.perf_counter()
+    if args.awas_only:
+        requester_awas_cpu(args.model, size, max(args.requests, 30))
+        return
     from meshci.node.runtime import measure_gflops
 
     # every node shares this machine: each states the speed of one core, measured here once
@@ -132,6 +207,7 @@ async def main() -> None:
         await overhead_and_auction(mesh, args.model, size, args.requests)
     for model in () if args.skip_memory else ("vgg16", "resnet34"):
         await memory(model, size)
+    requester_awas_cpu(args.model, size, max(args.requests, 30))
     print(f"(benchmark wall time {time.perf_counter() - began:.0f} s)")
 
 
