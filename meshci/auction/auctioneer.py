@@ -34,6 +34,7 @@ from __future__ import annotations
 import enum
 import logging
 import math
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -123,6 +124,7 @@ class Auctioneer:
         self.max_bid_rounds = max_bid_rounds
         self.eps = eps
         self._items = {item.item_id: item for item in items}
+        self._blocks = sorted({item.block for item in items})
         self._order = ids
         self._invited = tuple(bidders)
         self._alive = list(bidders)
@@ -273,10 +275,9 @@ class Auctioneer:
         self._answered = set()
         self._deadline = now + self.round_timeout_s
         items = tuple(self._items[i] for i in self._open)
-        return [
-            Outgoing(b, CallForBids(self.auction_id, self.round, self.name, items, self.round_timeout_s))
-            for b in self._alive
-        ]
+        # one message for all: the same object to every bidder lets the transport encode it once
+        call = CallForBids(self.auction_id, self.round, self.name, items, self.round_timeout_s)
+        return [Outgoing(b, call) for b in self._alive]
 
     def _close_bidding(self, now: float) -> list[Outgoing]:
         new = self._auction_open_items()
@@ -306,27 +307,35 @@ class Auctioneer:
         """Run the core block by block over this round's bids: open item -> (bidder, cost)."""
         bidders = [b for b in self._alive if b in self._bundles]
         index = {b: k for k, b in enumerate(bidders)}
+        # every bid of the round in one matrix (bidders x open items), sliced per block
+        cost_all = np.array([[bids.get(i, np.inf) for i in self._open]
+                             for bids in (self._bundles[b] for b in bidders)], dtype=np.float64)
+        columns: dict[int, list[int]] = defaultdict(list)
+        for k, item_id in enumerate(self._open):
+            columns[self._items[item_id].block].append(k)
+        fixed_by_block: dict[int, dict[str, tuple[str, float]]] = defaultdict(dict)
+        for item_id, held in self._fixed.items():
+            fixed_by_block[self._items[item_id].block][item_id] = held
+        backlog = np.array([self._backlog[b] for b in bidders], dtype=np.float64)
         won: dict[str, tuple[str, float]] = {}
         start = 0.0
-        for block in sorted({item.block for item in self._items.values()}):
-            fixed = {i: v for i, v in self._fixed.items() if self._items[i].block == block}
-            open_items = [i for i in self._open if self._items[i].block == block]
-            if open_items and bidders:
-                cost = np.full((len(bidders), len(open_items)), np.inf)
-                for b in bidders:
-                    bids = self._bundles[b]
-                    cost[index[b]] = [bids.get(i, np.inf) for i in open_items]
-                base = np.array([max(0.0, self._backlog[b] - start) for b in bidders])
+        for block in self._blocks:
+            fixed = fixed_by_block.get(block, {})
+            open_k = columns.get(block, [])
+            held = dict(fixed)
+            if open_k and bidders:
+                cost = cost_all[:, open_k]
+                base = np.maximum(0.0, backlog - start)
                 for bidder, c in fixed.values():
                     if bidder in index:
                         base[index[bidder]] += c
                 outcome = assign(cost, base, eps=self.eps)
                 self._iterations += outcome.iterations
-                for k, item_id in enumerate(open_items):
-                    owner = int(outcome.owner[k])
+                for j, k in enumerate(open_k):
+                    owner = int(outcome.owner[j])
                     if owner >= 0:
-                        won[item_id] = (bidders[owner], float(cost[owner, k]))
-            held = {**fixed, **{i: won[i] for i in open_items if i in won}}
+                        item_id = self._open[k]
+                        won[item_id] = held[item_id] = (bidders[owner], float(cost[owner, j]))
             start += self._block_span(held, start)
         return won
 

@@ -17,18 +17,50 @@ strip inside another never takes longer. Then:
 
 Devices that cannot finish a single row within ``T*`` are left out: the degree of
 parallelism follows from the prediction, not from the device count.
+
+`LinearStripTime` is a `strip_time` of the form ``t(d, a, b) = base[d] + (b - a) * per_row[d]``
+(a bidder's backlog, fixed cost and halo in ``base``); with it the two searches per device
+are solved in closed form (then checked against the same function, so the result is the
+one the generic searches give) instead of by bisection over rows: the requester levels
+every block of every request, and this is most of the CPU that takes.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 from meshci.auction.errors import AuctionError
 
-__all__ = ["balance_strips"]
+__all__ = ["LinearStripTime", "balance_strips"]
 
 StripTime = Callable[[str, int, int], float]
+
+
+@dataclass(frozen=True)
+class LinearStripTime:
+    """``t(d, a, b) = base[d] + (b - a) * per_row[d]``; a device missing from `base` (or with
+    an infinite base) cannot take rows. `per_row` values must be > 0 and finite."""
+
+    base: Mapping[str, float]
+    per_row: Mapping[str, float]
+
+    def __call__(self, device: str, a: int, b: int) -> float:
+        base = self.base.get(device, math.inf)
+        return base + (b - a) * self.per_row[device] if math.isfinite(base) else math.inf
+
+    def max_rows(self, device: str, cap: float) -> int:
+        """Largest n >= 0 with t(d, 0, n) <= cap (huge when per_row is tiny)."""
+        base = self.base.get(device, math.inf)
+        if not math.isfinite(base) or base + self.per_row[device] > cap:
+            return 0
+        n = int((cap - base) / self.per_row[device])
+        while n > 1 and self(device, 0, n) > cap:  # rounding: never claim a row too many
+            n -= 1
+        while self(device, 0, n + 1) <= cap:
+            n += 1
+        return n
 
 
 class _Timer:
@@ -37,6 +69,14 @@ class _Timer:
     def __init__(self, strip_time: StripTime) -> None:
         self._strip_time = strip_time
         self._memo: dict[tuple[str, int, int], float] = {}
+        self.linear = strip_time if isinstance(strip_time, LinearStripTime) else None
+        if self.linear is not None:
+            for device, rate in self.linear.per_row.items():
+                if not (rate > 0 and math.isfinite(rate)):
+                    raise AuctionError(f"per_row[{device!r}] must be > 0 and finite, got {rate}")
+            for device, base in self.linear.base.items():
+                if math.isnan(base) or base < 0.0:
+                    raise AuctionError(f"base[{device!r}] must be >= 0, got {base}")
 
     def __call__(self, device: str, a: int, b: int) -> float:
         key = (device, a, b)
@@ -51,6 +91,8 @@ class _Timer:
 
 def _longest(time: _Timer, device: str, a: int, height: int, cap: float) -> int:
     """Largest b in (a, height] with time(device, a, b) <= cap, or a if none."""
+    if time.linear is not None:
+        return min(height, a + time.linear.max_rows(device, cap))
     if time(device, a, a + 1) > cap:
         return a
     lo, hi = a + 1, height  # time(lo) <= cap
@@ -65,6 +107,8 @@ def _longest(time: _Timer, device: str, a: int, height: int, cap: float) -> int:
 
 def _earliest_start(time: _Timer, device: str, b: int, cap: float) -> int:
     """Smallest a in [0, b) with time(device, a, b) <= cap, or b if none."""
+    if time.linear is not None:
+        return max(0, b - time.linear.max_rows(device, cap))
     if time(device, b - 1, b) > cap:
         return b
     lo, hi = 0, b - 1  # time(hi) <= cap
@@ -118,6 +162,13 @@ def _levelled(
         lo, hi = a + 1, last
         if time(device, a, hi) < floor:
             return None
+        if time.linear is not None:  # one row short of the floor, plus one
+            lo = max(a + 1, min(hi, a + time.linear.max_rows(device, math.nextafter(floor, -math.inf)) + 1))
+            while lo > a + 1 and time(device, a, lo - 1) >= floor:
+                lo -= 1
+            while time(device, a, lo) < floor:
+                lo += 1
+            hi = lo
         while lo < hi:
             mid = (lo + hi) // 2
             if time(device, a, mid) >= floor:

@@ -20,7 +20,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from meshci.auction import balance_strips
+from meshci.auction.balance import LinearStripTime, balance_strips
 from meshci.auction.auctioneer import AuctionResult, Auctioneer
 from meshci.auction.errors import MessageFormatError
 from meshci.auction.messages import (
@@ -35,6 +35,7 @@ from meshci.wire import Message, MsgType
 log = logging.getLogger(__name__)
 
 ROUND_TIMEOUT_S = 0.5
+FIT_MIN_SPREAD = 0.02  # fit a bidder's fixed cost only where its items' FLOPs differ this much
 ITEMS_PER_TILE = 2
 BYTES_PER_VALUE = 4
 
@@ -48,8 +49,23 @@ _KINDS: dict[type, MsgType] = {
 AUCTION_KINDS = frozenset(_KINDS.values())
 
 
+_ENCODED: dict[int, tuple[AuctionMessage, dict[str, Any]]] = {}  # id -> (message, its JSON form)
+_ENCODED_ENTRIES = 8
+
+
 def to_message(request_id: int, message: AuctionMessage) -> Message:
-    return Message(_KINDS[type(message)], request_id, message.to_json())
+    """The frame of an auction message. A message sent to several peers (a round's
+    CallForBids, one object for every bidder) is encoded once: its JSON form is kept for
+    the last few messages (messages are frozen, so the form cannot go stale)."""
+    cached = _ENCODED.get(id(message))
+    if cached is not None and cached[0] is message:
+        meta = cached[1]
+    else:
+        meta = message.to_json()
+        if len(_ENCODED) >= _ENCODED_ENTRIES:
+            _ENCODED.pop(next(iter(_ENCODED)))
+        _ENCODED[id(message)] = (message, meta)
+    return Message(_KINDS[type(message)], request_id, meta)
 
 
 def from_message(msg: Message, sender: str) -> AuctionMessage:
@@ -91,7 +107,7 @@ class NetworkAuction:
         self.items = {item.item_id: item for item in items}
         self.machine = Auctioneer(str(request_id), name, items, bidders, round_timeout_s=round_timeout_s)
         self.backlog_s: dict[str, float] = {}
-        self._cost_per_flop: dict[tuple[str, int], list[float]] = defaultdict(list)
+        self._costs: dict[tuple[str, int], list[tuple[float, float]]] = defaultdict(list)  # (flops, s)
 
     @property
     def done(self) -> bool:
@@ -110,12 +126,34 @@ class NetworkAuction:
                 item = self.items.get(bid.item_id)
                 cost = bid.finish_s - message.backlog_s
                 if item is not None and item.flops > 0 and cost >= 0:
-                    self._cost_per_flop[(message.sender, item.block)].append(cost / item.flops)
+                    self._costs[(message.sender, item.block)].append((item.flops, cost))
         return self.machine.receive(message, now)
 
     def seconds_per_flop(self, device: str, block: int) -> float | None:
-        costs = self._cost_per_flop.get((device, block))
-        return sum(costs) / len(costs) if costs else None
+        """The mean of the bidder's cost per FLOP over its bids on the block's items."""
+        costs = self._costs.get((device, block))
+        return sum(c / f for f, c in costs) / len(costs) if costs else None
+
+    def cost_line(self, device: str, block: int) -> tuple[float, float] | None:
+        """``(fixed_s, s_per_flop)``: the bidder's bids on the block's items as ``fixed + rate
+        * flops``. A bidder pricing by measured curves pays a per-segment overhead on any
+        strip: fitted (least squares) where its bids span strips of clearly different FLOPs
+        and the fit is sane; otherwise proportional (no fixed part)."""
+        costs = self._costs.get((device, block))
+        if not costs:
+            return None
+        n = len(costs)
+        mean_f = sum(f for f, _ in costs) / n
+        mean_c = sum(c for _, c in costs) / n
+        proportional = (0.0, sum(c / f for f, c in costs) / n)
+        var = sum((f - mean_f) ** 2 for f, _ in costs)
+        if n < 2 or var <= (FIT_MIN_SPREAD * mean_f) ** 2 * n:
+            return proportional
+        rate = sum((f - mean_f) * (c - mean_c) for f, c in costs) / var
+        fixed = mean_c - rate * mean_f
+        if not (rate > 0 and fixed >= 0):
+            return proportional
+        return fixed, rate
 
     def result(self) -> AuctionResult:
         return self.machine.result()
@@ -129,15 +167,16 @@ def awarded_plan(trunk: Any, dpfl_plan: Plan, auction: NetworkAuction,
     result = auction.result()
     count = flops if flops is not None else (
         lambda start, end, out: float(block_flops(trunk, start, end, out)))
+    first_rows: dict[int, dict[str, int]] = defaultdict(dict)  # block -> owner -> its first row
+    for item_id, owner in result.owner.items():
+        item = auction.items[item_id]
+        first = first_rows[item.block]
+        first[owner] = min(first.get(owner, item.rows[0]), item.rows[0])
     blocks: list[BlockPlan] = []
     t = 0.0
     for b, block in enumerate(dpfl_plan.blocks):
         _, h, w = trunk.boundary_shape(block.end)
-        first_row: dict[str, int] = {}
-        for item_id, owner in result.owner.items():
-            item = auction.items[item_id]
-            if item.block == b:
-                first_row[owner] = min(first_row.get(owner, h), item.rows[0])
+        first_row = first_rows.get(b, {})
         order = sorted(first_row, key=lambda d: first_row[d])
         if not order:
             # nobody won anything of this block (every bidder dropped): keep DPFL's tiles
@@ -150,14 +189,17 @@ def awarded_plan(trunk: Any, dpfl_plan: Plan, auction: NetworkAuction,
         per_row = count(block.start, block.end, Region(0, h, 0, w)) / h
         mid = h // 2
         halo = max(0.0, count(block.start, block.end, Region(mid, mid + 1, 0, w)) - per_row)
-
-        def strip_time(device: str, a: int, z: int, block_index: int = b, t0: float = t,
-                       per_row: float = per_row, halo: float = halo) -> float:
-            rate = auction.seconds_per_flop(device, block_index)
-            if rate is None:  # it bid on nothing of this block: price it out
-                return float("inf")
-            return max(t0, auction.backlog_s.get(device, 0.0)) + (halo + (z - a) * per_row) * rate
-
+        # each device's time for rows [a, z): its start, its fixed cost, the halo, and the
+        # rows at its own rate (its bids); a device that bid on nothing here is priced out
+        base: dict[str, float] = {}
+        rates: dict[str, float] = {}
+        for device in order:
+            line = auction.cost_line(device, b)
+            if line is not None and line[1] * per_row > 0:
+                fixed, rate = line
+                base[device] = max(t, auction.backlog_s.get(device, 0.0)) + fixed + halo * rate
+                rates[device] = per_row * rate
+        strip_time = LinearStripTime(base, rates)
         strips = balance_strips(h, order, strip_time)
         finish = {device: strip_time(device, a, z) for device, a, z in strips}
         tiles = tuple(TileSpec(device, Region(a, z, 0, w)) for device, a, z in strips)
