@@ -75,7 +75,8 @@ class Item:
     rows: the output rows ``[a, b)`` of the block; flops: its compute including halo rows;
     recv_bytes / send_bytes: its input and output traffic, from ``recv_from`` / to
     ``send_to`` ("" means the auctioneer); segments: the block's segment range
-    ``[start, end)`` (for per-segment speed curves).
+    ``[start, end)`` (for per-segment speed curves); model: the model the block belongs to
+    ("" when not told; a bidder with a speed curve for it prices the item by the curve).
     """
 
     item_id: str
@@ -87,9 +88,10 @@ class Item:
     segments: tuple[int, int] = (0, 0)
     recv_from: str = ""
     send_to: str = ""
+    model: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data = {
             "item_id": self.item_id,
             "block": int(self.block),
             "rows": [int(r) for r in self.rows],
@@ -100,6 +102,9 @@ class Item:
             "recv_from": self.recv_from,
             "send_to": self.send_to,
         }
+        if self.model:
+            data["model"] = self.model
+        return data
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Item:
@@ -131,9 +136,12 @@ class Item:
             _int_pair(d, "segments")
             _field(d, "recv_from", str)
             _field(d, "send_to", str)
+        model = d.get("model", "")
+        if type(model) is not str:
+            raise MessageFormatError(f"field 'model' must be a str, got {type(model).__name__}")
         item = cls(
             d["item_id"], d["block"], (rows[0], rows[1]), float(flops), d["recv_bytes"],
-            d["send_bytes"], (segments[0], segments[1]), d["recv_from"], d["send_to"],
+            d["send_bytes"], (segments[0], segments[1]), d["recv_from"], d["send_to"], model,
         )
         if not math.isfinite(item.flops) or item.flops < 0:
             raise MessageFormatError(f"item {item.item_id!r}: flops must be finite and >= 0")

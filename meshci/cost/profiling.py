@@ -5,8 +5,17 @@ row counts (full-width strips, as the planner tiles them) and fits ``t = a + b *
 per segment by least squares; ``a`` absorbs per-call overhead, ``b`` the per-row cost.
 The fit is cached under the data dir as JSON, keyed by a hash of the model's structure
 (segment ops and shapes: weights do not change the time) and the device fingerprint
-(CPU model, cores, torch version, threads), so a node measures once per model and
-machine. Progress goes to stderr (or a callback) while it runs.
+(CPU model, cores, torch version, threads, and the CPU quota of the cgroup the process
+runs in), so a node measures once per model and machine. Progress goes to stderr (or a
+callback) while it runs.
+
+``statistic="mean"`` times each point as the mean of its runs rather than the best: under
+a CPU quota (a cgroup, a shared or throttled core) the mean includes the periods a quota
+holds the process back, as real tiles meet them; a best-of catches the moments it has not
+cut in yet and overstates a throttled device several times. Nodes measure with the mean.
+
+`SpeedProfile` is a measured curve with the trunk's segment heights and FLOPs, enough to
+price a tile from its segment range and FLOPs alone (a bidder's view of an auction item).
 """
 
 from __future__ import annotations
@@ -16,9 +25,12 @@ import json
 import logging
 import os
 import platform
+import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -49,12 +61,29 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_quota() -> str:
+    """The CPU quota of this process's cgroup (v2 ``cpu.max``, e.g. ``"25000 100000"``), or
+    ``"max"`` where there is none or it cannot be read: devices emulated by quotas on one
+    machine must not share their profiles."""
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            hierarchy, _, path = line.split(":", 2)
+            if hierarchy == "0":
+                value = (Path("/sys/fs/cgroup") / path.lstrip("/") / "cpu.max").read_text().strip()
+                return value or "max"
+    except (OSError, ValueError):
+        # no cgroup v2 (macOS, cgroup v1, a container hiding it): no quota to tell apart
+        pass
+    return "max"
+
+
 def device_fingerprint(threads: int) -> dict[str, object]:
     return {
         "cpu": cpu_model(),
         "cores": os.cpu_count() or 1,
         "torch": torch.__version__,
         "threads": threads,
+        "cpu_max": cpu_quota(),
     }
 
 
@@ -104,8 +133,14 @@ def measure_curves(
     fractions: tuple[float, ...] = (0.25, 0.5, 1.0),
     progress: Progress | None = stderr_progress,
     clock: Callable[[], float] = time.perf_counter,
+    statistic: str = "min",
 ) -> SegmentCurve:
-    """Measure per-segment (a, b) on this machine (no cache)."""
+    """Measure per-segment (a, b) on this machine (no cache); each point is the best
+    (``statistic="min"``) or the mean (``"mean"``, see the module docstring) of `repeats`
+    timed runs after a warm-up."""
+    if statistic not in ("min", "mean"):
+        raise ValueError(f"statistic must be 'min' or 'mean', got {statistic!r}")
+    pick = min if statistic == "min" else statistics.fmean
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     curves = []
@@ -121,12 +156,12 @@ def measure_curves(
                     have = seg.input_region(out)
                     x = torch.randn(1, seg.in_shape[0], have.height, have.width)
                     seg.run(x, have, out)  # warm-up
-                    best = float("inf")
-                    for _ in range(repeats):
+                    runs = []
+                    for _ in range(max(1, repeats)):
                         t0 = clock()
                         seg.run(x, have, out)
-                        best = min(best, clock() - t0)
-                    samples.append(best)
+                        runs.append(clock() - t0)
+                    samples.append(pick(runs))
                 curves.append(fit_line(counts, samples))
                 if progress is not None:
                     progress(k + 1, total, trunk.name)
@@ -159,7 +194,8 @@ def load_or_measure(
             log.warning("ignoring unreadable profile %s: %s", path, exc)
     curve = measure_curves(trunk, threads=threads, progress=progress, **measure_kwargs)  # type: ignore[arg-type]
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    # a name of its own: nodes on one machine may measure the same model at once
+    tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
     tmp.write_text(
         json.dumps(
             {
@@ -185,3 +221,35 @@ def profiled_device(name: str, trunk: Trunk, curve: SegmentCurve, **fields: obje
     """A `Device` carrying ``curve`` for ``trunk`` and the matching effective GFLOP/s."""
     gflops = effective_gflops(trunk, curve)
     return Device(name=name, gflops=gflops, curves=((trunk.name, curve),), **fields)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class SpeedProfile:
+    """A device's measured curve for one trunk, with the trunk's per-segment output heights
+    and FLOPs (full maps): enough to price a strip of a block from its segment range and
+    its FLOPs (halo included) without the trunk's geometry."""
+
+    model: str
+    curve: SegmentCurve
+    heights: tuple[int, ...]
+    flops: tuple[float, ...]
+
+    @classmethod
+    def of(cls, trunk: Trunk, curve: SegmentCurve) -> SpeedProfile:
+        if len(curve) != len(trunk.segments):
+            raise ValueError(f"curve has {len(curve)} segments, {trunk.name} has {len(trunk.segments)}")
+        return cls(trunk.name, tuple((float(a), float(b)) for a, b in curve),
+                   tuple(int(seg.out_shape[1]) for seg in trunk.segments),
+                   tuple(float(seg.flops) for seg in trunk.segments))
+
+    def strip_s(self, start: int, end: int, flops: float) -> float:
+        """Seconds for a strip of segments [start, end) that costs `flops` FLOPs: each
+        segment's fixed cost, plus its per-row cost over the share of its rows that the
+        strip's FLOPs are of the block's (halo rows count as the FLOPs count them)."""
+        if not 0 <= start < end <= len(self.curve):
+            raise ValueError(f"segments [{start}, {end}) outside 0..{len(self.curve)}")
+        total = sum(self.flops[start:end])
+        share = flops / total if total > 0 else 1.0
+        fixed = sum(a for a, _ in self.curve[start:end])
+        rows = sum(b * h for (_, b), h in zip(self.curve[start:end], self.heights[start:end]))
+        return fixed + share * rows

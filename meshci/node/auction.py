@@ -27,6 +27,7 @@ from meshci.auction.messages import (
     AuctionMessage, Award, AwardReply, BidBundle, CallForBids, Close, Item, Outgoing,
     message_from_json,
 )
+from meshci.node.membership import curve_key
 from meshci.planning.plan import BlockPlan, Plan, TileSpec
 from meshci.tiling import block_flops, block_input_region, split_rows
 from meshci.trunk import Region
@@ -94,7 +95,7 @@ def auction_items(trunk: Any, plan: Plan) -> list[Item]:
                 flops=float(block_flops(trunk, block.start, block.end, out)),
                 recv_bytes=need.area * c_in * BYTES_PER_VALUE,
                 send_bytes=out.area * c_out * BYTES_PER_VALUE,
-                segments=(block.start, block.end)))
+                segments=(block.start, block.end), model=curve_key(trunk.name, trunk.input_shape[1:])))
     return items
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable
 
@@ -56,14 +57,23 @@ class Address:
 
 @dataclass(frozen=True)
 class Advert:
-    """What a node states about itself: speed, queued work, link estimates (name -> (mbps, ms))."""
+    """What a node states about itself: speed, queued work, link estimates (name -> (mbps,
+    ms)) and its measured per-segment speed curves, ``(key, ((a, b), ...))`` with key
+    ``"model@HxW"`` (see `curve_key`; a segment takes ``a + b * rows`` seconds)."""
 
     gflops: float = 1.0
     backlog_s: float = 0.0
     links: tuple[tuple[str, float, float], ...] = ()
+    curves: tuple[tuple[str, tuple[tuple[float, float], ...]], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return {"gflops": self.gflops, "backlog_s": self.backlog_s, "links": [list(x) for x in self.links]}
+        data: dict[str, Any] = {"gflops": self.gflops, "backlog_s": self.backlog_s,
+                                "links": [list(x) for x in self.links]}
+        if self.curves:
+            # 4 significant digits: the advert rides on every heartbeat
+            data["curves"] = {key: [[float(f"{a:.4g}"), float(f"{b:.4g}")] for a, b in curve]
+                              for key, curve in self.curves}
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Advert":
@@ -72,7 +82,27 @@ class Advert:
         if not gflops > 0 or backlog < 0 or gflops != gflops or backlog != backlog:
             raise ValueError(f"bad advert gflops={gflops} backlog_s={backlog}")
         links = tuple((str(n), float(m), float(l)) for n, m, l in data.get("links", ()))
-        return cls(gflops, backlog, links)
+        raw = data.get("curves", {})
+        if not isinstance(raw, dict) or len(raw) > MAX_ADVERT_CURVES:
+            raise ValueError(f"bad advert curves: want at most {MAX_ADVERT_CURVES} models")
+        curves = []
+        for key, curve in sorted(raw.items()):
+            pairs = tuple((float(a), float(b)) for a, b in curve)
+            if not 0 < len(pairs) <= MAX_CURVE_SEGMENTS or not all(
+                    0 <= a < math.inf and 0 <= b < math.inf for a, b in pairs):
+                raise ValueError(f"bad advert curve for {key!r}: want 1..{MAX_CURVE_SEGMENTS} finite "
+                                 "(a, b) >= 0")
+            curves.append((str(key), pairs))
+        return cls(gflops, backlog, links, tuple(curves))
+
+
+MAX_ADVERT_CURVES = 8
+MAX_CURVE_SEGMENTS = 256
+
+
+def curve_key(model: str, size: tuple[int, int]) -> str:
+    """The key of a model's curves at an input size in an `Advert`: ``"resnet34@224x224"``."""
+    return f"{model}@{int(size[0])}x{int(size[1])}"
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from meshci.cost.cluster import Cluster, Device, LinkSpec
-from meshci.node.membership import Advert, Peer
+from meshci.node.membership import Advert, Peer, curve_key
 from meshci.planning.plan import Plan
 from meshci.tiling import assemble, crop
 from meshci.trunk import Region
@@ -272,13 +272,21 @@ class RequesterRun:
 # ---- the mesh as a planner sees it ----------------------------------------------------
 
 def cluster_from_view(me: str, advert: Advert, peers: list[Peer], default_link: LinkSpec,
-                      medium: str = "switched") -> Cluster:
+                      medium: str = "switched", *, model: str | None = None,
+                      size: tuple[int, int] | None = None) -> Cluster:
     """The `Cluster` a requester plans on: itself plus every live peer, with the speed and
     backlog each one advertised, and the link estimates they advertised (the requester's
-    own estimates win over a peer's for the same pair)."""
-    devices = [Device(me, advert.gflops, backlog_s=advert.backlog_s)]
-    devices += [Device(p.name, p.advert.gflops, backlog_s=p.advert.backlog_s) for p in peers
-                if p.name != me]
+    own estimates win over a peer's for the same pair). Given the request's `model` and
+    input `size`, a device that advertised its measured curves for them carries them
+    (`Device.curves`), so the planner prices its tiles by its curves, not its GFLOP/s."""
+    key = curve_key(model, size) if model is not None and size is not None else None
+
+    def device(name: str, adv: Advert) -> Device:
+        curves = tuple((model, curve) for k, curve in adv.curves if k == key) if key else ()
+        return Device(name, adv.gflops, backlog_s=adv.backlog_s, curves=curves[:1])
+
+    devices = [device(me, advert)]
+    devices += [device(p.name, p.advert) for p in peers if p.name != me]
     names = {d.name for d in devices}
     links: dict[frozenset[str], LinkSpec] = {}
     for owner, adv in [(p.name, p.advert) for p in peers] + [(me, advert)]:
@@ -286,3 +294,11 @@ def cluster_from_view(me: str, advert: Advert, peers: list[Peer], default_link: 
             if other in names and other != owner and mbps > 0 and latency_ms >= 0:
                 links[frozenset((owner, other))] = LinkSpec(mbps, latency_ms)
     return Cluster(tuple(devices), default_link, links, medium, me)
+
+
+def device_signature(cluster: Cluster) -> tuple[tuple[str, float, int], ...]:
+    """What a cached plan depends on about the devices: name, GFLOP/s (3 decimals) and a
+    digest of the curves each carries (a plan made before a device's curves were measured
+    must not be reused once they are)."""
+    return tuple(sorted((d.name, round(d.gflops, 3), hash(d.curves) & 0xFFFFFFFF)
+                        for d in cluster.devices))

@@ -7,6 +7,14 @@ process that hands back only the segments, so a worker serving VGG-16 never hold
 Long compute runs on one worker thread, off the event loop, so heartbeats keep flowing;
 a short tile runs on the loop itself (a thread hand-off costs two wake-ups, milliseconds
 on a busy machine, more than such a tile holds the loop).
+
+Speed curves: the first time a node loads a model at an input size, it measures its own
+per-segment latency curves for it (`meshci.cost.profiling`, time versus output rows, the
+mean of timed runs so that a CPU quota shows as real tiles meet it), in this process (its
+cgroup's quota applies) on the loader thread, off the event loop; they are cached on disk
+by model hash and device fingerprint, so later starts read them. The node advertises them
+(`advert`), plans with them (`meshci.node.request.cluster_from_view`) and bids with them
+(`bid_compute_s`); a model without curves yet is priced by the node's GFLOP/s.
 """
 
 from __future__ import annotations
@@ -23,11 +31,15 @@ import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import cloudpickle
 import torch
 
+from meshci.cost.profiling import Progress, SpeedProfile, load_or_measure, stderr_progress
 from meshci.errors import MeshciError
+from meshci.node.membership import MAX_ADVERT_CURVES, Advert, curve_key
 from meshci.models.registry import build_model
 from meshci.planning.plan import Plan
 from meshci.tiling import block_flops, block_input_region, run_block
@@ -198,12 +210,25 @@ def _child_main(argv: list[str]) -> int:
     return 0
 
 
-class Runtime:
-    """Model cache plus the single compute thread (torch threads = `threads`)."""
+CURVE_FRACTIONS = (0.125, 0.5)  # output rows measured per segment: small and large tiles
+CURVE_REPEATS = 3
 
-    def __init__(self, threads: int = 1, cache_capacity: int = 2, isolate_builds: bool = True) -> None:
+
+class Runtime:
+    """Model cache plus the single compute thread (torch threads = `threads`).
+
+    `curves`: measure (or read from the cache under `data_dir`) this device's speed curves
+    for a model at its first load (see the module docstring); `progress` reports it."""
+
+    def __init__(self, threads: int = 1, cache_capacity: int = 2, isolate_builds: bool = True, *,
+                 curves: bool = True, data_dir: Path | None = None,
+                 progress: Progress | None = stderr_progress) -> None:
         self.threads = max(1, threads)
         self.cache = ModelCache(cache_capacity, isolate_builds)
+        self.measure_curves = curves
+        self.data_dir = data_dir
+        self.progress = progress
+        self.profiles: OrderedDict[str, SpeedProfile] = OrderedDict()  # curve_key -> profile
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshci-compute",
                                            initializer=torch.set_num_threads,
                                            initargs=(self.threads,))
@@ -218,10 +243,61 @@ class Runtime:
 
     async def load(self, name: str, seed: int, size: tuple[int, int], head: bool) -> LoadedModel:
         cached = self.cache.peek(name, seed, size, head)
-        if cached is not None:
+        if cached is not None and (not self.measure_curves or curve_key(name, size) in self.profiles):
             return cached
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._loader, self.cache.get, name, seed, size, head)
+        return await loop.run_in_executor(self._loader, self._get_and_profile, name, seed, size, head)
+
+    def _get_and_profile(self, name: str, seed: int, size: tuple[int, int], head: bool) -> LoadedModel:
+        """Blocking (the loader thread): the model, and its curves the first time."""
+        entry = self.cache.get(name, seed, size, head)
+        if self.measure_curves:
+            self.profile(entry.trunk, size)
+        return entry
+
+    def profile(self, trunk: Trunk, size: tuple[int, int]) -> SpeedProfile:
+        """Blocking: this device's curves for `trunk` (at input `size`), read from the disk
+        cache or measured now on this thread, and remembered for adverts and bids."""
+        key = curve_key(trunk.name, size)
+        known = self.profiles.get(key)
+        if known is not None:
+            return known
+        began = time.perf_counter()
+        curve = load_or_measure(trunk, threads=self.threads, data_dir=self.data_dir, progress=self.progress,
+                                fractions=CURVE_FRACTIONS, repeats=CURVE_REPEATS, statistic="mean")
+        profile = SpeedProfile.of(trunk, curve)
+        self.profiles[key] = profile
+        while len(self.profiles) > MAX_ADVERT_CURVES:
+            self.profiles.popitem(last=False)
+        log.info("speed curves of %s: %.2f s (measured or read from the cache)", key, time.perf_counter() - began)
+        return profile
+
+    def curves(self) -> tuple[tuple[str, tuple[tuple[float, float], ...]], ...]:
+        """The curves to advertise, by `curve_key`."""
+        return tuple((key, profile.curve) for key, profile in self.profiles.items())
+
+    def advert(self, gflops: float, backlog_s: float,
+               links: tuple[tuple[str, float, float], ...] = ()) -> Advert:
+        """This node's `Advert`: its GFLOP/s, backlog and links, with its measured curves."""
+        return Advert(gflops, backlog_s, links, self.curves())
+
+    def bid_compute_s(self, item: Any, gflops: float) -> float:
+        """A bidder's compute time for an auction item: by this device's curves for the
+        item's model (`Item.model` is a `curve_key`) where it has them, else by `gflops`."""
+        profile = self.profiles.get(item.model) if item.model else None
+        start, end = item.segments
+        if profile is not None and 0 <= start < end <= len(profile.curve):
+            return profile.strip_s(start, end, float(item.flops))
+        return float(item.flops) / (gflops * 1e9)
+
+    def tile_s(self, loaded: LoadedModel, start: int, end: int, out: Region, gflops: float) -> float:
+        """Predicted compute time of a tile (queue estimates, inline decisions): by the
+        curves of its model where this device has them, else by `gflops`."""
+        flops = loaded.flops(start, end, out)
+        profile = self.profiles.get(curve_key(loaded.key[0], (loaded.key[2], loaded.key[3])))
+        if profile is not None and 0 <= start < end <= len(profile.curve):
+            return profile.strip_s(start, end, flops)
+        return flops / (gflops * 1e9)
 
     async def run_block(self, trunk: Trunk, start: int, end: int, x: torch.Tensor,
                         have: Region, out: Region, *, inline: bool = False
