@@ -2,10 +2,11 @@
 `Connection` that moves their bytes. See docs/architecture.md, "Wire"."""
 
 from meshci.wire.blobs import pickle_blob, unpickle_trusted
-from meshci.wire.connection import Connection
+from meshci.wire.connection import Connection, HandshakeLimiter
 from meshci.wire.errors import (
     AuthenticationError,
     ConnectionClosed,
+    HandshakeRefused,
     HandshakeTimeout,
     LocalProtocolError,
     RemoteProtocolError,
@@ -36,6 +37,8 @@ __all__ = [
     "FrameDecoder",
     "FrameMac",
     "Handshake",
+    "HandshakeLimiter",
+    "HandshakeRefused",
     "HandshakeResult",
     "HandshakeTimeout",
     "LocalProtocolError",

@@ -1,16 +1,26 @@
 """Thin asyncio adapter over the sans-IO codec and handshake: it only moves bytes and fires
-the handshake timer. Every decision lives in `frames` and `handshake`."""
+the handshake timer. Every decision lives in `frames` and `handshake`.
+
+Receiving is an `asyncio.BufferedProtocol` (`_WireProtocol`) whose `get_buffer()` hands the
+transport the decoder's current payload buffer, so a tensor's bytes go from the socket (or
+from the TLS layer) straight into the tensor that `recv()` returns: no intermediate `bytes`,
+no copy. Only the fixed prefix, the header and frames of at most `SCRATCH_BYTES` pass
+through a small scratch buffer; reads never reach past the current frame.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import ssl as ssl_module
+from collections import deque
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 from meshci.wire.errors import (
     ConnectionClosed,
+    HandshakeRefused,
     HandshakeTimeout,
     LocalProtocolError,
     RemoteProtocolError,
@@ -26,7 +36,247 @@ log = logging.getLogger(__name__)
 # chunk in the transport's buffer (back-pressure) and nothing is joined or pickled.
 COALESCE_BYTES = 64 << 10
 WRITE_CHUNK = 1 << 20
-READ_CHUNK = 1 << 20
+# Receive side: prefix, header and small frames are read into a scratch buffer this large.
+SCRATCH_BYTES = 64 << 10
+# Back-pressure on receive: once this many messages, or this many bytes received, wait for
+# recv(), the connection stops reading until the application takes one or calls recv().
+# Memory held per connection while the application is not receiving: about these limits.
+RECV_QUEUE_MESSAGES = 64
+RECV_QUEUE_BYTES = 1 << 20
+
+
+class HandshakeLimiter:
+    """Caps the handshakes in progress on one listener.
+
+    A peer that has proven nothing may hold a connection open for the whole handshake
+    timeout; without a cap a flood of such connections exhausts file descriptors. Pass one
+    limiter per listening socket to `Connection.accept(..., limiter=)`: a connection that
+    arrives while `max_pending` handshakes are running is refused at once (logged)."""
+
+    def __init__(self, max_pending: int = 64) -> None:
+        if max_pending < 1:
+            raise ValueError(f"max_pending must be at least 1, got {max_pending}")
+        self.max_pending = max_pending
+        self.pending = 0
+        self.refused = 0
+
+    def try_acquire(self) -> bool:
+        """Take a slot for one handshake; False (and counted) when all are taken."""
+        if self.pending >= self.max_pending:
+            self.refused += 1
+            return False
+        self.pending += 1
+        return True
+
+    def release(self) -> None:
+        """Give back a slot taken by `try_acquire`."""
+        if self.pending <= 0:
+            raise LocalProtocolError("HandshakeLimiter.release() without a matching acquire")
+        self.pending -= 1
+
+
+class _WireProtocol(asyncio.BufferedProtocol):
+    """Moves received bytes into a `FrameDecoder` and queues the messages it yields.
+
+    At most one message is parsed ahead of the application during the handshake (the next
+    frame's MAC key is not known yet), `RECV_QUEUE_MESSAGES`/`RECV_QUEUE_BYTES` after it;
+    when that many wait, or that many bytes arrived while no `next_message()` waits,
+    reading pauses until `next_message()` makes room or waits. A waiting `next_message()`
+    lets a frame of any size (up to `max_frame_bytes`) stream into its tensors."""
+
+    def __init__(self, decoder: FrameDecoder) -> None:
+        self.decoder = decoder
+        self.transport: asyncio.Transport | None = None
+        self.copied_bytes = 0  # bytes that went through the scratch buffer
+        self.direct_bytes = 0  # bytes received straight into payload buffers
+        self._loop = asyncio.get_running_loop()
+        self._scratch = memoryview(bytearray(SCRATCH_BYTES))
+        self._direct = False
+        self._messages: deque[tuple[Message, int]] = deque()
+        self._queued_bytes = 0
+        self._partial = 0  # bytes received of frames not yet complete
+        self._queue_messages = 1
+        self._queue_bytes = RECV_QUEUE_BYTES
+        self._held = False
+        self._error: RemoteProtocolError | None = None
+        self._eof = False
+        self._lost = False
+        self._lost_exc: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._write_paused = False
+        self._drain_waiters: deque[asyncio.Future[None]] = deque()
+        self._closed: asyncio.Future[None] = self._loop.create_future()
+        # The stream pair a transport was taken over from (accept): kept alive with us, since
+        # a StreamWriter that is garbage collected closes its transport.
+        self.streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    # -- transport callbacks ---------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._error is None:
+            view = self.decoder.get_buffer()
+            if view is not None:
+                self._direct = True
+                return view
+        self._direct = False
+        if self._error is not None:  # the stream is dead: swallow what still arrives
+            return self._scratch
+        return self._scratch[: self.decoder.read_hint(SCRATCH_BYTES)]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._partial += nbytes
+        if self._direct:
+            self.direct_bytes += nbytes
+            self.decoder.buffer_updated(nbytes)
+        elif self._error is None:
+            self.copied_bytes += nbytes
+            self.decoder.feed(self._scratch[:nbytes])
+        self._parse()
+
+    def data_received(self, data: bytes) -> None:
+        """Bytes that reached us as an object: those a StreamReader had buffered before
+        `Connection.accept` took the transport over."""
+        self._partial += len(data)
+        if self._error is None:
+            self.copied_bytes += len(data)
+            self.decoder.feed(data)
+        self._parse()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake()
+        # Keep the write side open after a half-close (plain TCP); TLS cannot do that.
+        return self.transport is not None and self.transport.get_extra_info("sslcontext") is None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._lost:
+            return
+        self._lost = True
+        self._lost_exc = exc
+        self._wake()
+        while self._drain_waiters:
+            waiter = self._drain_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        while self._drain_waiters:
+            waiter = self._drain_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # -- parsing and back-pressure ---------------------------------------------------------
+    def _parse(self) -> None:
+        if self._error is not None:
+            return
+        try:
+            while not self._held:
+                msg = self.decoder.next_message()
+                if msg is None:
+                    break
+                size = self.decoder.last_frame_bytes
+                self._messages.append((msg, size))
+                self._queued_bytes += size
+                self._partial = max(0, self._partial - size)
+                if not self._below_limits():
+                    self._hold()
+        except RemoteProtocolError as exc:  # the stream is unusable: stop; recv() reports it
+            self._error = exc
+            self._hold()
+        if (self._waiter is None or self._waiter.done()) and not self._below_limits():
+            # Nobody waits in recv(): do not run ahead further, even within a frame.
+            self._hold()
+        self._wake()
+
+    def _below_limits(self) -> bool:
+        return (
+            len(self._messages) < self._queue_messages
+            and self._queued_bytes + self._partial < self._queue_bytes
+        )
+
+    def _hold(self) -> None:
+        self._held = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def _release(self) -> None:
+        self._held = False
+        if self.transport is not None and not (self._lost or self._eof):
+            self.transport.resume_reading()
+        self._parse()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def handshake_done(self) -> None:
+        """The frame MAC is in place: read and parse ahead up to the normal queue limits."""
+        self._queue_messages = RECV_QUEUE_MESSAGES
+        if self._held and not self._messages:
+            self._release()
+
+    # -- what Connection awaits ------------------------------------------------------------
+    async def next_message(self) -> tuple[Message, int]:
+        """The next message and its size on the wire. Raises RemoteProtocolError (bad or
+        truncated frame) or ConnectionClosed."""
+        while True:
+            if self._messages:
+                msg, size = self._messages.popleft()
+                self._queued_bytes -= size
+                if self._held and self._queue_messages > 1 and self._below_limits():
+                    # Read on as soon as there is room (a peer's TLS close_notify, too).
+                    # Not during the handshake: the next frame may need the new MAC key.
+                    self._release()
+                return msg, size
+            if self._error is not None:
+                raise self._error
+            # Waiting first, then releasing: with a waiter present a frame of any size may
+            # stream in, and whatever the release parses at once resolves the waiter.
+            self._waiter = self._loop.create_future()
+            try:
+                if self._held:
+                    self._release()
+                if not self._messages and self._error is None:
+                    if self._lost or self._eof:
+                        self._raise_closed()
+                    await self._waiter
+            finally:
+                self._waiter = None
+
+    def _raise_closed(self) -> None:
+        if self.decoder.in_frame:
+            raise RemoteProtocolError(
+                f"connection closed in the middle of a frame ({self.decoder.bytes_wanted} bytes missing)"
+            )
+        if self._lost_exc is not None:
+            raise ConnectionClosed(f"connection lost: {self._lost_exc}")
+        raise ConnectionClosed("peer closed the connection")
+
+    async def drain(self) -> None:
+        """Wait while the transport's write buffer is above its high-water mark."""
+        if self.transport is not None and self.transport.is_closing() and not self._lost:
+            await asyncio.sleep(0)  # let connection_lost run, as StreamWriter.drain does
+        if self._lost:
+            raise ConnectionResetError("connection lost")
+        if not self._write_paused:
+            return
+        waiter = self._loop.create_future()
+        self._drain_waiters.append(waiter)
+        await waiter
+        if self._lost:
+            raise ConnectionResetError("connection lost")
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self._closed)
 
 
 class Connection:
@@ -39,26 +289,24 @@ class Connection:
 
     def __init__(
         self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        transport: asyncio.Transport,
+        protocol: _WireProtocol,
         *,
         name: str,
         result: HandshakeResult,
-        decoder: FrameDecoder,
         max_frame_bytes: int,
         bytes_sent: int = 0,
         bytes_received: int = 0,
     ) -> None:
-        self._reader = reader
-        self._writer = writer
+        self._transport = transport
+        self._proto = protocol
         self.name = name
         self.peer_name = result.peer_name
         self.authenticated = result.authenticated
-        self.peer_address: Any = writer.get_extra_info("peername")
+        self.peer_address: Any = transport.get_extra_info("peername")
         self.bytes_sent = bytes_sent
         self.bytes_received = bytes_received
         self._send_mac: FrameMac | None = result.send_mac
-        self._decoder = decoder
         self._max_frame_bytes = max_frame_bytes
         self._send_lock = asyncio.Lock()
         self._recv_lock = asyncio.Lock()
@@ -81,16 +329,22 @@ class Connection:
         """Connect to `host:port` and run the client side of the handshake.
 
         Raises ConnectionClosed when the peer cannot be reached or hangs up,
-        HandshakeTimeout, or RemoteProtocolError/AuthenticationError."""
+        HandshakeTimeout, or RemoteProtocolError/AuthenticationError. The messages name the
+        failure, not the address (callers say which peer they dialled)."""
         handshake = Handshake(Role.CLIENT, name, secret, insecure=insecure)
+        decoder = FrameDecoder(max_frame_bytes=HANDSHAKE_MAX_FRAME_BYTES)
+        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout):
-                reader, writer = await asyncio.open_connection(host, port, ssl=ssl)
+                transport, protocol = await loop.create_connection(
+                    lambda: _WireProtocol(decoder), host, port, ssl=ssl
+                )
         except TimeoutError as exc:  # connect (or TLS handshake) hung: report as a timeout
-            raise HandshakeTimeout(f"connecting to {host}:{port} timed out after {timeout} s") from exc
+            raise HandshakeTimeout(f"connect timed out after {timeout} s") from exc
         except OSError as exc:  # refused, unreachable, TLS rejected: the peer is not there for us
-            raise ConnectionClosed(f"cannot connect to {host}:{port}: {exc}") from exc
-        return await cls._establish(reader, writer, handshake, name, timeout, max_frame_bytes)
+            raise ConnectionClosed(_reason(exc)) from exc
+        transport = cast(asyncio.Transport, transport)
+        return await cls._establish(transport, protocol, handshake, name, timeout, max_frame_bytes)
 
     @classmethod
     async def accept(
@@ -103,59 +357,84 @@ class Connection:
         timeout: float = 5.0,
         insecure: bool = False,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        limiter: HandshakeLimiter | None = None,
     ) -> Connection:
-        """Run the server side of the handshake on a freshly accepted stream pair.
+        """Run the server side of the handshake on a freshly accepted stream pair (from an
+        `asyncio.start_server` callback). The connection takes the transport over from the
+        stream pair; use only the returned `Connection` afterwards.
 
-        On failure the stream is closed, the reason logged, and the error raised."""
-        handshake = Handshake(Role.SERVER, name, secret, insecure=insecure)
-        return await cls._establish(reader, writer, handshake, name, timeout, max_frame_bytes)
+        With a `limiter` that has no free slot the connection is refused at once
+        (HandshakeRefused). On failure the stream is closed, the reason logged, and the
+        error raised."""
+        transport = cast(asyncio.Transport, writer.transport)
+        if limiter is not None and not limiter.try_acquire():
+            address = writer.get_extra_info("peername")
+            log.warning(
+                "refusing connection from %s: %d handshakes already in progress (limit %d)",
+                address,
+                limiter.pending,
+                limiter.max_pending,
+            )
+            transport.abort()
+            raise HandshakeRefused(f"too many handshakes in progress ({limiter.max_pending})")
+        try:
+            handshake = Handshake(Role.SERVER, name, secret, insecure=insecure)
+            protocol = _WireProtocol(FrameDecoder(max_frame_bytes=HANDSHAKE_MAX_FRAME_BYTES))
+            protocol.streams = (reader, writer)
+            await _take_over(reader, transport, protocol)
+            return await cls._establish(transport, protocol, handshake, name, timeout, max_frame_bytes)
+        finally:
+            if limiter is not None:
+                limiter.release()
 
     @classmethod
     async def _establish(
         cls,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        transport: asyncio.Transport,
+        protocol: _WireProtocol,
         handshake: Handshake,
         name: str,
         timeout: float,
         max_frame_bytes: int,
     ) -> Connection:
-        decoder = FrameDecoder(max_frame_bytes=HANDSHAKE_MAX_FRAME_BYTES)
-        address = writer.get_extra_info("peername")
+        address = transport.get_extra_info("peername")
         counts = [0, 0]  # sent, received
         try:
             async with asyncio.timeout(timeout):
                 for msg in handshake.initiate():
-                    counts[0] += _write_small(writer, encode(msg))
-                await writer.drain()
+                    counts[0] += _write_small(transport, encode(msg))
+                await protocol.drain()
                 while not handshake.complete:
-                    msg, n = await _read_message(reader, decoder)
+                    msg, n = await protocol.next_message()
                     counts[1] += n
                     for reply in handshake.receive(msg):
-                        counts[0] += _write_small(writer, encode(reply))
-                    await writer.drain()
+                        counts[0] += _write_small(transport, encode(reply))
+                    await protocol.drain()
         except TimeoutError as exc:  # the peer opened a connection and never finished speaking
             log.warning("handshake with %s timed out after %.1f s; closing", address, timeout)
-            writer.transport.abort()
+            transport.abort()
             raise HandshakeTimeout(f"handshake with {address} timed out after {timeout} s") from exc
         except RemoteProtocolError as exc:  # bad bytes or failed proof: refuse, say why, close
             log.warning("handshake with %s rejected: %s; closing", address, exc)
-            _refuse(writer, "handshake failed")
+            _refuse(transport, "handshake failed")
             raise
         except ConnectionClosed as exc:  # the peer hung up mid-handshake
             log.warning("handshake with %s failed: %s", address, exc)
-            writer.transport.abort()
+            transport.abort()
             raise
         except (ConnectionError, OSError) as exc:  # reset while we wrote: the peer is gone
             log.warning("handshake with %s failed: %s", address, exc)
-            writer.transport.abort()
+            transport.abort()
             raise ConnectionClosed(f"connection to {address} lost during the handshake: {exc}") from exc
         except asyncio.CancelledError:  # our caller gave up: leave no half-open socket behind
-            writer.transport.abort()
+            transport.abort()
             raise
         result = handshake.result
-        decoder.set_mac(result.recv_mac)
-        decoder.max_frame_bytes = max_frame_bytes
+        # The protocol parsed nothing past the last handshake frame, so the keys and the
+        # frame limit apply from the very next frame on.
+        protocol.decoder.set_mac(result.recv_mac)
+        protocol.decoder.max_frame_bytes = max_frame_bytes
+        protocol.handshake_done()
         log.debug(
             "%s %s peer %r at %s (%s)",
             name,
@@ -165,11 +444,10 @@ class Connection:
             "authenticated" if result.authenticated else "INSECURE",
         )
         return cls(
-            reader,
-            writer,
+            transport,
+            protocol,
             name=name,
             result=result,
-            decoder=decoder,
             max_frame_bytes=max_frame_bytes,
             bytes_sent=counts[0],
             bytes_received=counts[1],
@@ -192,7 +470,6 @@ class Connection:
             chunks = encode_chunks(
                 msg, self._send_mac, max_frame_bytes=self._max_frame_bytes, chunk_bytes=WRITE_CHUNK
             )
-            writer = self._writer
             try:
                 small = bytearray()
                 for chunk in chunks:
@@ -204,10 +481,10 @@ class Connection:
                         self._write(bytes(small))
                         small.clear()
                     self._write(view)
-                    await writer.drain()
+                    await self._proto.drain()
                 if small:
                     self._write(bytes(small))
-                await writer.drain()
+                await self._proto.drain()
             except (ConnectionError, OSError) as exc:  # reset/broken pipe: the peer is gone
                 self._abort()
                 raise ConnectionClosed(f"connection to {self.peer_name!r} lost: {exc}") from exc
@@ -216,18 +493,20 @@ class Connection:
                 raise
 
     def _write(self, data: bytes | memoryview) -> None:
-        self._writer.write(data)
+        self._transport.write(data)
         self.bytes_sent += memoryview(data).nbytes
 
     async def recv(self) -> Message:
-        """The next message. Raises ConnectionClosed when the peer hung up between frames,
-        RemoteProtocolError (after aborting the connection, reason logged) on a malformed,
-        truncated or unauthenticated frame."""
+        """The next message; its tensors are the buffers the payload was received into.
+        Raises ConnectionClosed when the peer hung up between frames, RemoteProtocolError
+        (after aborting the connection, reason logged) on a malformed, truncated or
+        unauthenticated frame. Cancelling it loses nothing: frames are parsed by the
+        protocol, not by this call."""
         if self._closed:
             raise ConnectionClosed(f"connection to {self.peer_name!r} is closed")
         async with self._recv_lock:
             try:
-                msg, _ = await _read_message(self._reader, self._decoder, self)
+                msg, size = await self._proto.next_message()
             except RemoteProtocolError as exc:  # stream state unknown: abort, never resync
                 log.warning(
                     "protocol error from %r at %s: %s; aborting connection",
@@ -240,10 +519,7 @@ class Connection:
             except ConnectionClosed:  # clean end of stream between frames
                 self._abort()
                 raise
-            except asyncio.CancelledError:  # cancelled mid-frame would desync the decoder
-                if self._decoder.in_frame:
-                    self._abort()
-                raise
+            self.bytes_received += size
             return msg
 
     async def close(self) -> None:
@@ -251,11 +527,8 @@ class Connection:
         if self._closed:
             return
         self._closed = True
-        self._writer.close()
-        try:
-            await self._writer.wait_closed()
-        except (ConnectionError, OSError):  # the peer reset first: it is closed either way
-            pass
+        self._transport.close()
+        await self._proto.wait_closed()
 
     def abort(self) -> None:
         """Drop the connection at once, discarding unsent data."""
@@ -263,7 +536,7 @@ class Connection:
 
     def _abort(self) -> None:
         self._closed = True
-        self._writer.transport.abort()
+        self._transport.abort()
 
     async def __aenter__(self) -> Connection:
         return self
@@ -282,42 +555,48 @@ class Connection:
         return f"<Connection {self.name}->{self.peer_name} {self.peer_address} {auth} {state}>"
 
 
-async def _read_message(
-    reader: asyncio.StreamReader, decoder: FrameDecoder, conn: Connection | None = None
-) -> tuple[Message, int]:
-    """Feed the decoder until it yields a message; returns it with the bytes read."""
-    received = 0
-    while True:
-        msg = decoder.next_message()
-        if msg is not None:
-            return msg, received
-        want = min(max(decoder.bytes_wanted, 1), READ_CHUNK)
-        try:
-            data = await reader.read(want)
-        except (ConnectionError, OSError) as exc:  # reset or TLS failure: the peer is gone
-            raise ConnectionClosed(f"connection lost: {exc}") from exc
-        if not data:
-            if decoder.in_frame:
-                raise RemoteProtocolError(
-                    f"connection closed in the middle of a frame ({decoder.bytes_wanted} bytes missing)"
-                )
-            raise ConnectionClosed("peer closed the connection")
-        received += len(data)
-        if conn is not None:
-            conn.bytes_received += len(data)
-        decoder.feed(data)
+async def _take_over(
+    reader: asyncio.StreamReader, transport: asyncio.Transport, protocol: _WireProtocol
+) -> None:
+    """Make `protocol` the transport's protocol in place of the StreamReader's, handing it
+    whatever the reader had already buffered."""
+    # Reading is paused across the switch: uvloop chooses the buffered read path only when
+    # reading (re)starts, and no byte may reach the old protocol after the reader is drained.
+    transport.pause_reading()
+    transport.set_protocol(protocol)
+    protocol.connection_made(transport)
+    failure = reader.exception()
+    if failure is None:
+        # The reader gets nothing more; marking its end lets read() return what it holds
+        # without waiting.
+        reader.feed_eof()
+        leftover = await reader.read()
+        if leftover:
+            protocol.data_received(leftover)
+    if transport.is_closing():
+        # Closed before the switch: the old protocol may already have been told.
+        protocol.connection_lost(failure)
+    else:
+        transport.resume_reading()
 
 
-def _write_small(writer: asyncio.StreamWriter, buffers: list[bytes | memoryview]) -> int:
+def _reason(exc: OSError) -> str:
+    """A connect failure in words, without repeating the address."""
+    if isinstance(exc, ConnectionError) and exc.errno:
+        return os.strerror(exc.errno)
+    return str(exc)
+
+
+def _write_small(transport: asyncio.Transport, buffers: list[bytes | memoryview]) -> int:
     data = b"".join(buffers)
-    writer.write(data)
+    transport.write(data)
     return len(data)
 
 
-def _refuse(writer: asyncio.StreamWriter, reason: str) -> None:
+def _refuse(transport: asyncio.Transport, reason: str) -> None:
     """Best effort: tell the peer why (without details an attacker could use), then close."""
     try:
-        writer.write(b"".join(encode(Message(MsgType.ERROR, 0, {"reason": reason}))))
+        transport.write(b"".join(encode(Message(MsgType.ERROR, 0, {"reason": reason}))))
     except (ConnectionError, OSError, LocalProtocolError):  # peer already gone: nothing to tell
         pass
-    writer.close()
+    transport.close()

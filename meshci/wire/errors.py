@@ -34,6 +34,10 @@ class HandshakeTimeout(WireError):
     """The peer did not complete the handshake in time."""
 
 
+class HandshakeRefused(WireError):
+    """A connection refused before its handshake because too many were already running."""
+
+
 class UntrustedPeerError(WireError):
     """Refused to unpickle data from a peer that has not proven the cluster secret."""
 

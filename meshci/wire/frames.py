@@ -13,8 +13,17 @@ One frame on the wire (all integers big-endian):
              tensors, blob) when the connection is authenticated
 
 Every length is known from the fixed prefix, so the size limits are enforced before anything
-is allocated, and each tensor is read into its own preallocated buffer which becomes the
-received tensor without a copy.
+is allocated, and each tensor is read into its own buffer which becomes the received tensor
+without a copy.
+
+Memory a peer can make a connection hold: a tensor's buffer is allocated only when the
+payload reaches that tensor (not when the header announces it), and buffers of
+`LAZY_COMMIT_BYTES` (32 MiB) or more are private anonymous memory maps whose pages the OS
+commits only as received bytes are written into them. Smaller buffers come from the
+allocator, which reuses memory the process already holds or (glibc) extends its heap
+without touching the new pages. So a frame in progress adds to resident memory at most the
+bytes actually received plus less than `LAZY_COMMIT_BYTES`, whatever size its header
+announces (up to `max_frame_bytes`), and typically just the bytes received.
 """
 
 from __future__ import annotations
@@ -23,9 +32,10 @@ import hashlib
 import hmac
 import json
 import math
+import mmap
 import struct
 from enum import IntEnum
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -48,6 +58,10 @@ MAX_TENSORS = 1024
 MAX_NDIM = 8
 MAX_DIM = 1 << 40
 _DESC_HEAD = struct.Struct("!BB")
+# Tensor buffers this large are anonymous maps: pages are committed as bytes arrive. (glibc
+# maps allocations this large itself; smaller ones reuse freed heap memory, which saves the
+# page faults a fresh map costs on every frame.)
+LAZY_COMMIT_BYTES = 32 << 20
 
 # Stable codes: part of the wire format, never renumber.
 DTYPE_CODES: dict[torch.dtype, int] = {
@@ -279,8 +293,36 @@ class FrameDecoder:
         elif self._state is _State.HEADER:
             need = self._desc_len + self._meta_len
         else:
-            need = sum(len(t) for t in self._targets[self._index :]) - self._filled
+            need = sum(self._sizes[self._index :]) - self._filled
         return max(0, need - len(self._pending))
+
+    @property
+    def allocated_bytes(self) -> int:
+        """Bytes of payload buffers allocated for the frame in progress (address space;
+        large buffers become resident only as bytes arrive)."""
+        return sum(size for size, view in zip(self._sizes, self._targets) if view is not None)
+
+    @property
+    def last_frame_bytes(self) -> int:
+        """Size on the wire of the frame behind the last message `next_message()` returned."""
+        return self._last_frame_bytes
+
+    def read_hint(self, limit: int) -> int:
+        """How many bytes to read next into a scratch buffer of `limit` bytes when
+        `get_buffer()` is None (call `next_message()` first): the rest of the prefix, or the
+        rest of the header, plus the rest of the frame when all of it fits in `limit`. Never
+        reaches past the current frame, so every payload byte of a larger frame goes through
+        `get_buffer()`, and no byte of the next frame is read before this one is parsed."""
+        if self._state is _State.PREFIX:
+            need = PREFIX.size
+        elif self._state is _State.HEADER:
+            need = self._desc_len + self._meta_len
+            rest = self._tensor_bytes + self._blob_len + (MAC_BYTES if self.mac is not None else 0)
+            if need + rest <= limit:
+                need += rest
+        else:
+            need = self.bytes_wanted + len(self._pending)
+        return max(1, min(limit, need - len(self._pending)))
 
     # -- input -----------------------------------------------------------------------------
     def feed(self, data: bytes | bytearray | memoryview) -> None:
@@ -299,17 +341,19 @@ class FrameDecoder:
         """A writable view of the rest of the current payload buffer, or None."""
         if self._error is not None:
             raise self._error
-        if self._state is not _State.PAYLOAD or self._pending or self._index >= len(self._targets):
+        if self._state is not _State.PAYLOAD or self._pending or self._index >= len(self._sizes):
             return None
-        return self._targets[self._index][self._filled :]
+        return self._target(self._index)[self._filled :]
 
     def buffer_updated(self, nbytes: int) -> None:
         """Commit `nbytes` written into the view returned by `get_buffer()`."""
-        target = self._targets[self._index]
-        if nbytes < 0 or self._filled + nbytes > len(target):
+        if self._index >= len(self._sizes):
+            raise LocalProtocolError("buffer_updated() without a payload buffer")
+        size = self._sizes[self._index]
+        if nbytes < 0 or self._filled + nbytes > size:
             raise LocalProtocolError(f"buffer_updated({nbytes}) overruns the buffer")
         self._absorb(nbytes)
-        if self._filled == len(target):
+        if self._filled == size:
             self._finish_target()
 
     # -- output ----------------------------------------------------------------------------
@@ -323,6 +367,7 @@ class FrameDecoder:
             self._error = exc
             self._pending.clear()
             self._targets = []
+            self._sizes = []
             raise
 
     def _advance(self) -> Message | None:
@@ -345,7 +390,7 @@ class FrameDecoder:
             with memoryview(self._pending) as view:
                 used = self._fill(view)
             del self._pending[:used]
-        if self._index < len(self._targets):
+        if self._index < len(self._sizes):
             return None
         return self._finish_frame()
 
@@ -390,6 +435,7 @@ class FrameDecoder:
                 f"frame of {total} bytes exceeds the limit of {self.max_frame_bytes}"
             )
         self._request_id = request_id
+        self._frame_bytes = total
         self._desc_len = desc_len
         self._meta_len = meta_len
         self._tensor_bytes = tensor_bytes
@@ -397,20 +443,26 @@ class FrameDecoder:
 
     def _start_payload(self, descs: bytes) -> None:
         specs = _parse_descriptors(descs, self._tensor_bytes)
-        # Lengths were bounded by max_frame_bytes in the prefix: allocation is safe now.
+        # Lengths were bounded by max_frame_bytes in the prefix. Buffers are allocated only
+        # when the payload reaches them (`_target`), so a header alone allocates nothing.
         self._tensors = []
-        self._targets = []
+        self._sizes = []
+        self._makers = []
         for dtype, shape, nbytes in specs:
-            raw = torch.empty(nbytes, dtype=torch.uint8)
-            self._tensors.append((raw, dtype, shape))
+            slot = len(self._tensors)
+            self._tensors.append((torch.empty(0, dtype=torch.uint8), dtype, shape))
             if nbytes:
-                self._targets.append(memoryview(raw.numpy()))
-        self._blob = bytearray(self._blob_len) if self._has_blob else None
-        if self._blob:
-            self._targets.append(memoryview(self._blob))
+                self._sizes.append(nbytes)
+                self._makers.append(lambda n=nbytes, i=slot: self._tensor_target(i, n))
+        self._blob = bytearray() if self._has_blob else None
+        if self._blob_len:
+            self._sizes.append(self._blob_len)
+            self._makers.append(self._blob_target)
         self._tag = bytearray(MAC_BYTES) if self.mac is not None else None
         if self._tag is not None:
-            self._targets.append(memoryview(self._tag))
+            self._sizes.append(MAC_BYTES)
+            self._makers.append(lambda: memoryview(self._tag))
+        self._targets = [None] * len(self._sizes)
         self._hmac = None
         if self.mac is not None:
             self._sequence = self.mac.sequence
@@ -420,10 +472,26 @@ class FrameDecoder:
         self._filled = 0
         self._state = _State.PAYLOAD
 
+    def _target(self, index: int) -> memoryview:
+        view = self._targets[index]
+        if view is None:
+            view = self._targets[index] = self._makers[index]()
+        return view
+
+    def _tensor_target(self, slot: int, nbytes: int) -> memoryview:
+        _, dtype, shape = self._tensors[slot]
+        raw, view = _allocate(nbytes)
+        self._tensors[slot] = (raw, dtype, shape)
+        return view
+
+    def _blob_target(self) -> memoryview:
+        self._blob = bytearray(self._blob_len)
+        return memoryview(self._blob)
+
     def _fill(self, data: memoryview) -> int:
         used = 0
-        while used < len(data) and self._index < len(self._targets):
-            target = self._targets[self._index]
+        while used < len(data) and self._index < len(self._sizes):
+            target = self._target(self._index)
             n = min(len(target) - self._filled, len(data) - used)
             target[self._filled : self._filled + n] = data[used : used + n]
             self._absorb(n)
@@ -437,8 +505,8 @@ class FrameDecoder:
         MAC is ready when the last byte is), except for the trailing MAC tag itself."""
         start = self._filled
         self._filled += n
-        if self._hmac is not None and self._index < len(self._targets) - 1:
-            self._hmac.update(self._targets[self._index][start : self._filled])
+        if self._hmac is not None and self._index < len(self._sizes) - 1:
+            self._hmac.update(self._target(self._index)[start : self._filled])
 
     def _finish_target(self) -> None:
         self._index += 1
@@ -453,12 +521,17 @@ class FrameDecoder:
         tensors = tuple(raw.view(dtype).reshape(shape) for raw, dtype, shape in self._tensors)
         blob = bytes(self._blob) if self._blob is not None else None
         msg = Message(self._kind, self._request_id, meta, tensors, blob)
+        self._last_frame_bytes = self._frame_bytes
         self._reset()
         return msg
 
     def _reset(self) -> None:
         self._state = _State.PREFIX
-        self._targets: list[memoryview] = []
+        self._targets: list[memoryview | None] = []
+        self._sizes: list[int] = []
+        self._makers: list[Callable[[], memoryview]] = []
+        self._frame_bytes = 0
+        self._tensor_bytes = self._blob_len = 0
         self._tensors: list[tuple[torch.Tensor, torch.dtype, tuple[int, ...]]] = []
         self._index = 0
         self._filled = 0
@@ -469,6 +542,18 @@ class FrameDecoder:
         self._desc_len = self._meta_len = 0
         self._meta = b""
         self._prefix = b""
+
+
+def _allocate(nbytes: int) -> tuple[torch.Tensor, memoryview]:
+    """A writable uint8 buffer of `nbytes` and the tensor sharing it. Large buffers are
+    private anonymous maps, so untouched pages cost no memory."""
+    if nbytes < LAZY_COMMIT_BYTES:
+        raw = torch.empty(nbytes, dtype=torch.uint8)
+        return raw, memoryview(raw.numpy())
+    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    view = memoryview(region)
+    # frombuffer keeps `region` alive for as long as the tensor (or any view of it) lives.
+    return torch.frombuffer(view, dtype=torch.uint8), view
 
 
 def _parse_descriptors(

@@ -1,8 +1,8 @@
 """The messages that travel between meshci nodes.
 
 A `Message` is small JSON-able control data (`meta`), zero or more tensors sent as raw
-buffers (never pickled), and, only for the kinds in `BLOB_KINDS` and only on authenticated
-connections, a cloudpickle `blob`.
+buffers (never pickled), and, only for the kinds in `BLOB_KINDS` (model code) and only on
+authenticated connections, a cloudpickle `blob`.
 """
 
 from __future__ import annotations
@@ -49,9 +49,9 @@ class MsgType(IntEnum):
 
 HANDSHAKE_KINDS = frozenset({MsgType.HELLO, MsgType.CHALLENGE, MsgType.PROOF})
 
-# The only kinds that may carry a cloudpickle blob (a user's model code, a plan or request
-# that needs Python objects). Every other kind with a blob is a protocol error.
-BLOB_KINDS = frozenset({MsgType.MODEL_CODE, MsgType.PLAN, MsgType.INFER})
+# The only kind that may carry a cloudpickle blob: a user's model code. Plans and requests
+# travel as JSON. Every other kind with a blob is a protocol error.
+BLOB_KINDS = frozenset({MsgType.MODEL_CODE})
 
 
 @dataclass(frozen=True, eq=False)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import struct
+from pathlib import Path
 
 import pytest
 import torch
-from wire_helpers import decode_all, descriptor, frame_bytes, raw_frame
+from wire_helpers import decode_all, descriptor, frame_bytes, raw_frame, resident_bytes
 
 from meshci.wire.errors import AuthenticationError, LocalProtocolError, RemoteProtocolError
 from meshci.wire.frames import (
@@ -22,7 +23,7 @@ from meshci.wire.frames import (
     encode,
     encode_chunks,
 )
-from meshci.wire.messages import Message, MsgType, same_message
+from meshci.wire.messages import BLOB_KINDS, Message, MsgType, same_message
 
 KEY = bytes(range(32))
 
@@ -88,9 +89,9 @@ def test_several_tensors_meta_and_blob() -> None:
 
 
 def test_empty_blob_is_distinct_from_no_blob() -> None:
-    out = roundtrip(Message(MsgType.PLAN, 1, {}, (), b""), authenticated=True)
+    out = roundtrip(Message(MsgType.MODEL_CODE, 1, {}, (), b""), authenticated=True)
     assert out.blob == b""
-    assert roundtrip(Message(MsgType.PLAN, 1, {}), authenticated=True).blob is None
+    assert roundtrip(Message(MsgType.MODEL_CODE, 1, {}), authenticated=True).blob is None
 
 
 def test_several_frames_in_one_feed() -> None:
@@ -217,13 +218,20 @@ def test_malformed_frames_raise_remote_protocol_error(frame: bytes, match: str) 
         decoder.feed(frame_bytes(Message(MsgType.PING)))
 
 
-def test_blob_on_a_kind_that_may_not_carry_one() -> None:
+def test_only_model_code_may_carry_a_blob() -> None:
+    assert BLOB_KINDS == {MsgType.MODEL_CODE}
+
+
+@pytest.mark.parametrize("kind", [MsgType.TILE, MsgType.PLAN, MsgType.INFER])
+def test_blob_on_a_kind_that_may_not_carry_one(kind: MsgType) -> None:
     send, recv = mac_pair()
-    good = frame_bytes(Message(MsgType.PLAN, 0, {}, (), b"x"), send)
+    good = frame_bytes(Message(MsgType.MODEL_CODE, 0, {}, (), b"x"), send)
     bad = bytearray(good)
-    struct.pack_into("!H", bad, 6, MsgType.TILE)  # kind field
+    struct.pack_into("!H", bad, 6, kind)  # kind field
     with pytest.raises(RemoteProtocolError, match="may not carry a blob"):
         decode_all(bytes(bad), FrameDecoder(recv))
+    with pytest.raises(LocalProtocolError, match="may not carry a blob"):
+        encode(Message(kind, 0, {}, (), b"x"), mac_pair()[0])
 
 
 def test_unauthenticated_frame_on_authenticated_decoder() -> None:
@@ -275,7 +283,7 @@ def test_mac_sequence_rejects_reorder_replay_and_reflection() -> None:
         (Message(MsgType.PING, 0, {}, (torch.zeros(2, dtype=torch.complex64),)), "dtype"),
         (Message(MsgType.PING, 0, {}, ("not a tensor",)), "torch.Tensor"),  # type: ignore[arg-type]
         (Message(MsgType.TILE, 0, {}, (), b"x"), "may not carry a blob"),
-        (Message(MsgType.PLAN, 0, {}, (), b"x"), "authenticated"),
+        (Message(MsgType.MODEL_CODE, 0, {}, (), b"x"), "authenticated"),
     ],
 )
 def test_encode_local_errors(msg: Message, match: str) -> None:
@@ -299,7 +307,9 @@ def test_requires_grad_tensor_is_sent_detached() -> None:
 @pytest.mark.parametrize("chunk_bytes", [1, 7, 4096, 1 << 20])
 @pytest.mark.parametrize("authenticated", [False, True])
 def test_encode_chunks_matches_encode(chunk_bytes: int, authenticated: bool) -> None:
-    msg = Message(MsgType.PLAN, 3, {"k": "v"}, (torch.randn(3000), torch.arange(7)), b"blob" if authenticated else None)
+    msg = Message(
+        MsgType.MODEL_CODE, 3, {"k": "v"}, (torch.randn(3000), torch.arange(7)), b"blob" if authenticated else None
+    )
     a, b = mac_pair() if authenticated else (None, None)
     whole = b"".join(bytes(x) for x in encode(msg, a))
     pieces = list(encode_chunks(msg, b, chunk_bytes=chunk_bytes))
@@ -310,3 +320,36 @@ def test_encode_chunks_matches_encode(chunk_bytes: int, authenticated: bool) -> 
 def test_encode_chunks_checks_the_message_before_returning() -> None:
     with pytest.raises(LocalProtocolError):
         encode_chunks(Message(MsgType.TILE, 0, {}, (), b"x"))
+
+
+# -- memory a peer can make us hold ------------------------------------------------------------
+def test_a_header_allocates_nothing_until_its_payload_arrives() -> None:
+    announced = 64 << 20
+    decoder = FrameDecoder()
+    frame = raw_frame(MsgType.TILE, descs=descriptor(5, announced) + descriptor(5, 8), tensor_bytes=announced + 8)
+    decoder.feed(frame)  # prefix and header only
+    assert decoder.next_message() is None
+    assert decoder.allocated_bytes == 0
+    view = decoder.get_buffer()  # the payload starts: its first tensor gets a buffer
+    assert view is not None and view.nbytes == announced
+    assert decoder.allocated_bytes == announced  # the second tensor still has none
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs Linux /proc")
+def test_announced_frames_cost_memory_only_as_bytes_arrive() -> None:
+    # Three connections' decoders each announce a 200 MiB tensor and receive 1 MiB of it:
+    # resident memory grows by about what was received, not by what was announced.
+    announced, received = 200 << 20, 1 << 20
+    decoders = []
+    before = resident_bytes()
+    for _ in range(3):
+        decoder = FrameDecoder()
+        decoder.feed(raw_frame(MsgType.TILE, descs=descriptor(5, announced), tensor_bytes=announced))
+        assert decoder.next_message() is None
+        view = decoder.get_buffer()
+        assert view is not None
+        view[:received] = b"\x01" * received  # as recv_into would
+        decoder.buffer_updated(received)
+        decoders.append(decoder)
+    assert resident_bytes() - before < 48 << 20  # 600 MiB announced, 3 MiB received
+    assert all(d.bytes_wanted == announced - received for d in decoders)

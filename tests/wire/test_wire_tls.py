@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from wire_helpers import check_received_in_place, close_pair, run_on_uvloop
 
 from meshci.wire import (
     Connection,
@@ -76,7 +77,7 @@ async def test_mutual_tls_exchange(pki: Path) -> None:
     try:
         ctx = client_tls_context(pki / "client.pem", pki / "client.key", pki / "ca.pem")
         conn = await Connection.open(HOST, port, secret=SECRET, name="client", ssl=ctx)
-        assert conn._writer.get_extra_info("ssl_object") is not None
+        assert conn._transport.get_extra_info("ssl_object") is not None
         t = torch.randn(1000)
         await conn.send(Message(MsgType.PING, 4, {}, (t,)))
         reply = await conn.recv()
@@ -87,6 +88,38 @@ async def test_mutual_tls_exchange(pki: Path) -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def _tls_pair(pki: Path) -> tuple[Connection, Connection, asyncio.Server]:
+    accepted: asyncio.Queue[Connection] = asyncio.Queue()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await accepted.put(await Connection.accept(reader, writer, secret=SECRET, name="server"))
+
+    ctx = server_tls_context(pki / "server.pem", pki / "server.key", pki / "ca.pem")
+    server = await asyncio.start_server(handle, HOST, 0, ssl=ctx, ssl_handshake_timeout=2.0)
+    port = server.sockets[0].getsockname()[1]
+    client_ctx = client_tls_context(pki / "client.pem", pki / "client.key", pki / "ca.pem")
+    client = await Connection.open(HOST, port, secret=SECRET, name="client", ssl=client_ctx)
+    return client, await asyncio.wait_for(accepted.get(), 10), server
+
+
+async def _in_place_over_tls(pki: Path) -> None:
+    client, server_conn, server = await _tls_pair(pki)
+    try:
+        assert server_conn._transport.get_extra_info("ssl_object") is not None
+        await check_received_in_place(client, server_conn)  # decrypted straight into the tensor
+        await check_received_in_place(server_conn, client)
+    finally:
+        await close_pair(client, server_conn, server)
+
+
+async def test_payload_is_decrypted_in_place(pki: Path) -> None:
+    await _in_place_over_tls(pki)
+
+
+def test_payload_is_decrypted_in_place_on_uvloop(pki: Path) -> None:
+    run_on_uvloop(lambda: _in_place_over_tls(pki))
 
 
 @pytest.mark.parametrize("client_cert", [None, "rogue"])

@@ -1,0 +1,185 @@
+"""The receive path over real loopback sockets: tensor payloads land in the received tensor
+without a copy (asyncio and uvloop), reading stops while the application does not consume,
+and a listener refuses connections beyond its cap on pending handshakes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import pytest
+import torch
+from wire_helpers import check_received_in_place, close_pair, mixed_payload, run_on_uvloop
+
+from meshci.wire import (
+    Connection,
+    ConnectionClosed,
+    HandshakeLimiter,
+    HandshakeRefused,
+    Message,
+    MsgType,
+    WireError,
+    same_message,
+)
+from meshci.wire.connection import RECV_QUEUE_BYTES, RECV_QUEUE_MESSAGES
+from meshci.wire.errors import LocalProtocolError
+
+pytestmark = pytest.mark.timeout(60)
+
+HOST = "127.0.0.1"
+SECRET = b"receive test secret, 32 bytes..."
+WAIT = 10.0  # safety net only: no assertion depends on it
+
+
+async def _wait_for(condition: Callable[[], bool]) -> None:
+    async with asyncio.timeout(WAIT):
+        while not condition():
+            await asyncio.sleep(0.005)
+
+
+async def _pair(secret: bytes | None = SECRET) -> tuple[Connection, Connection, asyncio.Server]:
+    """A connected (client, server-side) pair of connections and the listener."""
+    accepted: asyncio.Queue[Connection] = asyncio.Queue()
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await accepted.put(await Connection.accept(r, w, secret=secret, insecure=secret is None, name="server"))
+
+    server = await asyncio.start_server(handle, HOST, 0)
+    port = server.sockets[0].getsockname()[1]
+    client = await Connection.open(HOST, port, secret=secret, insecure=secret is None, name="client")
+    return client, await asyncio.wait_for(accepted.get(), WAIT), server
+
+
+@pytest.mark.parametrize("secret", [SECRET, None], ids=["authenticated", "insecure"])
+async def test_payload_is_received_in_place_both_ways(secret: bytes | None) -> None:
+    await _in_place_both_ways(secret)
+
+
+async def _in_place_both_ways(secret: bytes | None = SECRET) -> None:
+    client, server_conn, server = await _pair(secret=secret)
+    try:
+        await check_received_in_place(client, server_conn)  # accept() path: protocol taken over
+        await check_received_in_place(server_conn, client)  # open() path
+    finally:
+        await close_pair(client, server_conn, server)
+
+
+def test_payload_is_received_in_place_on_uvloop() -> None:
+    run_on_uvloop(_in_place_both_ways)
+
+
+async def test_frames_sent_right_after_the_handshake_use_the_session_keys() -> None:
+    # The client's first frames follow its PROOF at once; the server must not parse them
+    # before its handshake has installed the frame MAC.
+    client, server_conn, server = await _pair()
+    try:
+        msgs = [Message(MsgType.PING, i, {"i": i}) for i in range(20)]
+        for m in msgs:
+            await client.send(m)
+        for m in msgs:
+            assert same_message(await asyncio.wait_for(server_conn.recv(), WAIT), m)
+    finally:
+        await close_pair(client, server_conn, server)
+
+
+async def test_receiver_stops_reading_while_messages_are_not_consumed() -> None:
+    client, server_conn, server = await _pair()
+    chunk = torch.randn(64 << 10)  # 256 KiB per message, 32 MiB in all: more than socket buffers hold
+    count = 128
+
+    async def flood() -> None:
+        for i in range(count):
+            await client.send(Message(MsgType.TILE, i, {}, (chunk,)))
+
+    task = asyncio.create_task(flood())
+    try:
+        proto = server_conn._proto
+        await _wait_for(lambda: proto._held)
+        for _ in range(20):
+            await asyncio.sleep(0.005)
+            assert len(proto._messages) <= RECV_QUEUE_MESSAGES
+            assert proto._queued_bytes <= RECV_QUEUE_BYTES + chunk.numel() * 4 + 1024
+        assert not task.done()  # the sender waits on drain: the slow reader holds it back
+        for i in range(count):
+            got = await asyncio.wait_for(server_conn.recv(), WAIT)
+            assert got.request_id == i and torch.equal(got.tensors[0], chunk)
+        await asyncio.wait_for(task, WAIT)
+    finally:
+        task.cancel()
+        await close_pair(client, server_conn, server)
+
+
+async def test_cancelled_recv_loses_no_message() -> None:
+    client, server_conn, server = await _pair()
+    try:
+        waiting = asyncio.create_task(server_conn.recv())
+        await asyncio.sleep(0.01)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        msg = Message(MsgType.TILE, 1, {}, mixed_payload())
+        await client.send(msg)
+        assert same_message(await asyncio.wait_for(server_conn.recv(), WAIT), msg)
+    finally:
+        await close_pair(client, server_conn, server)
+
+
+# -- cap on pending handshakes ----------------------------------------------------------------
+def test_handshake_limiter_counts_slots() -> None:
+    limiter = HandshakeLimiter(max_pending=2)
+    assert limiter.try_acquire() and limiter.try_acquire()
+    assert not limiter.try_acquire() and limiter.refused == 1
+    limiter.release()
+    assert limiter.pending == 1 and limiter.try_acquire()
+    limiter.release()
+    limiter.release()
+    with pytest.raises(LocalProtocolError):
+        limiter.release()
+    with pytest.raises(ValueError):
+        HandshakeLimiter(max_pending=0)
+
+
+async def test_listener_refuses_connections_beyond_its_handshake_cap(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="meshci.wire")
+    limiter = HandshakeLimiter(max_pending=2)
+    outcomes: asyncio.Queue[BaseException | Connection] = asyncio.Queue()
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            await outcomes.put(
+                await Connection.accept(r, w, secret=SECRET, name="server", timeout=WAIT, limiter=limiter)
+            )
+        except WireError as exc:  # refused or failed: report it to the test
+            await outcomes.put(exc)
+
+    server = await asyncio.start_server(handle, HOST, 0)
+    port = server.sockets[0].getsockname()[1]
+    silent: list[asyncio.StreamWriter] = []
+    try:
+        for _ in range(2):  # two peers that connect and never speak hold both slots
+            silent.append((await asyncio.open_connection(HOST, port))[1])
+        await _wait_for(lambda: limiter.pending == 2)
+        reader, writer = await asyncio.open_connection(HOST, port)
+        refused = await asyncio.wait_for(outcomes.get(), WAIT)
+        assert isinstance(refused, HandshakeRefused)
+        try:  # closed at once, long before the handshake timeout
+            assert await asyncio.wait_for(reader.read(), WAIT) == b""
+        except ConnectionResetError:  # aborted (RST) rather than closed: also a refusal
+            pass
+        writer.close()
+        assert "handshakes already in progress" in caplog.text
+        for w in silent:
+            w.close()
+        for _ in silent:
+            assert isinstance(await asyncio.wait_for(outcomes.get(), WAIT), ConnectionClosed)
+        assert limiter.pending == 0
+        conn = await Connection.open(HOST, port, secret=SECRET, name="client")  # served again
+        accepted = await asyncio.wait_for(outcomes.get(), WAIT)
+        assert isinstance(accepted, Connection) and accepted.peer_name == "client"
+        assert limiter.pending == 0
+        await conn.close()
+        await accepted.close()
+    finally:
+        server.close()
+        await server.wait_closed()
