@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from meshci.cost.cluster import Device, SegmentCurve
+from meshci.testbed.cpu import cpu_hierarchy
 from meshci.trunk import Trunk
 from meshci.trunk.region import Region
 
@@ -62,19 +63,30 @@ def cpu_model() -> str:
 
 
 def cpu_quota() -> str:
-    """The CPU quota of this process's cgroup (v2 ``cpu.max``, e.g. ``"25000 100000"``), or
+    """The CPU quota of this process's cgroup (``"25000 100000"``: quota and period in
+    microseconds, from v2 ``cpu.max`` or v1 ``cpu.cfs_quota_us``/``cpu.cfs_period_us``), or
     ``"max"`` where there is none or it cannot be read: devices emulated by quotas on one
     machine must not share their profiles."""
+    hierarchy = cpu_hierarchy()
+    if hierarchy is None:
+        return "max"
     try:
+        own = "/"
         for line in Path("/proc/self/cgroup").read_text().splitlines():
-            hierarchy, _, path = line.split(":", 2)
-            if hierarchy == "0":
-                value = (Path("/sys/fs/cgroup") / path.lstrip("/") / "cpu.max").read_text().strip()
-                return value or "max"
+            number, controllers, path = line.split(":", 2)
+            if (hierarchy.version == 2 and number == "0" and controllers == "") or (
+                    hierarchy.version == 1 and "cpu" in controllers.split(",")):
+                own = path
+                break
+        folder = Path(os.path.normpath(f"{hierarchy.mount}/{own}"))
+        if hierarchy.version == 2:
+            return (folder / "cpu.max").read_text().strip() or "max"
+        quota = int((folder / "cpu.cfs_quota_us").read_text())
+        period = int((folder / "cpu.cfs_period_us").read_text())
     except (OSError, ValueError):
-        # no cgroup v2 (macOS, cgroup v1, a container hiding it): no quota to tell apart
-        pass
-    return "max"
+        # the group's files are not visible here (a container hiding them): no quota to tell
+        return "max"
+    return "max" if quota < 0 else f"{quota} {period}"
 
 
 def device_fingerprint(threads: int) -> dict[str, object]:

@@ -3,12 +3,17 @@ node's messages (pure: no sockets, no clock).
 
 * `auction_items` cuts the blocks DPFL chose into row strips, the auction's items.
 * `NetworkAuction` runs the auctioneer of one request and remembers what each bidder's own
-  bids say about it (seconds per FLOP, backlog), so strips can be levelled afterwards.
+  bids say about it (a fixed cost and seconds per FLOP per block, fitted from its bids;
+  its backlog), so strips can be levelled afterwards.
 * `awarded_plan` turns the auction's result into the request's `Plan`: per block, the
-  winners in row order, strip boundaries moved by `balance_strips` so their predicted
+  winners in row order, strip boundaries moved by `balance_strips` (closed form: each
+  device's strip time is linear in its rows, `LinearStripTime`) so their predicted
   finish times are close (a device that would slow the block gets no strip). The head
   is not in `predicted_latency_s` (it runs on the requester after the trunk).
-* `to_message` / `from_message` carry auction messages as JSON in a frame's meta:
+* `auction_items` name the model and input size (`Item.model`, a `curve_key`), so a bidder
+  with measured curves for them prices an item by its curves.
+* `to_message` / `from_message` carry auction messages as JSON in a frame's meta (a
+  message sent to several bidders is encoded once):
   auctioneer -> bidder as CALL_FOR_BIDS (CallForBids) or AWARD (Award, Close);
   bidder -> auctioneer as BIDS (BidBundle) or ACCEPT (AwardReply).
 """
@@ -129,11 +134,6 @@ class NetworkAuction:
                 if item is not None and item.flops > 0 and cost >= 0:
                     self._costs[(message.sender, item.block)].append((item.flops, cost))
         return self.machine.receive(message, now)
-
-    def seconds_per_flop(self, device: str, block: int) -> float | None:
-        """The mean of the bidder's cost per FLOP over its bids on the block's items."""
-        costs = self._costs.get((device, block))
-        return sum(c / f for f, c in costs) / len(costs) if costs else None
 
     def cost_line(self, device: str, block: int) -> tuple[float, float] | None:
         """``(fixed_s, s_per_flop)``: the bidder's bids on the block's items as ``fixed + rate

@@ -210,7 +210,7 @@ def _child_main(argv: list[str]) -> int:
     return 0
 
 
-CURVE_FRACTIONS = (0.125, 0.5)  # output rows measured per segment: small and large tiles
+CURVE_FRACTIONS = (0.125, 0.25, 0.5, 1.0)  # output rows measured per segment: small to whole maps
 CURVE_REPEATS = 3
 
 
