@@ -40,6 +40,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="state this device's speed in GFLOP/s instead of measuring it at start")
     p.add_argument("--discover", nargs="?", const=str(DEFAULT_DISCOVERY), metavar="BCAST:PORT",
                    help=f"find peers on the LAN by UDP broadcast beacons (default {DEFAULT_DISCOVERY})")
+    p.add_argument("--allow-model", action="append", default=[], metavar="PATTERN",
+                   help="also serve this user model: an exact package.module:callable or a package "
+                        "prefix pkg.* (repeatable; built-in models are always served, other user "
+                        "models are refused because a request would make the node import them)")
     p.add_argument("--tls-cert", help="this node's certificate (mutual TLS)")
     p.add_argument("--tls-key", help="this node's private key (mutual TLS)")
     p.add_argument("--tls-ca", help="CA that signs every node's certificate (mutual TLS)")
@@ -74,6 +78,10 @@ def run(args: argparse.Namespace) -> int:
         raise MeshciError("--threads must be at least 1")
     if args.gflops is not None and not args.gflops > 0:
         raise MeshciError("--gflops must be positive")
+    from meshci.models.registry import valid_allow_pattern
+    bad = [pattern for pattern in args.allow_model if not valid_allow_pattern(pattern)]
+    if bad:
+        raise MeshciError(f"bad --allow-model {bad[0]!r}: give package.module:callable or pkg.*")
     data_dir = args.data_dir or default_data_dir()
     name = args.name or node_name(data_dir)
     if not valid_name(name):
@@ -81,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
     gflops = args.gflops if args.gflops is not None else measure_gflops(args.threads)
     config = NodeConfig(name=name, listen=listen, join=join, secret=secret, insecure=args.insecure,
                         threads=args.threads, gflops=gflops, server_ssl=server_ssl,
-                        client_ssl=client_ssl, discover=discover, join_timeout_s=args.join_timeout)
+                        client_ssl=client_ssl, discover=discover, join_timeout_s=args.join_timeout,
+                        allow_models=tuple(args.allow_model))
     _install_uvloop()
     return asyncio.run(_serve(Node(config)))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -29,6 +29,46 @@ MODEL_NAMES: tuple[str, ...] = tuple(BUILDERS)
 
 class WeightsError(MeshciError):
     """A --weights file that cannot be read or does not fit the model."""
+
+
+class ModelNotAllowedError(UnknownModelError):
+    """A user model (`package.module:callable`) that this node's allowlist does not name."""
+
+
+def valid_allow_pattern(pattern: str) -> bool:
+    """An allowlist entry: an exact `package.module:callable` or a package prefix `pkg.*`."""
+    if pattern.endswith(".*"):
+        prefix = pattern[:-2]
+        return bool(prefix) and ":" not in prefix and all(part.isidentifier() for part in prefix.split("."))
+    module, sep, attr = pattern.partition(":")
+    return bool(sep) and all(p.isidentifier() for p in module.split(".")) and \
+        all(p.isidentifier() for p in attr.split("."))
+
+
+def model_allowed(name: str, patterns: Sequence[str]) -> bool:
+    """Built-in models always; a user model only when a pattern names it exactly or
+    `pkg.*` covers its module (`pkg` itself or any module below it)."""
+    if name in BUILDERS:
+        return True
+    module = name.partition(":")[0]
+    for pattern in patterns:
+        if pattern.endswith(".*"):
+            prefix = pattern[:-2]
+            if ":" in name and (module == prefix or module.startswith(prefix + ".")):
+                return True
+        elif name == pattern:
+            return True
+    return False
+
+
+def check_model_allowed(name: str, patterns: Sequence[str]) -> None:
+    """Raise ModelNotAllowedError unless `model_allowed(name, patterns)`; nothing is imported."""
+    if model_allowed(name, patterns):
+        return
+    if ":" not in name:
+        raise UnknownModelError(f"unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}")
+    raise ModelNotAllowedError(f"model {name!r} is not allowed on this node (built-in models: "
+                               f"{', '.join(MODEL_NAMES)}; start the node with --allow-model to serve user models)")
 
 
 def _resolve(name: str) -> Callable[[], nn.Module]:

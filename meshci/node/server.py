@@ -43,6 +43,7 @@ from meshci.node.request import (
     Action, Compute, RequesterRun, RequestStateError, SendPiece, TrunkDone, WorkerRun,
     cluster_from_view, tensor_bytes,
 )
+from meshci.models.registry import check_model_allowed
 from meshci.node.runtime import LoadedModel, Runtime
 from meshci.planning import STRATEGIES, Plan, make_plan
 from meshci.trunk import Region
@@ -85,6 +86,10 @@ class NodeConfig:
     default_link: LinkSpec = LOOPBACK_LINK
     join_timeout_s: float = 10.0
     discover: Address | None = None  # broadcast address:port for LAN beacons (None: off)
+    # user models (`pkg.mod:callable`) this node may import: exact names or `pkg.*`; built-in
+    # models are always served. Anyone who can send a request names the model, so the default
+    # is none: a request cannot make the node import arbitrary installed code
+    allow_models: tuple[str, ...] = ()
 
 
 @dataclass
@@ -535,6 +540,7 @@ class Node:
         strategy = str(meta.get("strategy", "edgeci"))
         if strategy not in STRATEGIES:
             raise RequestFailed(f"unknown strategy {strategy!r} (known: {', '.join(STRATEGIES)})")
+        check_model_allowed(model, self.config.allow_models)
         x = _request_input(meta, msg.tensors)
         size = (int(x.shape[-2]), int(x.shape[-1]))
         loaded = await self.runtime.load(model, seed, size, head=True)
@@ -698,6 +704,7 @@ class Node:
         try:
             plan = Plan.from_json(msg.meta["plan"])
             size = tuple(int(v) for v in msg.meta["size"])
+            check_model_allowed(str(msg.meta["model"]), self.config.allow_models)
             ctx.loaded = await self.runtime.load(str(msg.meta["model"]), int(msg.meta.get("seed", 0)),
                                                  (size[0], size[1]), head=False)
             ctx.requester = plan.requester
