@@ -20,7 +20,7 @@ import ssl
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import torch
@@ -53,8 +53,16 @@ from meshci.wire.errors import ConnectionClosed, HandshakeTimeout, RemoteProtoco
 log = logging.getLogger(__name__)
 
 LOOPBACK_LINK = LinkSpec(mbps=1000.0, latency_ms=0.2)
+# Timeouts, one consistent chain: a worker that cannot build its model within
+# REQUEST_TIMEOUT_S fails the request (so its requester hears why before giving up); the
+# requester waits REQUEST_TIMEOUT_S for the trunk and then cancels the request everywhere;
+# worker state no cancel reached is swept WORK_TTL_S after it was created (longer than any
+# request can live). Pieces with no PLAN at all are dropped after ORPHAN_PIECE_TTL_S; a
+# context whose PLAN is still loading is never swept (that load is bounded by its own timeout).
 REQUEST_TIMEOUT_S = 300.0
 ORPHAN_PIECE_TTL_S = 30.0
+WORK_TTL_S = REQUEST_TIMEOUT_S + 2 * ORPHAN_PIECE_TTL_S
+CANCEL_SEND_TIMEOUT_S = 5.0
 PLAN_TTL_S = 30.0
 MAX_INPUT_SIDE = 4096
 # a tile predicted to compute within this runs on the event loop, not the compute thread:
@@ -109,6 +117,7 @@ class _WorkerContext:
     early: list[tuple[Message, float]] = field(default_factory=list)  # pieces before the plan
     path_in: dict[int, float] = field(default_factory=dict)  # block -> latest input path
     created: float = field(default_factory=time.monotonic)
+    plan_pending: bool = False  # a PLAN arrived and its model is loading: not an orphan
 
 
 class Node:
@@ -138,7 +147,10 @@ class Node:
         self.links = LinkEstimator()
         self.boundary = BoundaryCosts()  # measured per-message delivery and per-tile handling
         self.bidder = Bidder(config.name, self._compute_s, self._link_s)
-        self._bid_auctions: dict[str, float] = {}  # auction id -> when this node first bid
+        # auction id -> (when this node's bidder first heard of it, its auctioneer): the
+        # commitment is released, and the entry deleted, together and exactly once
+        self._bid_auctions: dict[str, tuple[float, str]] = {}
+        self._cancelled: dict[int, float] = {}  # request id -> when it was cancelled here
         self.sent_bytes: dict[str, int] = defaultdict(int)
         self.received_bytes: dict[str, int] = defaultdict(int)
         self.relayed_boundary_bytes = 0
@@ -273,7 +285,7 @@ class Node:
             except (KeyError, TypeError, ValueError, RequestStateError) as exc:
                 # a well-framed but malformed message: answer with the reason, keep serving
                 log.warning("bad %s from %r: %s", msg.kind.name, conn.peer_name, exc)
-                await self._reply_error(conn, msg.request_id, f"bad {msg.kind.name}: {exc}")
+                self._spawn(self._reply_error(conn, msg.request_id, f"bad {msg.kind.name}: {exc}"))
 
     async def _connection_to(self, name: str) -> Connection:
         conn = self._outbound.get(name)
@@ -370,6 +382,13 @@ class Node:
         for rid, ctx in list(self._requests.items()):
             if name in ctx.devices and not ctx.done.done():
                 ctx.done.set_exception(RequestFailed(f"device {name} failed during the request: {reason}"))
+        # work for a requester that died will never be gathered: forget it and its commitments
+        for rid, work in list(self._work.items()):
+            if work.requester == name:
+                self._cancel_work(rid, f"requester {name} is down: {reason}")
+        for auction_id, (_since, auctioneer) in list(self._bid_auctions.items()):
+            if auctioneer == name:
+                self._release_bid(auction_id)
         self.links.forget(name)
         self.boundary.forget(name)
 
@@ -407,14 +426,20 @@ class Node:
             if now - made > PLAN_TTL_S:
                 del self._plans[key]
                 self._items.pop(id(plan), None)
-        for auction_id, since in list(self._bid_auctions.items()):
-            if now - since > REQUEST_TIMEOUT_S:
-                self.bidder.release(auction_id)  # its request ended long ago, however it ended
-                del self._bid_auctions[auction_id]
+        for auction_id, (since, _auctioneer) in list(self._bid_auctions.items()):
+            if now - since > WORK_TTL_S:
+                self._release_bid(auction_id)  # its request ended long ago, however it ended
         for rid, ctx in list(self._work.items()):
-            if ctx.run is None and now - ctx.created > ORPHAN_PIECE_TTL_S:
+            age = now - ctx.created
+            if ctx.run is None and not ctx.plan_pending and age > ORPHAN_PIECE_TTL_S:
                 log.warning("dropping %d pieces of request %d: no plan arrived", len(ctx.early), rid)
-                del self._work[rid]
+                self._cancel_work(rid, "no plan arrived")
+            elif age > WORK_TTL_S and not ctx.plan_pending:
+                # no cancel reached us (lost with its requester's connection): the request is over
+                self._cancel_work(rid, f"unfinished after {WORK_TTL_S:.0f} s")
+        for rid, when in list(self._cancelled.items()):
+            if now - when > WORK_TTL_S:
+                del self._cancelled[rid]
 
     # ---- dispatch ------------------------------------------------------------------
     async def _dispatch(self, conn: Connection, msg: Message) -> None:
@@ -450,7 +475,7 @@ class Node:
         elif kind is MsgType.INFER:
             self._spawn(self._serve_infer(conn, msg))
         elif kind is MsgType.PLAN:
-            self._spawn(self._on_plan(conn.peer_name, msg))
+            self._spawn(self._guarded(msg.request_id, self._on_plan(conn.peer_name, msg)))
         elif kind is MsgType.TILE:
             received_at = time.time()
             sent_at = msg.meta.get("sent_at")
@@ -459,7 +484,9 @@ class Node:
                 wire_s = tensor_bytes(msg.tensors[0]) * 8.0 / (mbps * 1e6)
                 self.boundary.observe_delivery(conn.peer_name, float(sent_at), received_at, wire_s,
                                                self.runtime.loop_free_wall)
-            await self._on_tile(msg, received_at)
+            # handled in a task: forwarding pieces must not stall reading this connection
+            # (other peers' heartbeats and tiles arrive behind it)
+            self._spawn(self._guarded(msg.request_id, self._on_tile(msg, received_at)))
         elif kind in AUCTION_KINDS:
             try:
                 message = from_message(msg, conn.peer_name)
@@ -467,7 +494,8 @@ class Node:
                 # a malformed auction message is a peer's mistake: log and drop it
                 log.warning("dropping %s from %r: %s", kind.name, conn.peer_name, exc)
                 return
-            await self._route_auction(msg.request_id, [Outgoing(self.name, message)])
+            self._spawn(self._guarded(msg.request_id,
+                                      self._route_auction(msg.request_id, [Outgoing(self.name, message)])))
         elif kind is MsgType.STATE and msg.meta.get("op") == "stats":
             await self._send(conn, Message(MsgType.STATE, msg.request_id, self.stats()))
         elif kind is MsgType.ERROR:
@@ -506,12 +534,19 @@ class Node:
         }
 
     def _on_error(self, sender: str, msg: Message) -> None:
-        ctx = self._requests.get(msg.request_id)
+        rid = msg.request_id
         reason = str(msg.meta.get("reason", "unknown error"))
-        if ctx is not None and not ctx.done.done():
+        if msg.meta.get("op") == "cancel":
+            self._on_cancel(sender, rid, reason)
+            return
+        ctx = self._requests.get(rid)
+        if ctx is not None and sender not in ctx.devices:
+            # only a device of the request may fail it: another client's ERROR is not a reason
+            log.warning("ignoring an error about request %d from %r, not one of its devices", rid, sender)
+        elif ctx is not None and not ctx.done.done():
             ctx.done.set_exception(RequestFailed(f"{sender}: {reason}"))
         else:
-            log.warning("error from %s about request %d: %s", sender, msg.request_id, reason)
+            log.warning("error from %s about request %d: %s", sender, rid, reason)
 
     # ---- requester side ------------------------------------------------------------
     async def _serve_infer(self, conn: Connection, msg: Message) -> None:
@@ -568,39 +603,46 @@ class Node:
             self._plans[plan_key] = (plan, time.monotonic(), links)
         planned_at = time.perf_counter()
         rid = random.getrandbits(62) | 1
-        auction_rounds = plan.auction_rounds
-        rounds_s = 0.0
-        if strategy == "edgeci" and len(cluster.devices) > 1:
-            plan, auction_rounds, rounds_s = await self._auction(rid, loaded, cluster, plan)
-        auctioned_at = time.perf_counter()
-
-        run = RequesterRun(plan, self.name, loaded.geometry(plan))
-        devices = run.devices()
-        done: asyncio.Future[torch.Tensor] = loop.create_future()
-        self._requests[rid] = _RequesterContext(run, loaded, done, frozenset(devices))
+        participants = {d.name for d in cluster.devices}
         try:
-            plan_msg = Message(MsgType.PLAN, rid, {"plan": plan.to_json(), "model": model, "seed": seed,
-                                                   "size": list(size)})
-            for device in devices:
-                if device == self.name:
-                    await self._on_plan(self.name, plan_msg)
-                else:
-                    await self.send_to(device, plan_msg)
-            await self._execute(rid, run.start(x), path_s=0.0)
-            output = await asyncio.wait_for(done, REQUEST_TIMEOUT_S)
-            trunk_at = time.perf_counter()
-            head_began = time.perf_counter()
-            logits = await self.runtime.call(trunk.head, output)
-            head_s = time.perf_counter() - head_began
-            path_s = self._requests[rid].path_s + head_s
-        except WireError as exc:
-            # a device could not be reached (PLAN or input tiles): the request fails, with why
-            raise RequestFailed(f"lost a device during the request: {exc}") from exc
-        except TimeoutError as exc:
-            # pieces never all arrived (a silent device): fail instead of waiting forever
-            raise RequestFailed(f"request timed out after {REQUEST_TIMEOUT_S:.0f} s") from exc
-        finally:
-            self._requests.pop(rid, None)
+            auction_rounds = plan.auction_rounds
+            rounds_s = 0.0
+            if strategy == "edgeci" and len(cluster.devices) > 1:
+                plan, auction_rounds, rounds_s = await self._auction(rid, loaded, cluster, plan)
+            auctioned_at = time.perf_counter()
+
+            run = RequesterRun(plan, self.name, loaded.geometry(plan))
+            devices = run.devices()
+            done: asyncio.Future[torch.Tensor] = loop.create_future()
+            self._requests[rid] = _RequesterContext(run, loaded, done, frozenset(devices))
+            try:
+                plan_msg = Message(MsgType.PLAN, rid, {"plan": plan.to_json(), "model": model, "seed": seed,
+                                                       "size": list(size)})
+                for device in devices:
+                    if device == self.name:
+                        await self._on_plan(self.name, plan_msg)
+                    else:
+                        await self.send_to(device, plan_msg)
+                await self._execute(rid, run.start(x), path_s=0.0)
+                output = await asyncio.wait_for(done, REQUEST_TIMEOUT_S)
+                trunk_at = time.perf_counter()
+                head_began = time.perf_counter()
+                logits = await self.runtime.call(trunk.head, output)
+                head_s = time.perf_counter() - head_began
+                path_s = self._requests[rid].path_s + head_s
+            except WireError as exc:
+                # a device could not be reached (PLAN or input tiles): the request fails, with why
+                raise RequestFailed(f"lost a device during the request: {exc}") from exc
+            except TimeoutError as exc:
+                # pieces never all arrived (a silent device): fail instead of waiting forever
+                raise RequestFailed(f"request timed out after {REQUEST_TIMEOUT_S:.0f} s") from exc
+            finally:
+                self._requests.pop(rid, None)
+        except Exception as exc:
+            # the request failed here: tell every participant (bidders, devices) to drop its
+            # state and commitments, then let the caller answer the client with the reason
+            self._cancel_everywhere(rid, participants, str(exc) or type(exc).__name__)
+            raise
         latency = time.perf_counter() - began
         probs = torch.softmax(logits.flatten(), 0)
         top = torch.topk(probs, min(5, probs.numel()))
@@ -685,8 +727,14 @@ class Node:
                 continue
             if isinstance(message, (CallForBids, Award, Close)):
                 self.bidder.base_backlog_s = max(0.0, self.runtime.queued_s)
-                self._bid_auctions.setdefault(message.auction_id, time.monotonic())
+                if message.auction_id not in self._bid_auctions:
+                    if rid in self._cancelled:
+                        log.info("auction %d was cancelled: dropping a late %s", rid, type(message).__name__)
+                        continue
+                    self._bid_auctions[message.auction_id] = (time.monotonic(), message.sender)
                 queue += self.bidder.receive(message, time.monotonic())
+                if isinstance(message, Close) and message.auction_id not in self.bidder.auctions():
+                    self._release_bid(message.auction_id)  # the auction is over and we won nothing
             else:
                 entry = self._auctions.get(rid)
                 if entry is None:
@@ -700,21 +748,33 @@ class Node:
     # ---- worker side ---------------------------------------------------------------
     async def _on_plan(self, sender: str, msg: Message) -> None:
         rid = msg.request_id
+        if rid in self._cancelled:
+            log.info("dropping the PLAN of cancelled request %d", rid)
+            return
         ctx = self._work.setdefault(rid, _WorkerContext(sender))
+        ctx.requester = sender
+        ctx.plan_pending = True
         try:
             plan = Plan.from_json(msg.meta["plan"])
+            if plan.requester != sender:
+                raise ValueError(f"the plan names {plan.requester!r} as requester, it came from {sender!r}")
             size = tuple(int(v) for v in msg.meta["size"])
             check_model_allowed(str(msg.meta["model"]), self.config.allow_models)
-            ctx.loaded = await self.runtime.load(str(msg.meta["model"]), int(msg.meta.get("seed", 0)),
-                                                 (size[0], size[1]), head=False)
-            ctx.requester = plan.requester
+            ctx.loaded = await asyncio.wait_for(
+                self.runtime.load(str(msg.meta["model"]), int(msg.meta.get("seed", 0)),
+                                  (size[0], size[1]), head=False), REQUEST_TIMEOUT_S)
+            if self._work.get(rid) is not ctx:
+                return  # cancelled while the model loaded
             ctx.run = WorkerRun(plan, self.name, ctx.loaded.geometry(plan))
-        except (MeshciError, KeyError, TypeError, ValueError, RuntimeError, OSError) as exc:
+        except (MeshciError, KeyError, TypeError, ValueError, RuntimeError, OSError, TimeoutError) as exc:
             # a plan this node cannot serve (bad plan, unknown model, the build helper
-            # process failed): tell the requester why, keep serving
-            self._work.pop(rid, None)
+            # process failed or outlasted the request): tell the requester why, keep serving
+            if isinstance(exc, TimeoutError):
+                exc = RequestFailed(f"model build took over {REQUEST_TIMEOUT_S:.0f} s")
             await self._fail_request(rid, sender, f"{self.name} cannot serve the plan: {exc}")
             return
+        finally:
+            ctx.plan_pending = False
         early, ctx.early = ctx.early, []
         for piece, received_at in early:
             await self._on_tile(piece, received_at)
@@ -740,6 +800,9 @@ class Node:
                 return
             await self._execute(rid, actions, path)
             return
+        if rid in self._cancelled:
+            log.debug("dropping a piece of cancelled request %d", rid)
+            return
         ctx = self._work.setdefault(rid, _WorkerContext(""))
         if ctx.run is None:
             ctx.early.append((msg, received_at))
@@ -758,7 +821,7 @@ class Node:
             if isinstance(action, SendPiece):
                 await self._send_piece(rid, action, path_s)
             elif isinstance(action, Compute):
-                self._spawn(self._compute(rid, action, path_s, time.perf_counter()))
+                self._spawn(self._guarded(rid, self._compute(rid, action, path_s, time.perf_counter())))
             elif isinstance(action, TrunkDone):
                 req = self._requests.get(rid)
                 if req is not None and not req.done.done():
@@ -783,10 +846,25 @@ class Node:
         self.relayed_boundary_bytes += action.relayed_bytes
 
     def _requester_of(self, rid: int) -> str:
-        if rid in self._requests:
+        if rid in self._requests or rid in self._auctions:
             return self.name
         ctx = self._work.get(rid)
-        return ctx.requester if ctx is not None else ""
+        if ctx is not None:
+            return ctx.requester
+        bid = self._bid_auctions.get(str(rid))
+        return bid[1] if bid is not None else ""
+
+    async def _guarded(self, rid: int, work: Awaitable[None]) -> None:
+        """Run one piece of request `rid`'s work; any error fails that request at once."""
+        try:
+            await work
+        except Exception as exc:  # noqa: BLE001
+            # a bug or an unforeseen error in request work (model code, a malformed piece)
+            # must not leave the client waiting for the timeout: log the traceback and fail
+            # the request with the reason; the node keeps serving
+            log.exception("request %d: error on %s", rid, self.name)
+            await self._fail_request(rid, self._requester_of(rid),
+                                     f"error on {self.name}: {type(exc).__name__}: {exc}")
 
     async def _compute(self, rid: int, action: Compute, path_s: float, issued: float) -> None:
         ctx = self._work.get(rid)
@@ -810,18 +888,55 @@ class Node:
         # per-tile handling: inline, the wait for the loop to start the task; on the thread,
         # the hand-off there and back
         self.boundary.observe_handling(time.perf_counter() - issued - seconds if inline else handoff)
+        if self._work.get(rid) is not ctx:
+            return  # the request was cancelled while this tile computed: nobody wants it
         actions = ctx.run.on_computed(action.block, action.tile, y)
         if ctx.run.done:
             self._work.pop(rid, None)
-            self.bidder.release(str(rid))
-        self._bid_auctions.pop(str(rid), None)
+            self._release_bid(str(rid))
         await self._execute(rid, actions, path_s + seconds)
+
+    def _release_bid(self, auction_id: str) -> None:
+        """Release this node's bidder commitment for an auction and forget the auction."""
+        self.bidder.release(auction_id)
+        self._bid_auctions.pop(auction_id, None)
+
+    def _cancel_work(self, rid: int, reason: str) -> None:
+        """Forget every piece of worker-side state of a request that will not complete."""
+        ctx = self._work.pop(rid, None)
+        if ctx is not None or str(rid) in self._bid_auctions:
+            log.info("request %d cancelled on %s: %s", rid, self.name, reason)
+        self._release_bid(str(rid))
+        self._cancelled[rid] = time.monotonic()
+
+    def _on_cancel(self, sender: str, rid: int, reason: str) -> None:
+        """The requester of `rid` says it failed: drop its work here (only its requester may)."""
+        ctx = self._work.get(rid)
+        bid = self._bid_auctions.get(str(rid))
+        if (ctx is not None and ctx.requester == sender) or (bid is not None and bid[1] == sender):
+            self._cancel_work(rid, f"cancelled by {sender}: {reason}")
+        elif ctx is None and bid is None:
+            log.debug("cancel of request %d from %s: nothing of it here", rid, sender)
+        else:
+            log.warning("ignoring a cancel of request %d from %s, not its requester", rid, sender)
+
+    def _cancel_everywhere(self, rid: int, participants: set[str], reason: str) -> None:
+        """Tell every other participant of a failed request to drop its state (best effort)."""
+        notice = Message(MsgType.ERROR, rid, {"op": "cancel", "reason": reason})
+        for name in sorted(participants - {self.name}):
+            self._spawn(self._notify(name, notice))
+        self._cancel_work(rid, reason)
+
+    async def _notify(self, name: str, msg: Message) -> None:
+        try:
+            await asyncio.wait_for(self.send_to(name, msg), CANCEL_SEND_TIMEOUT_S)
+        except (WireError, TimeoutError) as exc:
+            # the participant is gone or stalled: its own sweep or our death cleans it up
+            log.info("cannot tell %s about request %d: %s", name, msg.request_id, exc)
 
     async def _fail_request(self, rid: int, requester: str, reason: str) -> None:
         log.warning("request %d: %s", rid, reason)
-        self._work.pop(rid, None)
-        self.bidder.release(str(rid))
-        self._bid_auctions.pop(str(rid), None)
+        self._cancel_work(rid, reason)
         if requester == self.name or rid in self._requests:
             req = self._requests.get(rid)
             if req is not None and not req.done.done():

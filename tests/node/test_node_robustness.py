@@ -1,0 +1,187 @@
+"""Failure paths of the node, in process over real loopback sockets: a failed request
+leaves no state or commitment behind on any node, a bug in a task fails its request at once,
+only a request's own devices can fail it, and a worker still loading its model for a PLAN
+is not swept as an orphan."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from meshci.node import server as server_module
+from meshci.node.client import RequestError, infer
+from meshci.node.membership import Address
+from meshci.node.runtime import Runtime
+from meshci.node.server import Node, NodeConfig
+from meshci.wire import Connection, Message, MsgType
+
+pytestmark = pytest.mark.timeout(120)
+
+SMALL = (32, 32)
+MODEL = "resnet18"
+SECRET = os.urandom(32)
+WAIT = 30.0  # safety net only: no assertion depends on it
+
+
+async def _until(predicate: Any, what: str) -> None:
+    async with asyncio.timeout(WAIT):
+        while not predicate():
+            await asyncio.sleep(0.05)
+
+
+async def _start_mesh(speeds: dict[str, float]) -> list[Node]:
+    nodes: list[Node] = []
+    for name, gflops in speeds.items():
+        join = (nodes[0].address,) if nodes else ()
+        config = NodeConfig(name, Address("127.0.0.1", 0), join=join, secret=SECRET, gflops=gflops)
+        node = Node(config, Runtime(1, isolate_builds=False))
+        await node.start()
+        nodes.append(node)
+    await _until(lambda: all(len(n.membership.alive()) == len(nodes) - 1 for n in nodes), "mesh formed")
+    return nodes
+
+
+@pytest.fixture
+async def mesh() -> AsyncIterator[list[Node]]:
+    # a slow requester and fast workers: the auction gives the workers tiles
+    nodes = await _start_mesh({"q": 0.05, "w1": 5.0, "w2": 5.0})
+    yield nodes
+    await asyncio.gather(*(n.close() for n in nodes))
+
+
+def _request_state(node: Node) -> dict[str, Any]:
+    """Everything a request leaves on a node until it ends; all zero/empty when idle."""
+    return {
+        "requests": len(node._requests),
+        "work": len(node._work),
+        "auctions": len(node._auctions),
+        "bid_auctions": len(node._bid_auctions),
+        "bidder_auctions": node.bidder.auctions(),
+        "bidder_backlog_s": node.bidder.backlog_s - node.bidder.base_backlog_s,
+        "queued_s": round(node.runtime.queued_s, 9),
+    }
+
+
+IDLE = {"requests": 0, "work": 0, "auctions": 0, "bid_auctions": 0, "bidder_auctions": (),
+        "bidder_backlog_s": 0.0, "queued_s": 0.0}
+
+
+async def _exact_request(node: Node, **kwargs: Any) -> dict[str, Any]:
+    meta, _ = await infer(node.address, model=MODEL, size=SMALL, secret=SECRET, check=True, **kwargs)
+    assert meta["check_ok"], meta["max_abs_diff"]
+    return meta
+
+
+async def test_a_worker_that_dies_mid_request_leaves_no_state_anywhere(mesh: list[Node],
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    requester = mesh[0]
+    await _exact_request(requester)  # models built, plans cached
+    stuck: asyncio.Queue[Node] = asyncio.Queue()
+
+    def hang_on(worker: Node) -> Any:
+        async def hang(*args: Any, **kwargs: Any) -> Any:
+            stuck.put_nowait(worker)
+            await asyncio.Event().wait()  # a tile that never finishes
+        return hang
+
+    for worker in mesh[1:]:
+        monkeypatch.setattr(worker.runtime, "run_block", hang_on(worker))
+    request = asyncio.create_task(infer(requester.address, model=MODEL, size=SMALL, secret=SECRET))
+    dead = await asyncio.wait_for(stuck.get(), WAIT)
+    survivor = next(n for n in mesh[1:] if n is not dead)
+    assert dead._work and dead._bid_auctions  # mid-request, holding a commitment
+    await dead.close()  # ... and dies
+    with pytest.raises(RequestError, match=dead.name):
+        await request
+    # the requester cancelled the request on every participant: nothing is left behind
+    await _until(lambda: all(_request_state(n) == IDLE for n in (requester, survivor)), "state released")
+    monkeypatch.setattr(survivor.runtime, "run_block", Runtime.run_block.__get__(survivor.runtime))
+    meta = await _exact_request(requester, strategy="edgeci")
+    assert set(meta["devices"]) <= {requester.name, survivor.name}
+    assert all(_request_state(n) == IDLE for n in (requester, survivor))
+
+
+async def test_an_unexpected_error_in_a_tile_fails_the_request_at_once(mesh: list[Node],
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    requester, w1, w2 = mesh
+    await _exact_request(requester)
+    real = w1.runtime.run_block
+
+    async def broken(*args: Any, **kwargs: Any) -> Any:
+        raise ZeroDivisionError("a bug in model code")  # not one of the expected kinds
+
+    for worker in (w1, w2):
+        monkeypatch.setattr(worker.runtime, "run_block", broken)
+    with pytest.raises(RequestError, match="ZeroDivisionError: a bug in model code"):
+        await infer(requester.address, model=MODEL, size=SMALL, secret=SECRET, timeout=WAIT)
+    await _until(lambda: all(_request_state(n) == IDLE for n in mesh), "state released")
+    for worker in (w1, w2):
+        monkeypatch.setattr(worker.runtime, "run_block", real)
+    await _exact_request(requester)
+    assert all(_request_state(n) == IDLE for n in mesh)
+
+
+async def test_only_a_device_of_the_request_can_fail_it(mesh: list[Node],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    requester = mesh[0]
+    await _exact_request(requester)
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    def held_on(worker: Node) -> Any:
+        real = worker.runtime.run_block
+
+        async def held(*args: Any, **kwargs: Any) -> Any:
+            entered.set()
+            await release.wait()
+            return await real(*args, **kwargs)
+        return held
+
+    for worker in mesh[1:]:
+        monkeypatch.setattr(worker.runtime, "run_block", held_on(worker))
+    request = asyncio.create_task(infer(requester.address, model=MODEL, size=SMALL, secret=SECRET,
+                                        check=True))
+    await asyncio.wait_for(entered.wait(), WAIT)
+    (rid,) = requester._requests
+    intruder = await Connection.open(requester.address.host, requester.address.port, secret=SECRET,
+                                     name="mallory")
+    try:
+        await intruder.send(Message(MsgType.ERROR, rid, {"reason": "forged failure"}))
+        await intruder.send(Message(MsgType.ERROR, rid, {"op": "cancel", "reason": "forged cancel"}))
+        # the node reads its connections in order: a stats answer means both were handled
+        await intruder.send(Message(MsgType.STATE, 1, {"op": "stats"}))
+        assert (await intruder.recv()).kind is MsgType.STATE
+    finally:
+        await intruder.close()
+    assert not requester._requests[rid].done.done()
+    release.set()
+    meta, _ = await request
+    assert meta["check_ok"]
+
+
+async def test_a_worker_loading_its_model_is_not_an_orphan(mesh: list[Node],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    requester, w1, _ = mesh
+    loaded, release = asyncio.Event(), asyncio.Event()
+    real = w1.runtime.load
+
+    async def slow_load(*args: Any, **kwargs: Any) -> Any:
+        loaded.set()
+        await release.wait()
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(w1.runtime, "load", slow_load)
+    monkeypatch.setattr(server_module, "ORPHAN_PIECE_TTL_S", 0.0)
+    request = asyncio.create_task(infer(requester.address, model=MODEL, size=SMALL, secret=SECRET,
+                                        strategy="modnn", check=True))
+    await asyncio.wait_for(loaded.wait(), WAIT)
+    (rid,) = w1._work
+    w1._drop_orphans(time.monotonic() + 3600.0)
+    assert rid in w1._work  # plan pending: kept, though older than the orphan TTL
+    release.set()
+    meta, _ = await request
+    assert meta["check_ok"] and "w1" in meta["devices"]
