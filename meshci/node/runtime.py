@@ -218,10 +218,11 @@ class Runtime:
     """Model cache plus the single compute thread (torch threads = `threads`).
 
     `curves`: measure (or read from the cache under `data_dir`) this device's speed curves
-    for a model at its first load (see the module docstring); `progress` reports it."""
+    for a model at its first load (see the module docstring); `progress` reports it. Off
+    by default: a node whose speed was declared (``--gflops``) is described by it."""
 
     def __init__(self, threads: int = 1, cache_capacity: int = 2, isolate_builds: bool = True, *,
-                 curves: bool = True, data_dir: Path | None = None,
+                 curves: bool = False, data_dir: Path | None = None,
                  progress: Progress | None = stderr_progress) -> None:
         self.threads = max(1, threads)
         self.cache = ModelCache(cache_capacity, isolate_builds)
