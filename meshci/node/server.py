@@ -63,6 +63,7 @@ REQUEST_TIMEOUT_S = 300.0
 ORPHAN_PIECE_TTL_S = 30.0
 WORK_TTL_S = REQUEST_TIMEOUT_S + 2 * ORPHAN_PIECE_TTL_S
 CANCEL_SEND_TIMEOUT_S = 5.0
+LEAVE_TIMEOUT_S = 2.0  # close() waits at most this for its LEAVE notices
 PLAN_TTL_S = 30.0
 MAX_INPUT_SIDE = 4096
 # a tile predicted to compute within this runs on the event loop, not the compute thread:
@@ -151,6 +152,7 @@ class Node:
         # commitment is released, and the entry deleted, together and exactly once
         self._bid_auctions: dict[str, tuple[float, str]] = {}
         self._cancelled: dict[int, float] = {}  # request id -> when it was cancelled here
+        self._beating: set[str] = set()  # peers with a heartbeat send in flight
         self.sent_bytes: dict[str, int] = defaultdict(int)
         self.received_bytes: dict[str, int] = defaultdict(int)
         self.relayed_boundary_bytes = 0
@@ -210,7 +212,12 @@ class Node:
     async def close(self) -> None:
         self._stopped.set()
         leave = Message(MsgType.LEAVE, 0, {"name": self.name})
-        await asyncio.gather(*(self._send_quietly(conn, leave) for conn in list(self._outbound.values())))
+        sends = [self._send_quietly(conn, leave) for conn in list(self._outbound.values())]
+        try:
+            await asyncio.wait_for(asyncio.gather(*sends), LEAVE_TIMEOUT_S)
+        except TimeoutError:
+            # a stalled peer (full send buffer) must not hold up shutdown: it will notice silence
+            log.info("some LEAVE notices were not sent within %.0f s", LEAVE_TIMEOUT_S)
         if self._server is not None:
             self._server.close()
         if self._discovery is not None:
@@ -280,12 +287,22 @@ class Node:
                     self.membership.on_disconnect(conn.peer_name, time.monotonic())
                 return
             self.received_bytes[msg.kind.name] += conn.bytes_received - before
+            self._proof_of_life(conn.peer_name)
             try:
                 await self._dispatch(conn, msg)
             except (KeyError, TypeError, ValueError, RequestStateError) as exc:
                 # a well-framed but malformed message: answer with the reason, keep serving
                 log.warning("bad %s from %r: %s", msg.kind.name, conn.peer_name, exc)
                 self._spawn(self._reply_error(conn, msg.request_id, f"bad {msg.kind.name}: {exc}"))
+
+    def _proof_of_life(self, name: str) -> None:
+        """Any authenticated frame from a live peer proves it alive, not only its heartbeats:
+        a heartbeat may wait behind a multi-MB tile on a slow link."""
+        peer = self.membership.peer(name) if name else None
+        if peer is None or not peer.heard_directly or peer.status.value == "dead":
+            return
+        self._handle_events(self.membership.on_heartbeat(
+            {**peer.digest(), "advert": peer.advert.to_json()}, time.monotonic()))
 
     async def _connection_to(self, name: str) -> Connection:
         conn = self._outbound.get(name)
@@ -415,11 +432,21 @@ class Node:
             self.membership.set_advert(self._advert())
             beat = {**self.membership.heartbeat(), "sent": time.perf_counter()}
             for peer in self.membership.peers():
-                if peer.status.value != "dead" and peer.name in self._outbound:
-                    self._spawn(self._send_quietly(self._outbound[peer.name],
-                                                   Message(MsgType.GOSSIP, 0, beat)))
+                if peer.status.value != "dead" and peer.name in self._outbound \
+                        and peer.name not in self._beating:
+                    # at most one heartbeat in flight per peer: a send stuck behind a blocked
+                    # connection is not joined by another every interval
+                    self._beating.add(peer.name)
+                    self._spawn(self._beat(peer.name, self._outbound[peer.name],
+                                           Message(MsgType.GOSSIP, 0, beat)))
             self._drop_orphans(now)
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+
+    async def _beat(self, name: str, conn: Connection, msg: Message) -> None:
+        try:
+            await self._send_quietly(conn, msg)
+        finally:
+            self._beating.discard(name)
 
     def _drop_orphans(self, now: float) -> None:
         for key, (plan, made, _links) in list(self._plans.items()):
@@ -469,7 +496,7 @@ class Node:
                 wall = msg.meta.get("wall")
                 if isinstance(wall, (int, float)):
                     self.boundary.observe_echo(conn.peer_name, rtt, float(wall), time.time())
-            await self._echo(conn.peer_name, msg.meta.get("sent"))
+            self._spawn(self._echo(conn.peer_name, msg.meta.get("sent")))
         elif kind is MsgType.LEAVE:
             self._handle_events(self.membership.on_leave(conn.peer_name, now))
         elif kind is MsgType.INFER:

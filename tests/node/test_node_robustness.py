@@ -185,3 +185,46 @@ async def test_a_worker_loading_its_model_is_not_an_orphan(mesh: list[Node],
     release.set()
     meta, _ = await request
     assert meta["check_ok"] and "w1" in meta["devices"]
+
+
+# ---- liveness and shutdown ---------------------------------------------------------------
+
+async def test_any_frame_from_a_peer_proves_it_alive(monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = await _start_mesh({"a": 1.0, "b": 1.0})
+    try:
+        real_send = b._send_quietly
+
+        async def no_heartbeats(conn: Any, msg: Message) -> None:
+            if msg.kind is not MsgType.GOSSIP:  # b's heartbeats are stuck (behind a big tile)
+                await real_send(conn, msg)
+
+        monkeypatch.setattr(b, "_send_quietly", no_heartbeats)
+        a.membership.dead_after = 1.0
+        chatter = Message(MsgType.ERROR, 12345, {"op": "cancel", "reason": "nothing"})
+        for _ in range(30):  # 3 s of other frames from b: b stays alive
+            await b.send_to("a", chatter)
+            await asyncio.sleep(0.1)
+            assert a.membership.is_alive("b")
+        # silence (no frame at all) is still death
+        await _until(lambda: not a.membership.is_alive("b"), "b declared dead")
+    finally:
+        await asyncio.gather(*(n.close() for n in (a, b)))
+
+
+async def test_a_stalled_peer_piles_up_no_heartbeats_and_does_not_hold_shutdown(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = await _start_mesh({"a": 1.0, "b": 1.0})
+    stuck: list[Message] = []
+
+    async def blocked(conn: Any, msg: Message) -> None:
+        stuck.append(msg)
+        await asyncio.Event().wait()  # the send lock of a stalled connection never frees
+
+    try:
+        monkeypatch.setattr(a, "_send_quietly", blocked)
+        await asyncio.sleep(5 * server_module.HEARTBEAT_INTERVAL_S)
+        assert sum(m.kind is MsgType.GOSSIP and "echo" not in m.meta for m in stuck) == 1
+        await asyncio.wait_for(a.close(), WAIT)  # LEAVE cannot be sent: close() still ends
+        assert any(m.kind is MsgType.LEAVE for m in stuck)
+    finally:
+        await asyncio.gather(*(n.close() for n in (a, b)))
