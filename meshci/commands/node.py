@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     config = NodeConfig(name=name, listen=listen, join=join, secret=secret, insecure=args.insecure,
                         threads=args.threads, gflops=gflops, server_ssl=server_ssl,
                         client_ssl=client_ssl, discover=discover, join_timeout_s=args.join_timeout,
-                        allow_models=tuple(args.allow_model))
+                        allow_models=tuple(args.allow_model), measure_curves=args.gflops is None)
     _install_uvloop()
     return asyncio.run(_serve(Node(config)))
 

@@ -41,13 +41,13 @@ from meshci.node.membership import (
 )
 from meshci.node.request import (
     Action, Compute, RequesterRun, RequestStateError, SendPiece, TrunkDone, WorkerRun,
-    cluster_from_view, tensor_bytes,
+    cluster_from_view, device_signature, tensor_bytes,
 )
 from meshci.models.registry import check_model_allowed
 from meshci.node.runtime import LoadedModel, Runtime
 from meshci.planning import STRATEGIES, Plan, make_plan
 from meshci.trunk import Region
-from meshci.wire import Connection, Message, MsgType
+from meshci.wire import Connection, HandshakeLimiter, Message, MsgType
 from meshci.wire.errors import ConnectionClosed, HandshakeTimeout, RemoteProtocolError, WireError
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,7 @@ class NodeConfig:
     insecure: bool = False
     threads: int = 1
     gflops: float = 1.0
+    measure_curves: bool = False  # measure per-segment speed curves per model (nodes that measured their gflops)
     server_ssl: ssl.SSLContext | None = None
     client_ssl: ssl.SSLContext | None = None
     default_link: LinkSpec = LOOPBACK_LINK
@@ -127,7 +128,8 @@ class Node:
     def __init__(self, config: NodeConfig, runtime: Runtime | None = None) -> None:
         self.config = config
         self.name = config.name
-        self.runtime = runtime or Runtime(config.threads)
+        self.runtime = runtime or Runtime(config.threads, curves=config.measure_curves)
+        self._handshakes = HandshakeLimiter(max_pending=64)
         self.membership = Membership(config.name, config.listen, incarnation=time.time_ns(),
                                      advert=Advert(gflops=config.gflops))
         self._server: asyncio.base_events.Server | None = None
@@ -241,7 +243,7 @@ class Node:
             log.error("task failed: %r", task.exception(), exc_info=task.exception())
 
     def _compute_s(self, item: Any) -> float:
-        return float(item.flops) / (self.config.gflops * 1e9)
+        return self.runtime.bid_compute_s(item, self.config.gflops)
 
     def _link_s(self, n_bytes: int, peer: str) -> float:
         """A bidder's price for moving `n_bytes` to or from `peer`: the same measured
@@ -261,7 +263,7 @@ class Node:
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             conn = await Connection.accept(reader, writer, secret=self.config.secret, name=self.name,
-                                           insecure=self.config.insecure)
+                                           insecure=self.config.insecure, limiter=self._handshakes)
         except (WireError, OSError) as exc:
             # a peer that fails the handshake is dropped (wire logged the reason); keep serving
             log.info("rejected connection from %s: %s", writer.get_extra_info("peername"), exc)
@@ -411,7 +413,7 @@ class Node:
 
     def _advert(self) -> Advert:
         backlog = max(0.0, self.runtime.queued_s)
-        return Advert(self.config.gflops, backlog, self._link_view())
+        return self.runtime.advert(self.config.gflops, backlog, self._link_view())
 
     def _link_view(self) -> tuple[tuple[str, float, float], ...]:
         """(peer, Mbit/s, per-message ms) per measured link: bandwidth from timed transfers;
@@ -610,10 +612,10 @@ class Node:
         loaded_at = time.perf_counter()
 
         peers = self.membership.alive()
-        cluster = cluster_from_view(self.name, self._advert(), peers, self.config.default_link)
+        cluster = cluster_from_view(self.name, self._advert(), peers, self.config.default_link,
+                                    model=model, size=size)
         loop = asyncio.get_running_loop()
-        plan_key = (model, seed, size, strategy,
-                    tuple(sorted((d.name, round(d.gflops, 3)) for d in cluster.devices)))
+        plan_key = (model, seed, size, strategy, device_signature(cluster))
         links = _link_signature(cluster)
         cached = self._plans.get(plan_key)
         if cached is not None and time.monotonic() - cached[1] < PLAN_TTL_S:
@@ -898,7 +900,7 @@ class Node:
         if ctx is None or ctx.run is None or ctx.loaded is None:
             return
         # queued work outside any auction this node's bidder still holds (those it counts itself)
-        predicted = ctx.loaded.flops(action.start, action.end, action.out) / (self.config.gflops * 1e9)
+        predicted = self.runtime.tile_s(ctx.loaded, action.start, action.end, action.out, self.config.gflops)
         estimate = predicted if str(rid) not in self.bidder.auctions() else 0.0
         inline = predicted <= INLINE_COMPUTE_S
         self.runtime.queued_s += estimate
