@@ -104,8 +104,10 @@ async def meshci_receiver(port: int, repeats: int, secret_file: str) -> None:
             t1 = time.monotonic()
             (tensor,) = msg.tensors
             expected = _tensor(tensor.numel() * 4)
-            await done.put({"bytes": tensor.numel() * 4, "seconds": t1 - msg.meta["t0"],
-                            "exact": bool(torch.equal(tensor, expected)), "authenticated": conn.authenticated})
+            result = {"bytes": tensor.numel() * 4, "seconds": t1 - msg.meta["t0"],
+                      "exact": bool(torch.equal(tensor, expected)), "authenticated": conn.authenticated}
+        # reported once the connection is closed, so the server never shuts down mid-close
+        await done.put(result)
 
     server = await asyncio.start_server(handle, "0.0.0.0", port)
     print("ready", flush=True)
