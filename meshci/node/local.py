@@ -192,18 +192,7 @@ class LocalMesh:
             args = self.node_args(name, gflops=gflops, threads=threads, join=via)
             log_path = self.directory / f"{name}.log"
             spawned.append((spawn_node(args, log_path=log_path), args, log_path))
-        try:
-            for proc, args, log_path in spawned:
-                node = wait_ready(proc, args, log_path)
-                self.nodes.append(node)
-                started.append(node)
-        except NodeStartError:
-            # one node failed: do not leave the others running behind the error
-            for proc, _, _ in spawned:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait(5)
-            raise
+        started.extend(self._wait_all(spawned))
         return started
 
     def start_together(self, specs: list[NodeSpec]) -> list[NodeProcess]:
@@ -219,6 +208,10 @@ class LocalMesh:
             log_path = self.directory / f"{spec.name}.log"
             spawned.append((spawn_node(args, log_path=log_path, cgroup_procs=spec.cgroup_procs),
                             args, log_path))
+        return self._wait_all(spawned)
+
+    def _wait_all(self, spawned: list[tuple[subprocess.Popen[str], list[str], Path]]) -> list[NodeProcess]:
+        """Wait until every spawned node serves; if one fails, kill the rest and re-raise."""
         started: list[NodeProcess] = []
         try:
             for proc, args, log_path in spawned:
