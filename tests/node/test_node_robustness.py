@@ -123,7 +123,7 @@ async def test_an_unexpected_error_in_a_tile_fails_the_request_at_once(mesh: lis
     for worker in (w1, w2):
         monkeypatch.setattr(worker.runtime, "run_block", real)
     await _exact_request(requester)
-    assert all(_request_state(n) == IDLE for n in mesh)
+    await _until(lambda: all(_request_state(n) == IDLE for n in mesh), "state released after success")
 
 
 async def test_only_a_device_of_the_request_can_fail_it(mesh: list[Node],
