@@ -15,12 +15,20 @@ live `Cluster` must carry what a boundary costs here, not a wire constant:
 
 Both are EWMAs. `link_latency_ms` gives what a link is worth to the planner: the
 delivery plus this node's per-tile handling (every tile fed by a peer pays both).
+
+`PlanCalibration` closes the loop on a requester: from its own completed requests it
+learns how far the live model's prediction for the plan that ran was from the measured
+time (per device's compute, and per link crossing, `plan_hops`) and corrects the cluster
+it plans on.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
+from meshci.cost.cluster import Cluster, Device, LinkSpec
+from meshci.planning.plan import Plan
 
 OFFSET_WINDOW = 8  # clock-offset samples kept per peer (the smallest-RTT one is used)
 OUTLIER_FACTOR = 3.0  # a delivery sample counts at most this times the estimate ...
@@ -100,3 +108,114 @@ class BoundaryCosts:
     def forget(self, peer: str) -> None:
         self._delivery_s.pop(peer, None)
         self._offsets.pop(peer, None)
+
+
+def plan_hops(plan: Plan) -> int:
+    """Link crossings on a plan's critical path: the input leaving the requester, each
+    block boundary where the data changes hands or devices trade halos (a boundary
+    through the requester under requester routing counts twice: gather, then scatter),
+    and the output coming back. 0 for a plan that runs on the requester alone."""
+    requester = plan.requester
+    holders = frozenset((requester,))
+    hops = 0
+    last = len(plan.blocks) - 1
+    for i, block in enumerate(plan.blocks):
+        devices = frozenset(block.devices)
+        if devices != holders or len(devices) > 1:
+            hops += 1
+        holders = devices
+        if plan.routing == "requester" and i < last and holders != {requester}:
+            hops += 1  # gathered on the requester before the next block
+            holders = frozenset((requester,))
+    if holders != {requester}:
+        hops += 1
+    return hops
+
+
+@dataclass
+class PlanCalibration:
+    """What the live cost model gets wrong, learned by a requester from its own completed,
+    warm requests (sans-IO: callers pass the predictions and the measured time).
+
+    Two terms, both EWMAs:
+
+    * **compute ratio per device**: from a request whose tiles all ran on one device,
+      measured trunk time / the uncorrected model's prediction for its plan. The device's
+      curves (and GFLOP/s) are scaled by it (its measured curves come from timed runs in
+      the node's own process; a request's real compute under the cgroup differs).
+    * **per hop**: from a request whose tiles ran on several devices, (measured - the
+      prediction with the compute ratios applied) / `plan_hops`, added to every link's
+      per-message latency: what boundaries cost beyond the measured links.
+
+    The planner's cluster is `apply(raw)`; every strategy plans on the same one. Learning
+    is against predictions made without the term being learned, so applying a term does
+    not feed back into it. A simplification: whatever the model misses on a multi-device
+    plan beyond the compute ratios (small tiles, a worker's own event loop, waiting on a
+    slow device) is charged to its hops."""
+
+    alpha: float = 0.3
+    per_hop_s: float = 0.0
+    hop_samples: int = 0
+    compute_ratio: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in (0, 1], got {self.alpha}")
+
+    def observe(self, computing: frozenset[str], hops: int, raw_predicted_s: float,
+                scaled_predicted_s: float, measured_s: float) -> tuple[str, float] | None:
+        """Learn from one warm request. `computing`: the devices that computed its tiles;
+        `raw_predicted_s`: the uncorrected model's prediction for its plan;
+        `scaled_predicted_s`: the same with the compute ratios applied (`scaled`).
+        Returns what was learned: ("ratio", sample) or ("hop", seconds), or None."""
+        if not all(math.isfinite(v) and v > 0 for v in (raw_predicted_s, scaled_predicted_s, measured_s)):
+            return None
+        if len(computing) == 1:
+            (device,) = computing
+            sample = measured_s / raw_predicted_s
+            old = self.compute_ratio.get(device)
+            self.compute_ratio[device] = sample if old is None else (1.0 - self.alpha) * old + self.alpha * sample
+            return ("ratio", sample)
+        if hops <= 0:
+            return None
+        sample = (measured_s - scaled_predicted_s) / hops
+        first = self.hop_samples == 0
+        self.per_hop_s = sample if first else (1.0 - self.alpha) * self.per_hop_s + self.alpha * sample
+        self.hop_samples += 1
+        return ("hop", sample)
+
+    def extra_latency_ms(self) -> float:
+        """Milliseconds to add to each link's per-message latency (0 before any sample)."""
+        return self.per_hop_s * 1000.0
+
+    def scaled(self, cluster: Cluster) -> Cluster:
+        """`cluster` with each device's compute scaled by its learned ratio."""
+        if not self.compute_ratio:
+            return cluster
+        return replace(cluster, devices=tuple(scale_device(d, self.compute_ratio.get(d.name, 1.0))
+                                              for d in cluster.devices))
+
+    def apply(self, cluster: Cluster) -> Cluster:
+        """The cluster to plan on: compute ratios and the per-hop latency applied."""
+        return with_extra_latency(self.scaled(cluster), self.extra_latency_ms())
+
+
+def scale_device(device: Device, ratio: float) -> Device:
+    """`device` whose tiles take `ratio` times as long (curves scaled, GFLOP/s divided)."""
+    if ratio == 1.0:
+        return device
+    curves = tuple((model, tuple((a * ratio, b * ratio) for a, b in curve)) for model, curve in device.curves)
+    return replace(device, gflops=device.gflops / ratio, curves=curves)
+
+
+def with_extra_latency(cluster: Cluster, extra_ms: float) -> Cluster:
+    """`cluster` with `extra_ms` added to every link's per-message latency (the default
+    link's too), none below 0."""
+    if extra_ms == 0.0:
+        return cluster
+
+    def shift(spec: LinkSpec) -> LinkSpec:
+        return LinkSpec(spec.mbps, max(0.0, spec.latency_ms + extra_ms))
+
+    links = {pair: shift(spec) for pair, spec in cluster.links.items()}
+    return replace(cluster, default_link=shift(cluster.default_link), links=links)

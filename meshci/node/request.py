@@ -19,6 +19,7 @@ node, without the network.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -273,17 +274,24 @@ class RequesterRun:
 
 def cluster_from_view(me: str, advert: Advert, peers: list[Peer], default_link: LinkSpec,
                       medium: str = "switched", *, model: str | None = None,
-                      size: tuple[int, int] | None = None) -> Cluster:
+                      size: tuple[int, int] | None = None,
+                      advert_age_s: Mapping[str, float] | None = None) -> Cluster:
     """The `Cluster` a requester plans on: itself plus every live peer, with the speed and
     backlog each one advertised, and the link estimates they advertised (the requester's
     own estimates win over a peer's for the same pair). Given the request's `model` and
     input `size`, a device that advertised its measured curves for them carries them
-    (`Device.curves`), so the planner prices its tiles by its curves, not its GFLOP/s."""
+    (`Device.curves`), so the planner prices its tiles by its curves, not its GFLOP/s.
+    `advert_age_s`: how long ago each peer's advert arrived; the backlog it advertised has
+    drained for that long since (a heartbeat sent while a previous request's tiles were
+    queued must not make the device look busy for the next request)."""
     key = curve_key(model, size) if model is not None and size is not None else None
+
+    ages = advert_age_s or {}
 
     def device(name: str, adv: Advert) -> Device:
         curves = tuple((model, curve) for k, curve in adv.curves if k == key) if key else ()
-        return Device(name, adv.gflops, backlog_s=adv.backlog_s, curves=curves[:1])
+        backlog = max(0.0, adv.backlog_s - max(0.0, ages.get(name, 0.0)))
+        return Device(name, adv.gflops, backlog_s=backlog, curves=curves[:1])
 
     devices = [device(me, advert)]
     devices += [device(p.name, p.advert) for p in peers if p.name != me]

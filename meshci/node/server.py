@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from meshci.cost.cluster import LinkSpec
-from meshci.errors import MeshciError
+from meshci.errors import MeshciError, PlanningError
 from meshci.auction.bidder import Bidder
 from meshci.auction.errors import AuctionError, MessageFormatError
 from meshci.auction.messages import Award, CallForBids, Close, Outgoing
@@ -34,7 +34,7 @@ from meshci.cost.links import LinkEstimator
 from meshci.node.auction import (
     AUCTION_KINDS, NetworkAuction, auction_items, awarded_plan, from_message, to_message,
 )
-from meshci.node.latency import BoundaryCosts
+from meshci.node.latency import BoundaryCosts, PlanCalibration, plan_hops
 from meshci.node.discovery import BEACON_INTERVAL_S, DiscoveryProtocol, discovery_socket, encode_beacon
 from meshci.node.membership import (
     HEARTBEAT_INTERVAL_S, Address, Advert, Dial, Membership, PeerDown, PeerUp,
@@ -46,6 +46,7 @@ from meshci.node.request import (
 from meshci.models.registry import check_model_allowed
 from meshci.node.runtime import LoadedModel, Runtime
 from meshci.planning import STRATEGIES, Plan, make_plan
+from meshci.planning.evaluate import evaluate_plan
 from meshci.trunk import Region
 from meshci.wire import Connection, HandshakeLimiter, Message, MsgType
 from meshci.wire.errors import ConnectionClosed, HandshakeTimeout, RemoteProtocolError, WireError
@@ -70,6 +71,7 @@ MAX_INPUT_SIDE = 4096
 # short enough for heartbeats and other requests, and it saves the thread's two wake-ups
 INLINE_COMPUTE_S = 0.05
 LINK_STEP = 2.0  # a cached plan is reused until a link's measured cost moves by this factor
+RATIO_STEP = 1.05  # ... or a device's learned compute ratio moves by this factor
 REPLAN_MIN_S = 10.0  # ... and is at least this old
 
 
@@ -149,6 +151,9 @@ class Node:
         self._stopped = asyncio.Event()
         self.links = LinkEstimator()
         self.boundary = BoundaryCosts()  # measured per-message delivery and per-tile handling
+        self.calibration = PlanCalibration()  # learned from this node's own completed requests
+        self._advert_heard: dict[str, float] = {}  # peer -> when its own heartbeat's advert arrived
+        self._warm: set[tuple[str, str, int, tuple[int, int]]] = set()  # (device, model, seed, size) built
         self.bidder = Bidder(config.name, self._compute_s, self._link_s)
         # auction id -> (when this node's bidder first heard of it, its auctioneer): the
         # commitment is released, and the entry deleted, together and exactly once
@@ -491,6 +496,7 @@ class Node:
             self._handle_events(events)
         elif kind is MsgType.GOSSIP:
             self._handle_events(self.membership.on_heartbeat(msg.meta, now, peer_host))
+            self._advert_heard[str(msg.meta.get("name", ""))] = now  # its backlog is as of now
             echo = msg.meta.get("echo", {}).get(self.name) if isinstance(msg.meta.get("echo"), dict) else None
             if isinstance(echo, (int, float)):
                 rtt = time.perf_counter() - echo
@@ -612,11 +618,17 @@ class Node:
         loaded_at = time.perf_counter()
 
         peers = self.membership.alive()
-        cluster = cluster_from_view(self.name, self._advert(), peers, self.config.default_link,
-                                    model=model, size=size)
+        heard_now = time.monotonic()
+        ages = {p.name: heard_now - self._advert_heard[p.name] for p in peers if p.name in self._advert_heard}
+        raw_cluster = cluster_from_view(self.name, self._advert(), peers, self.config.default_link,
+                                        model=model, size=size, advert_age_s=ages)
+        # every strategy plans on the same cluster: the measured curves and links with the
+        # corrections learned from this node's completed requests
+        cluster = self.calibration.apply(raw_cluster)
         loop = asyncio.get_running_loop()
-        plan_key = (model, seed, size, strategy, device_signature(cluster))
-        links = _link_signature(cluster)
+        plan_key = (model, seed, size, strategy, device_signature(raw_cluster))
+        # what moves the cached plan to a background re-plan: the links, the compute ratios
+        links = _link_signature(cluster) + _ratio_signature(self.calibration.compute_ratio)
         cached = self._plans.get(plan_key)
         if cached is not None and time.monotonic() - cached[1] < PLAN_TTL_S:
             plan = cached[0]
@@ -673,6 +685,8 @@ class Node:
             self._cancel_everywhere(rid, participants, str(exc) or type(exc).__name__)
             raise
         latency = time.perf_counter() - began
+        calibration = self._calibrate(model, seed, size, trunk, raw_cluster, plan, devices,
+                                      trunk_at - auctioned_at)
         probs = torch.softmax(logits.flatten(), 0)
         top = torch.topk(probs, min(5, probs.numel()))
         result: dict[str, Any] = {
@@ -693,6 +707,7 @@ class Node:
             "auction_rounds": auction_rounds,
             "routing": plan.routing,
             "predicted_latency_s": plan.predicted_latency_s,
+            **calibration,
             "plan": plan.to_json(),
         }
         if meta.get("check"):
@@ -700,6 +715,38 @@ class Node:
             result["max_abs_diff"] = float((reference - logits).abs().max())
             result["check_ok"] = bool(torch.allclose(logits, reference, rtol=1e-4, atol=1e-5))
         return result, logits
+
+    def _calibrate(self, model: str, seed: int, size: tuple[int, int], trunk: Any, raw_cluster: Any,
+                   plan: Plan, devices: list[str], measured_s: float) -> dict[str, Any]:
+        """Teach `self.calibration` from a completed request: its measured trunk time
+        against the uncorrected live model's prediction for the plan that ran. Cold
+        requests (a device built the model during it) are not learned from, nor requests
+        computed by a device described by a declared GFLOP/s instead of measured curves
+        (a declaration is what the user says the device is, not an estimate to correct)."""
+        keys = {(d, model, seed, size) for d in devices}
+        cold = not keys <= self._warm
+        self._warm |= keys
+        hops = plan_hops(plan)
+        try:
+            predicted, finishes = evaluate_plan(trunk, raw_cluster, plan)
+            scaled, _ = evaluate_plan(trunk, self.calibration.scaled(raw_cluster), plan)
+        except PlanningError as exc:
+            # the plan names a device the view no longer has (it left mid-request): no sample
+            log.debug("no calibration sample: %s", exc)
+            return {"hops": hops, "cold": cold}
+        computing = frozenset(t.device for b in plan.blocks for t in b.tiles)
+        measured_model = all(d.curves for d in raw_cluster.devices if d.name in computing)
+        learned = (None if cold or not measured_model
+                   else self.calibration.observe(computing, hops, predicted, scaled, measured_s))
+        ratios = {d: round(float(r), 3) for d, r in sorted(self.calibration.compute_ratio.items())}
+        log.info("%s %s on %s: %d hops, plan says %.1f ms, predicted %.1f ms (uncorrected; %.1f ms with compute ratios), "
+                 "measured %.1f ms, block finishes %s ms; learned %s; compute ratios %s, %.2f ms per hop",
+                 plan.strategy, model, ",".join(sorted(computing)), hops, plan.predicted_latency_s * 1e3,
+                 predicted * 1e3, scaled * 1e3,
+                 measured_s * 1e3, [round(max(f.values(), default=0.0) * 1e3, 1) for f in finishes],
+                 "nothing (cold)" if cold else learned if measured_model else "nothing (declared speeds)", ratios, self.calibration.extra_latency_ms())
+        return {"hops": hops, "cold": cold, "predicted_uncorrected_s": float(predicted),
+                "compute_ratios": ratios, "hop_correction_ms": self.calibration.extra_latency_ms()}
 
     async def _replan(self, key: tuple[Any, ...], trunk: Any, cluster: Any, strategy: str,
                       links: tuple[Any, ...]) -> None:
@@ -987,6 +1034,10 @@ def _link_signature(cluster: Any) -> tuple[tuple[str, str, int, int], ...]:
 
     return tuple(sorted((*sorted(pair), step(spec.latency_ms), step(spec.mbps))
                         for pair, spec in cluster.links.items()))
+
+
+def _ratio_signature(ratios: dict[str, float]) -> tuple[tuple[str, int], ...]:
+    return tuple((name, round(math.log(max(r, 1e-3)) / math.log(RATIO_STEP))) for name, r in sorted(ratios.items()))
 
 
 def _request_input(meta: dict[str, Any], tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
