@@ -68,6 +68,20 @@ def _int_pair(d: Mapping[str, Any], name: str) -> tuple[int, int]:
     return (pair[0], pair[1])
 
 
+def _envelope(msg: Any) -> dict[str, Any]:
+    """The fields every round message carries: its type, auction, round and sender."""
+    return {"type": msg.TYPE, "auction_id": msg.auction_id, "round": int(msg.round), "sender": msg.sender}
+
+
+def _envelope_fields(d: Mapping[str, Any]) -> dict[str, Any]:
+    """The checked envelope fields of a round message, as constructor keywords."""
+    return {
+        "auction_id": _field(d, "auction_id", str),
+        "round": _field(d, "round", int),
+        "sender": _field(d, "sender", str),
+    }
+
+
 @dataclass(frozen=True)
 class Item:
     """One tile of a fused block, as auctioned.
@@ -171,10 +185,7 @@ class CallForBids:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "type": self.TYPE,
-            "auction_id": self.auction_id,
-            "round": int(self.round),
-            "sender": self.sender,
+            **_envelope(self),
             "items": [item.to_json() for item in self.items],
             "reply_within_s": float(self.reply_within_s),
         }
@@ -182,9 +193,7 @@ class CallForBids:
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> CallForBids:
         return cls(
-            auction_id=_field(d, "auction_id", str),
-            round=_field(d, "round", int),
-            sender=_field(d, "sender", str),
+            **_envelope_fields(d),
             items=tuple(Item.from_json(x) for x in _field(d, "items", list)),
             reply_within_s=_number(d, "reply_within_s"),
         )
@@ -208,10 +217,7 @@ class BidBundle:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "type": self.TYPE,
-            "auction_id": self.auction_id,
-            "round": int(self.round),
-            "sender": self.sender,
+            **_envelope(self),
             "backlog_s": float(self.backlog_s),
             "bids": [[bid.item_id, float(bid.finish_s)] for bid in self.bids],
         }
@@ -229,9 +235,7 @@ class BidBundle:
                 raise MessageFormatError("each bid must be [item_id, finish_s]")
             bids.append(Bid(pair[0], float(pair[1])))
         return cls(
-            auction_id=_field(d, "auction_id", str),
-            round=_field(d, "round", int),
-            sender=_field(d, "sender", str),
+            **_envelope_fields(d),
             backlog_s=_number(d, "backlog_s"),
             bids=tuple(bids),
         )
@@ -250,10 +254,7 @@ class Award:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "type": self.TYPE,
-            "auction_id": self.auction_id,
-            "round": int(self.round),
-            "sender": self.sender,
+            **_envelope(self),
             "item_ids": list(self.item_ids),
             "work_s": float(self.work_s),
         }
@@ -261,9 +262,7 @@ class Award:
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Award:
         return cls(
-            auction_id=_field(d, "auction_id", str),
-            round=_field(d, "round", int),
-            sender=_field(d, "sender", str),
+            **_envelope_fields(d),
             item_ids=_strings(d, "item_ids"),
             work_s=_number(d, "work_s"),
         )
@@ -282,10 +281,7 @@ class AwardReply:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "type": self.TYPE,
-            "auction_id": self.auction_id,
-            "round": int(self.round),
-            "sender": self.sender,
+            **_envelope(self),
             "accepted": list(self.accepted),
             "declined": list(self.declined),
         }
@@ -293,9 +289,7 @@ class AwardReply:
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> AwardReply:
         return cls(
-            auction_id=_field(d, "auction_id", str),
-            round=_field(d, "round", int),
-            sender=_field(d, "sender", str),
+            **_envelope_fields(d),
             accepted=_strings(d, "accepted"),
             declined=_strings(d, "declined"),
         )
@@ -313,19 +307,14 @@ class Close:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "type": self.TYPE,
-            "auction_id": self.auction_id,
-            "round": int(self.round),
-            "sender": self.sender,
+            **_envelope(self),
             "item_ids": list(self.item_ids),
         }
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Close:
         return cls(
-            auction_id=_field(d, "auction_id", str),
-            round=_field(d, "round", int),
-            sender=_field(d, "sender", str),
+            **_envelope_fields(d),
             item_ids=_strings(d, "item_ids"),
         )
 
