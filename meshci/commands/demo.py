@@ -108,6 +108,14 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_mesh(stack: ExitStack, args: argparse.Namespace, specs: list[tuple[str, float]],
               strategies: list[str], out: Any) -> dict[str, Any]:
+    mesh, nodes = start_quota_mesh(stack, specs, out)
+    return asyncio.run(_requests(mesh, nodes, args, strategies, out))
+
+
+def start_quota_mesh(stack: ExitStack, specs: list[tuple[str, float]], out: Any) -> tuple[Any, list[Any]]:
+    """A local mesh of one node per (name, relative speed), each started inside a CPU quota
+    scaled from its relative speed where cgroups allow (else unthrottled, said on `out`);
+    torn down by `stack`. Returns the mesh and its nodes in the order of `specs`."""
     from meshci.node.local import LocalMesh, NodeSpec
     from meshci.testbed.cpu import CpuQuota, cgroup_support
 
@@ -138,7 +146,7 @@ def _run_mesh(stack: ExitStack, args: argparse.Namespace, specs: list[tuple[str,
     nodes = [by_name[name] for name, _ in specs]
     for node in nodes:
         print(f"  node {node.name} at {node.address} (pid {node.pid})", file=out)
-    return asyncio.run(_requests(mesh, nodes, args, strategies, out))
+    return mesh, nodes
 
 
 def _median_request(via: Any, args: argparse.Namespace, strategy: str, secret: bytes,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -99,6 +100,9 @@ async def _serve(node: Node) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, node.stop)
+    profile_dir = os.environ.get("MESHCI_PROFILE_DIR")
+    if profile_dir:
+        _profile_on_signals(loop, Path(profile_dir) / f"{node.name}.prof")
     try:
         address = await node.start()
     except BaseException:
@@ -109,6 +113,24 @@ async def _serve(node: Node) -> int:
     await node.wait_closed()
     log.info("node %s stopped", node.name)
     return 0
+
+
+def _profile_on_signals(loop: asyncio.AbstractEventLoop, path: Path) -> None:
+    """SIGUSR1 starts cProfile on the event-loop thread's CPU time (what the node does besides
+    tile compute on its compute thread), SIGUSR2 stops it and writes the statistics to `path`
+    (`tools/profile_node.py` drives this; set MESHCI_PROFILE_DIR)."""
+    import cProfile
+    import time
+
+    profiler = cProfile.Profile(time.thread_time)  # CPU time: a throttled wait is no cost
+
+    def dump() -> None:
+        profiler.disable()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        profiler.dump_stats(str(path))
+
+    loop.add_signal_handler(signal.SIGUSR1, profiler.enable)
+    loop.add_signal_handler(signal.SIGUSR2, dump)
 
 
 def _install_uvloop() -> None:
