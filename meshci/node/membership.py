@@ -70,9 +70,7 @@ class Advert:
         data: dict[str, Any] = {"gflops": self.gflops, "backlog_s": self.backlog_s,
                                 "links": [list(x) for x in self.links]}
         if self.curves:
-            # 4 significant digits: the advert rides on every heartbeat
-            data["curves"] = {key: [[float(f"{a:.4g}"), float(f"{b:.4g}")] for a, b in curve]
-                              for key, curve in self.curves}
+            data["curves"] = _curves_json(self.curves)
         return data
 
     @classmethod
@@ -98,6 +96,18 @@ class Advert:
 
 MAX_ADVERT_CURVES = 8
 MAX_CURVE_SEGMENTS = 256
+
+_CURVES_JSON: list[tuple[Any, dict[str, Any]]] = []  # (curves, their JSON form): the last one
+
+
+def _curves_json(curves: tuple[tuple[str, tuple[tuple[float, float], ...]], ...]) -> dict[str, Any]:
+    """Curves as JSON, 4 significant digits. A node advertises the same curves object on
+    every heartbeat until it measures a new model, so the last form is kept."""
+    if _CURVES_JSON and _CURVES_JSON[0][0] is curves:
+        return _CURVES_JSON[0][1]
+    data = {key: [[float(f"{a:.4g}"), float(f"{b:.4g}")] for a, b in curve] for key, curve in curves}
+    _CURVES_JSON[:] = [(curves, data)]
+    return data
 
 
 def curve_key(model: str, size: tuple[int, int]) -> str:
@@ -191,10 +201,17 @@ class Membership:
         """Payload of the JOIN a node sends on every new outbound connection."""
         return {**self.self_digest(), "advert": self.advert.to_json()}
 
-    def heartbeat(self) -> dict[str, Any]:
-        """Payload of a heartbeat: own advert plus the gossip of every live peer known."""
-        gossip = [p.digest() for p in self.peers() if p.status is not PeerStatus.DEAD]
-        return {**self.self_digest(), "advert": self.advert.to_json(), "gossip": gossip}
+    def heartbeat(self, *, advert: bool = True, gossip: bool = True) -> dict[str, Any]:
+        """Payload of a heartbeat: who we are and our backlog; our whole advert when
+        `advert` (a receiver keeps the last one it heard, so it rides only when it changed:
+        curves and links are most of a heartbeat's bytes and CPU); the gossip of every live
+        peer known when `gossip` (when the view changed, and now and then)."""
+        payload: dict[str, Any] = {**self.self_digest(), "backlog_s": self.advert.backlog_s}
+        if advert:
+            payload["advert"] = self.advert.to_json()
+        if gossip:
+            payload["gossip"] = [p.digest() for p in self.peers() if p.status is not PeerStatus.DEAD]
+        return payload
 
     def welcome(self) -> dict[str, Any]:
         """Reply to an accepted JOIN: the peer list the newcomer should dial."""
@@ -236,9 +253,20 @@ class Membership:
 
     def on_heartbeat(self, payload: dict[str, Any], now: float,
                      observed_host: str | None = None) -> list[Event]:
+        """A heartbeat heard directly from a peer. Without an advert it keeps the advert
+        last heard from that peer (process), with the backlog the heartbeat states."""
         try:
             name, address, incarnation = self._parse_digest(payload, observed_host)
-            advert = Advert.from_json(payload.get("advert", {}))
+            if "advert" in payload:
+                advert = Advert.from_json(payload["advert"])
+            else:
+                known = self._peers.get(name)
+                advert = known.advert if known is not None and known.incarnation == incarnation else Advert()
+            if "backlog_s" in payload:
+                backlog = float(payload["backlog_s"])
+                if not 0.0 <= backlog < math.inf:
+                    raise ValueError(f"bad backlog_s {backlog}")
+                advert = replace(advert, backlog_s=backlog)
         except (KeyError, TypeError, ValueError) as exc:
             # a malformed heartbeat is dropped; the sender will be judged by its silence
             log.warning("dropping malformed heartbeat: %s", exc)
@@ -263,6 +291,18 @@ class Membership:
             return []
         self._peers[name] = replace(peer, status=PeerStatus.DEAD, last_heard=now)
         return [PeerDown(name, "left the mesh")] if peer.heard_directly else []
+
+    def touch(self, name: str, now: float) -> None:
+        """A frame from a peer's own authenticated connection: it is alive (any frame, not
+        only heartbeats: a heartbeat may wait behind a multi-MB tile on a slow link). A
+        peer not yet heard directly, or declared dead, needs a real heartbeat."""
+        peer = self._peers.get(name)
+        if peer is None or not peer.heard_directly or peer.status is PeerStatus.DEAD:
+            return
+        if peer.status is not PeerStatus.ALIVE:
+            self._peers[name] = replace(peer, status=PeerStatus.ALIVE, last_heard=now)
+        elif now > peer.last_heard:
+            self._peers[name] = replace(peer, last_heard=now)
 
     def on_disconnect(self, name: str, now: float) -> list[Event]:
         """The connection to a peer broke: a hint only; silence decides death."""

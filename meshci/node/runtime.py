@@ -230,6 +230,7 @@ class Runtime:
         self.data_dir = data_dir
         self.progress = progress
         self.profiles: OrderedDict[str, SpeedProfile] = OrderedDict()  # curve_key -> profile
+        self._curves: tuple[tuple[str, tuple[tuple[float, float], ...]], ...] = ()
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshci-compute",
                                            initializer=torch.set_num_threads,
                                            initargs=(self.threads,))
@@ -274,8 +275,11 @@ class Runtime:
         return profile
 
     def curves(self) -> tuple[tuple[str, tuple[tuple[float, float], ...]], ...]:
-        """The curves to advertise, by `curve_key`."""
-        return tuple((key, profile.curve) for key, profile in self.profiles.items())
+        """The curves to advertise, by `curve_key` (the same object until they change)."""
+        curves = tuple((key, profile.curve) for key, profile in self.profiles.items())
+        if curves != self._curves:
+            self._curves = curves
+        return self._curves
 
     def advert(self, gflops: float, backlog_s: float,
                links: tuple[tuple[str, float, float], ...] = ()) -> Advert:

@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from meshci.node import server as server_module
+from meshci.node import worker as worker_module
+from meshci.node.membership import HEARTBEAT_INTERVAL_S
 from meshci.node.client import RequestError, infer
 from meshci.node.membership import Address
 from meshci.node.runtime import Runtime
@@ -56,15 +57,7 @@ async def mesh() -> AsyncIterator[list[Node]]:
 
 def _request_state(node: Node) -> dict[str, Any]:
     """Everything a request leaves on a node until it ends; all zero/empty when idle."""
-    return {
-        "requests": len(node._requests),
-        "work": len(node._work),
-        "auctions": len(node._auctions),
-        "bid_auctions": len(node._bid_auctions),
-        "bidder_auctions": node.bidder.auctions(),
-        "bidder_backlog_s": node.bidder.backlog_s - node.bidder.base_backlog_s,
-        "queued_s": round(node.runtime.queued_s, 9),
-    }
+    return node.request_state()
 
 
 IDLE = {"requests": 0, "work": 0, "auctions": 0, "bid_auctions": 0, "bidder_auctions": (),
@@ -94,7 +87,7 @@ async def test_a_worker_that_dies_mid_request_leaves_no_state_anywhere(mesh: lis
     request = asyncio.create_task(infer(requester.address, model=MODEL, size=SMALL, secret=SECRET))
     dead = await asyncio.wait_for(stuck.get(), WAIT)
     survivor = next(n for n in mesh[1:] if n is not dead)
-    assert dead._work and dead._bid_auctions  # mid-request, holding a commitment
+    assert dead.worker.contexts and dead.worker.bid_auctions  # mid-request, holding a commitment
     await dead.close()  # ... and dies
     with pytest.raises(RequestError, match=dead.name):
         await request
@@ -146,7 +139,7 @@ async def test_only_a_device_of_the_request_can_fail_it(mesh: list[Node],
     request = asyncio.create_task(infer(requester.address, model=MODEL, size=SMALL, secret=SECRET,
                                         check=True))
     await asyncio.wait_for(entered.wait(), WAIT)
-    (rid,) = requester._requests
+    (rid,) = requester.requester.contexts
     intruder = await Connection.open(requester.address.host, requester.address.port, secret=SECRET,
                                      name="mallory")
     try:
@@ -157,7 +150,7 @@ async def test_only_a_device_of_the_request_can_fail_it(mesh: list[Node],
         assert (await intruder.recv()).kind is MsgType.STATE
     finally:
         await intruder.close()
-    assert not requester._requests[rid].done.done()
+    assert not requester.requester.contexts[rid].done.done()
     release.set()
     meta, _ = await request
     assert meta["check_ok"]
@@ -175,13 +168,13 @@ async def test_a_worker_loading_its_model_is_not_an_orphan(mesh: list[Node],
         return await real(*args, **kwargs)
 
     monkeypatch.setattr(w1.runtime, "load", slow_load)
-    monkeypatch.setattr(server_module, "ORPHAN_PIECE_TTL_S", 0.0)
+    monkeypatch.setattr(worker_module, "ORPHAN_PIECE_TTL_S", 0.0)
     request = asyncio.create_task(infer(requester.address, model=MODEL, size=SMALL, secret=SECRET,
                                         strategy="modnn", check=True))
     await asyncio.wait_for(loaded.wait(), WAIT)
-    (rid,) = w1._work
-    w1._drop_orphans(time.monotonic() + 3600.0)
-    assert rid in w1._work  # plan pending: kept, though older than the orphan TTL
+    (rid,) = w1.worker.contexts
+    w1.sweep(time.monotonic() + 3600.0)
+    assert rid in w1.worker.contexts  # plan pending: kept, though older than the orphan TTL
     release.set()
     meta, _ = await request
     assert meta["check_ok"] and "w1" in meta["devices"]
@@ -192,13 +185,13 @@ async def test_a_worker_loading_its_model_is_not_an_orphan(mesh: list[Node],
 async def test_any_frame_from_a_peer_proves_it_alive(monkeypatch: pytest.MonkeyPatch) -> None:
     a, b = await _start_mesh({"a": 1.0, "b": 1.0})
     try:
-        real_send = b._send_quietly
+        real_send = b.send_quietly
 
         async def no_heartbeats(conn: Any, msg: Message) -> None:
             if msg.kind is not MsgType.GOSSIP:  # b's heartbeats are stuck (behind a big tile)
                 await real_send(conn, msg)
 
-        monkeypatch.setattr(b, "_send_quietly", no_heartbeats)
+        monkeypatch.setattr(b, "send_quietly", no_heartbeats)
         a.membership.dead_after = 1.0
         chatter = Message(MsgType.ERROR, 12345, {"op": "cancel", "reason": "nothing"})
         for _ in range(30):  # 3 s of other frames from b: b stays alive
@@ -221,8 +214,8 @@ async def test_a_stalled_peer_piles_up_no_heartbeats_and_does_not_hold_shutdown(
         await asyncio.Event().wait()  # the send lock of a stalled connection never frees
 
     try:
-        monkeypatch.setattr(a, "_send_quietly", blocked)
-        await asyncio.sleep(5 * server_module.HEARTBEAT_INTERVAL_S)
+        monkeypatch.setattr(a, "send_quietly", blocked)
+        await asyncio.sleep(5 * HEARTBEAT_INTERVAL_S)
         assert sum(m.kind is MsgType.GOSSIP and "echo" not in m.meta for m in stuck) == 1
         await asyncio.wait_for(a.close(), WAIT)  # LEAVE cannot be sent: close() still ends
         assert any(m.kind is MsgType.LEAVE for m in stuck)

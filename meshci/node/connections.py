@@ -1,0 +1,143 @@
+"""The node's sockets: accepted connections, one outbound connection per peer, and the
+loop that reads each connection and hands every message to the node's dispatcher.
+
+Every node dials each peer it learns about and uses that outbound connection to send;
+what arrives on any connection (outbound or accepted) is dispatched the same way. A
+client (`meshci infer`) gets its answer on the connection it asked on. Nothing here knows
+what a message means: the node passes in who to greet a fresh connection with
+(`greeting`) and what to do with a message (`dispatch`) or a lost peer (`on_lost`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from meshci.node.membership import Address
+from meshci.wire import Connection, HandshakeLimiter, Message
+from meshci.wire.errors import ConnectionClosed, RemoteProtocolError, WireError
+
+if TYPE_CHECKING:
+    from meshci.node.server import NodeConfig
+
+log = logging.getLogger(__name__)
+
+Dispatch = Callable[[Connection, Message], Awaitable[None]]
+
+
+class Connections:
+    """Accepted and outbound connections of one node, with byte counters by message kind."""
+
+    def __init__(self, config: NodeConfig, *, dispatch: Dispatch,
+                 address_of: Callable[[str], Address | None],
+                 greeting: Callable[[], Message],
+                 on_lost: Callable[[str], None],
+                 spawn: Callable[[Any], asyncio.Task[Any]]) -> None:
+        self.config = config
+        self.name = config.name
+        self._dispatch = dispatch
+        self._address_of = address_of
+        self._greeting = greeting
+        self._on_lost = on_lost
+        self._spawn = spawn
+        self.handshakes = HandshakeLimiter(max_pending=64)
+        self.outbound: dict[str, Connection] = {}
+        self.inbound: set[Connection] = set()
+        self._dialing: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.sent_bytes: dict[str, int] = defaultdict(int)
+        self.received_bytes: dict[str, int] = defaultdict(int)
+
+    # ---- opening -------------------------------------------------------------------
+    async def open(self, address: Address) -> Connection:
+        return await Connection.open(address.host, address.port, secret=self.config.secret,
+                                     name=self.name, ssl=self.config.client_ssl,
+                                     insecure=self.config.insecure)
+
+    async def accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            conn = await Connection.accept(reader, writer, secret=self.config.secret, name=self.name,
+                                           insecure=self.config.insecure, limiter=self.handshakes)
+        except (WireError, OSError) as exc:
+            # a peer that fails the handshake is dropped (wire logged the reason); keep serving
+            log.info("rejected connection from %s: %s", writer.get_extra_info("peername"), exc)
+            writer.close()
+            return
+        self.inbound.add(conn)
+        try:
+            await self.serve(conn)
+        finally:
+            self.inbound.discard(conn)
+            conn.abort()
+
+    def adopt(self, name: str, conn: Connection) -> None:
+        """Use `conn` (opened by the caller, e.g. while joining) as the outbound one to `name`."""
+        self.outbound[name] = conn
+        self._spawn(self.serve(conn))
+
+    async def to(self, name: str) -> Connection:
+        """The outbound connection to a peer, dialled (and greeted) on demand."""
+        conn = self.outbound.get(name)
+        if conn is not None and not conn.closed:
+            return conn
+        async with self._dialing[name]:
+            conn = self.outbound.get(name)
+            if conn is not None and not conn.closed:
+                return conn
+            address = self._address_of(name)
+            if address is None:
+                raise ConnectionClosed(f"no address known for {name!r}")
+            conn = await self.open(address)
+            if conn.peer_name != name:
+                conn.abort()
+                raise ConnectionClosed(f"{address} answered as {conn.peer_name!r}, not {name!r}")
+            self.adopt(name, conn)
+            await self.send(conn, self._greeting())
+            return conn
+
+    # ---- traffic -------------------------------------------------------------------
+    async def serve(self, conn: Connection) -> None:
+        """Read and dispatch messages until the connection ends."""
+        while not conn.closed:
+            before = conn.bytes_received
+            try:
+                msg = await conn.recv()
+            except (ConnectionClosed, RemoteProtocolError) as exc:
+                # peer hung up or sent garbage (wire aborted and logged it): drop this connection
+                log.debug("connection from %r ended: %s", conn.peer_name, exc)
+                if conn.peer_name:
+                    self._on_lost(conn.peer_name)
+                return
+            self.received_bytes[msg.kind.name] += conn.bytes_received - before
+            await self._dispatch(conn, msg)
+
+    async def send(self, conn: Connection, msg: Message) -> None:
+        before = conn.bytes_sent
+        try:
+            await conn.send(msg)
+        finally:
+            self.sent_bytes[msg.kind.name] += conn.bytes_sent - before
+
+    async def send_quietly(self, conn: Connection, msg: Message) -> None:
+        try:
+            await self.send(conn, msg)
+        except WireError as exc:
+            # best effort (a LEAVE at shutdown, a heartbeat): the peer may be gone already
+            log.debug("could not send %s to %r: %s", msg.kind.name, conn.peer_name, exc)
+
+    async def send_to(self, name: str, msg: Message) -> None:
+        """Send to a peer by name over this node's outbound connection (dialled on demand)."""
+        await self.send(await self.to(name), msg)
+
+    # ---- closing -------------------------------------------------------------------
+    def drop(self, name: str) -> None:
+        """Abort the outbound connection to `name` (it is down)."""
+        conn = self.outbound.pop(name, None)
+        if conn is not None:
+            conn.abort()
+
+    def abort_all(self) -> None:
+        for conn in list(self.outbound.values()) + list(self.inbound):
+            conn.abort()
