@@ -34,16 +34,14 @@ there, the earliest time it can be reached.
 from __future__ import annotations
 
 import bisect
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from torch import nn
-
 from meshci.cost.cluster import Cluster
 from meshci.cost.geometry import BYTES_PER_VALUE, BlockTable, StripTables, strip_tables
 from meshci.trunk import Trunk
+from meshci.trunk.head import HeadCost
 from meshci.trunk.region import Region
 
 
@@ -55,24 +53,20 @@ class BlockTiming:
     end: float
 
 
-def head_flops(head: nn.Module, in_shape: Sequence[int]) -> float:
-    """FLOPs of the head (linear and conv layers; the rest is negligible)."""
-    total = 0.0
-    channels = in_shape[0]
-    for module in head.modules():
-        if isinstance(module, nn.Linear):
-            total += 2.0 * module.in_features * module.out_features
-        elif isinstance(module, nn.Conv2d):
-            total += 2.0 * module.in_channels * module.out_channels * math.prod(module.kernel_size)
-    if total == 0.0:
-        total = float(channels * in_shape[1] * in_shape[2])
-    return total
+def head_cost(trunk: Trunk) -> HeadCost:
+    """The trunk's head cost: measured at build (`trunk.head_cost`, when the head itself
+    stayed in the build helper) or from its head module."""
+    known = getattr(trunk, "head_cost", None)
+    if isinstance(known, HeadCost):
+        return known
+    return HeadCost.of(trunk.head, trunk.boundary_shape(len(trunk.segments)))
 
 
 class CostModel:
     """Cost model of one trunk on one cluster (devices addressed by index in the cluster)."""
 
-    def __init__(self, trunk: Trunk, cluster: Cluster) -> None:
+    def __init__(self, trunk: Trunk, cluster: Cluster, head_device: str | None = None,
+                 split_head: bool = False) -> None:
         self.trunk = trunk
         self.cluster = cluster
         self.tables: StripTables = strip_tables(trunk)
@@ -98,7 +92,52 @@ class CostModel:
             curve = d.curve_for(trunk.name, self.n_segments)
             self.curves.append(None if curve is None else np.array(curve, dtype=np.float64))
         self.curves_free = all(c is None for c in self.curves)  # every device by GFLOP/s
-        self.head_s = head_flops(trunk.head, trunk.boundary_shape(self.n_segments)) / self.speed[self.requester]
+        self._place_head(head_device or cluster.requester, split_head)
+
+    # ---- the head -----------------------------------------------------------------------
+    def _place_head(self, device: str, split: bool) -> None:
+        """Where the last block's output goes and what follows it. Whole head: the trunk
+        output is gathered on the head device. Split head: each last-block strip also
+        computes its part of the prefix (its share of bin rows) and sends the head device
+        one vector. Then the head device runs the (rest of the) head and sends the logits
+        to the requester: `head_s`."""
+        self.head = cost = head_cost(self.trunk)
+        self.head_device = self.cluster.index(device)
+        self.head_split = split and cost.split
+        h = self.tables.heights[self.n_segments]
+        if self.head_split:
+            rows = np.arange(h + 1)
+            bins = cost.prefix_rows
+            # bin rows touched by [r0, r1): the first bin ending after r0, the last starting before r1
+            first = np.array([min((i for i in range(bins) if -(-((i + 1) * h) // bins) > r), default=bins)
+                              for r in rows])
+            last = np.array([max((i + 1 for i in range(bins) if (i * h) // bins < r), default=0) for r in rows])
+            self._bins_lo, self._bins_hi = first, last
+            self.final_bytes = float(cost.out_features * BYTES_PER_VALUE)
+            tail = cost.rest_flops
+        else:
+            tail = cost.flops
+        d = self.head_device
+        logits = max(cost.out_features, 1) * BYTES_PER_VALUE
+        back = 0.0 if d == self.requester else self.latency[d, self.requester] + logits * self.sec_per_byte[d, self.requester]
+        self.head_s = tail / self.speed[d] + back
+
+    def prefix_seconds(self, devices: np.ndarray, r0: np.ndarray, r1: np.ndarray) -> np.ndarray:
+        """Seconds for each last-block strip to compute its part of the split head (0 when
+        the head is not split)."""
+        if not self.head_split:
+            return np.zeros(np.asarray(devices).size)
+        touched = np.maximum(self._bins_hi[r1] - self._bins_lo[r0], 0)
+        return self.head.prefix_flops * touched / self.head.prefix_rows / self.speed[devices]
+
+    def final_send_seconds(self, dests: np.ndarray, out_bytes: np.ndarray, parts: np.ndarray | int = 1) -> np.ndarray:
+        """Seconds for each device to send its last-block output `out_bytes` (or, split,
+        its `parts` parts of the head) to the head device (0 from itself)."""
+        d = self.head_device
+        n_bytes = self.final_bytes * np.broadcast_to(parts, np.shape(dests)) if self.head_split else out_bytes
+        lat = self.latency[dests, d]
+        spb = self.sec_per_byte[dests, d]
+        return np.where((n_bytes > 0) & (dests != d), lat + n_bytes * spb, 0.0)
 
     # ---- compute time -------------------------------------------------------------------
     def strip_compute(self, block: BlockTable, r0: np.ndarray, r1: np.ndarray) -> np.ndarray:
@@ -242,7 +281,11 @@ class CostModel:
         recv = self.transfer_matrix(n_bytes, src, devices)
         if gather:
             out_bytes = ((r1 - r0) * self.tables.row_bytes[end]).astype(np.float64)
-            send = self.send_seconds(devices, out_bytes)
+            if end == self.n_segments:
+                comp = comp + self.prefix_seconds(devices, r0, r1)
+                send = self.final_send_seconds(devices, out_bytes)
+            else:
+                send = self.send_seconds(devices, out_bytes)
         else:
             send = np.zeros(devices.size)
         return self.block_timing(t0, devices, comp, recv, send)
@@ -280,10 +323,13 @@ class CostModel:
         starts = [x[0] for x in held]
         ends = [x[1] for x in held]
         ends_sorted = all(a <= b for a, b in zip(ends, ends[1:]))
+        final = end == self.n_segments
         for d, out in tiles:
             i = pos[d]
             comp[i] += self.tile_compute(d, start, end, out)
             out_bytes[i] += out.area * channels_out
+            if final and self.head_split:
+                comp[i] += self.head.prefix_share(out, self.tables.heights[end]) / self.speed[d]
             need = self.input_region(start, end, out)
             first = bisect.bisect_right(ends, need.r0) if ends_sorted else 0
             for hr0, hr1, hc0, hc1, h in held[first : bisect.bisect_left(starts, need.r1)]:
@@ -295,6 +341,12 @@ class CostModel:
                 if r0 < r1 and c0 < c1:
                     n_bytes[i, src_pos[h]] += (r1 - r0) * (c1 - c0) * channels_in
         recv = self.transfer_matrix(n_bytes, np.array(src_devices, dtype=np.int64), dests)
-        send = self.send_seconds(dests, out_bytes) if gather else np.zeros(len(devices))
+        if not gather:
+            send = np.zeros(len(devices))
+        elif final:  # a split head: one part per tile
+            parts = np.array([sum(1 for d, _ in tiles if d == dev) for dev in devices])
+            send = self.final_send_seconds(dests, out_bytes, parts)
+        else:
+            send = self.send_seconds(dests, out_bytes)
         finish, end_t = self.block_timing(t0, dests, comp, recv, send)
         return BlockTiming({d: float(finish[pos[d]]) for d in devices}, end_t)

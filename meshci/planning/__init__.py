@@ -5,7 +5,7 @@ cost model, and their exact in-process execution."""
 from meshci.planning.dpfl import DPResult, StripLayout, dpfl
 from meshci.planning.evaluate import evaluate_plan, plan_from_assignment
 from meshci.planning.execute import execute_plan
-from meshci.planning.plan import ROUTINGS, STRATEGIES, BlockPlan, Plan, TileSpec
+from meshci.planning.plan import ROUTINGS, STRATEGIES, BlockPlan, HeadPlan, Plan, TileSpec
 from meshci.planning.strategies import auto_cuts, default_cluster, make_plan
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "STRATEGIES",
     "BlockPlan",
     "DPResult",
+    "HeadPlan",
     "Plan",
     "StripLayout",
     "TileSpec",

@@ -163,6 +163,10 @@ class _Block:
                     for lay in layouts
                 ]
             )
+        final = end == model.n_segments
+        if gather and final and model.head_split:
+            # strip_block's order: compute, then the strip's part of the split head
+            self.comp = self.comp + model.prefix_seconds(devices, r0, r1)
         spans = list(zip(self.bounds, self.bounds[1:]))
         self.comps = [self.comp[a:b] for a, b in spans]
         self.comp_max: list[float] = np.maximum.reduceat(self.comp, self.offsets).tolist()
@@ -170,7 +174,8 @@ class _Block:
         self.backlog_max: list[float] = np.maximum.reduceat(self.backlog, self.offsets).tolist()
         if gather:
             out_bytes = ((r1 - r0) * tables.row_bytes[end]).astype(np.float64)
-            self.send = model.send_seconds(devices, out_bytes)
+            sender = model.final_send_seconds if final else model.send_seconds
+            self.send = sender(devices, out_bytes)
         else:
             self.send = np.zeros(devices.size)
         self.sends = bool(self.send.any())

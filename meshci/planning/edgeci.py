@@ -105,9 +105,11 @@ def _candidates_at(
         rate_w = rate.copy()
         rate_w[first] = rate[first] + model.sec_per_byte[req] * tables.row_bytes[0] * in_rows_per_row
         ready[first] = ready[first] + np.where(others, model.latency[req], 0.0)
-    if end == tables.n_segments:
-        bytes_out = tables.row_bytes[end] * height
-        score = score + np.where(others, model.latency[:, req] + bytes_out / k_eff * model.sec_per_byte[:, req], 0.0)
+    if end == tables.n_segments:  # the output (or the head's part) to the head device
+        hd = model.head_device
+        bytes_out = model.final_bytes * k_eff if model.head_split else tables.row_bytes[end] * height
+        score = score + np.where(np.arange(n) != hd,
+                                 model.latency[:, hd] + bytes_out / k_eff * model.sec_per_byte[:, hd], 0.0)
     score = score.reshape(-1, n)
     rank = np.empty(score.shape, dtype=np.int64)
     rank[np.arange(score.shape[0])[:, None], np.argsort(score, axis=1, kind="stable")] = np.arange(n)
@@ -184,8 +186,8 @@ def _transfer_estimate(model: CostModel, start: int, end: int, r0: np.ndarray, r
     if start > 0:  # p2p: a strip's own rows are (mostly) on its device already
         rows = np.minimum(rows, _halo_rows(block))
     n_bytes = (rows * tables.row_bytes[start]).astype(np.float64)
-    if end == tables.n_segments:
-        n_bytes = n_bytes + (r1 - r0) * tables.row_bytes[end]
+    if end == tables.n_segments:  # the output (or the head's part) to the head device
+        n_bytes = n_bytes + (model.final_bytes if model.head_split else (r1 - r0) * tables.row_bytes[end])
     req = model.requester
     t = model.latency[req][:, None] + n_bytes[None, :] * model.sec_per_byte[req][:, None]
     t[req, :] = 0.0
@@ -215,6 +217,7 @@ def _strip_timer(model: CostModel, start: int, end: int, left: np.ndarray) -> Ca
     halo = _halo_rows(block)
     in_bytes, out_bytes = tables.row_bytes[start], tables.row_bytes[end]
     last = end == tables.n_segments
+    final_bytes = model.final_bytes if model.head_split else 0.0  # the head's part, split
 
     def strip_time(name: str, a: int, b: int) -> float:
         d = names[name]
@@ -222,7 +225,7 @@ def _strip_timer(model: CostModel, start: int, end: int, left: np.ndarray) -> Ca
         rows = in_hi[b] - in_lo[a]
         if start > 0:
             rows = min(rows, halo)
-        n_bytes = rows * in_bytes + ((b - a) * out_bytes if last else 0)
+        n_bytes = rows * in_bytes + ((final_bytes or (b - a) * out_bytes) if last else 0)
         if d != req and n_bytes > 0:
             t += lat[d] + n_bytes * spb[d]
         return t

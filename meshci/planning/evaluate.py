@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from meshci.cost.cluster import Cluster
 from meshci.cost.model import CostModel
 from meshci.errors import PlanningError
-from meshci.planning.plan import BlockPlan, Plan, TileSpec
+from meshci.planning.plan import BlockPlan, HeadPlan, Plan, TileSpec
 from meshci.trunk import Trunk
 from meshci.trunk.region import Region
 
@@ -58,7 +58,10 @@ def evaluate_plan(
 ) -> tuple[float, list[dict[str, float]]]:
     """(predicted latency in seconds, per block the finish time of each of its devices)."""
     _check(trunk, cluster, plan)
-    model = model or CostModel(trunk, cluster)
+    head = plan.head_plan
+    if model is None or model.head_device != cluster.index(head.device) or model.head_split != (
+            head.split and model.head.split):
+        model = CostModel(trunk, cluster, head.device, head.split)
     index = {name: i for i, name in enumerate(cluster.names)}
     blocks = [(b.start, b.end, [(index[t.device], t.region) for t in b.tiles]) for b in plan.blocks]
     latency, finishes = timeline(model, blocks, plan.routing)
@@ -75,9 +78,12 @@ def build_plan(
     planning_ms: float,
     model: CostModel | None = None,
     rounds: Sequence[int] | None = None,
+    head: HeadPlan | None = None,
 ) -> Plan:
-    """A `Plan` from tiles given by device index, with predicted finish times filled in."""
-    model = model or CostModel(trunk, cluster)
+    """A `Plan` from tiles given by device index, with predicted finish times filled in
+    (`head`: where the head runs; None: whole, on the requester)."""
+    if model is None:
+        model = CostModel(trunk, cluster, head.device if head else None, bool(head and head.split))
     latency, finishes = timeline(model, blocks, routing)
     names = cluster.names
     rounds = list(rounds) if rounds is not None else [0] * len(blocks)
@@ -101,6 +107,7 @@ def build_plan(
         predicted_latency_s=latency,
         planning_ms=planning_ms,
         auction_rounds=sum(rounds),
+        head=head,
     )
 
 

@@ -1,8 +1,9 @@
 """The plan: where the trunk is cut into fused blocks and which device computes which tile.
 
 A tile is a region of a block's OUTPUT map; its device computes it from the block's
-input rows it needs (its tile plus the halo of the fused stack). The head always runs on
-the requester. ``routing="p2p"``: at a block boundary each device sends the rows the next
+input rows it needs (its tile plus the halo of the fused stack). The head runs on the
+plan's head device (`HeadPlan`; the requester unless the plan says otherwise), whole or
+split across the devices holding the trunk output. ``routing="p2p"``: at a block boundary each device sends the rows the next
 block's tiles need straight to their devices (EdgeCI, DeepThings's fused stage, local);
 ``routing="requester"``: the requester gathers every block's output and scatters the next
 block's inputs (MoDNN, AOFL).
@@ -14,6 +15,8 @@ peers as JSON).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -77,6 +80,24 @@ class BlockPlan:
 
 
 @dataclass(frozen=True)
+class HeadPlan:
+    """Where the head runs. ``split``: each device holding a tile of the trunk output sends
+    the head device its tile's part of the head's linear prefix (`meshci.trunk.head`);
+    otherwise the trunk output is gathered on the head device. The head device sends the
+    logits to the requester."""
+
+    device: str
+    split: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"device": self.device, "split": self.split}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> HeadPlan:
+        return cls(str(data["device"]), bool(data.get("split", False)))
+
+
+@dataclass(frozen=True)
 class Plan:
     strategy: str
     model: str
@@ -87,6 +108,11 @@ class Plan:
     predicted_latency_s: float
     planning_ms: float
     auction_rounds: int = 0
+    head: HeadPlan | None = None  # None: the whole head on the requester
+
+    @property
+    def head_plan(self) -> HeadPlan:
+        return self.head if self.head is not None else HeadPlan(self.requester)
 
     def __post_init__(self) -> None:
         if self.routing not in ROUTINGS:
@@ -111,11 +137,18 @@ class Plan:
 
     @property
     def devices(self) -> tuple[str, ...]:
+        """The requester, every device holding a tile, and the head device."""
         seen: dict[str, None] = {self.requester: None}
         for block in self.blocks:
             for name in block.devices:
                 seen.setdefault(name)
+        seen.setdefault(self.head_plan.device)
         return tuple(seen)
+
+    def digest(self) -> str:
+        """A short name of this plan's content (plans travel once, then by digest)."""
+        text = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
+        return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -128,6 +161,7 @@ class Plan:
             "planning_ms": self.planning_ms,
             "auction_rounds": self.auction_rounds,
             "blocks": [b.to_json() for b in self.blocks],
+            **({"head": self.head.to_json()} if self.head is not None else {}),
         }
 
     @classmethod
@@ -143,6 +177,7 @@ class Plan:
                 predicted_latency_s=float(data["predicted_latency_s"]),
                 planning_ms=float(data.get("planning_ms", 0.0)),
                 auction_rounds=int(data.get("auction_rounds", 0)),
+                head=HeadPlan.from_json(data["head"]) if data.get("head") is not None else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             # malformed plan JSON (a peer's or a user's): one error naming what is wrong

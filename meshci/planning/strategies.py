@@ -6,7 +6,8 @@ import time
 from collections.abc import Callable
 
 from meshci.cost.cluster import Cluster, Device, LinkSpec
-from meshci.cost.model import CostModel
+from meshci.cost.geometry import BYTES_PER_VALUE
+from meshci.cost.model import CostModel, head_cost
 from meshci.errors import PlanningError
 from meshci.planning.aofl import plan_aofl
 from meshci.planning.deepthings import plan_deepthings
@@ -15,7 +16,7 @@ from meshci.planning.edgeci import plan_edgeci
 from meshci.planning.evaluate import TileList, build_plan
 from meshci.planning.local import plan_local
 from meshci.planning.modnn import plan_modnn
-from meshci.planning.plan import STRATEGIES, Plan
+from meshci.planning.plan import STRATEGIES, HeadPlan, Plan
 from meshci.trunk import Trunk
 from meshci.trunk.region import Region
 
@@ -37,20 +38,41 @@ def _dp_blocks(model: CostModel, result: DPResult) -> BlockTiles:
     return blocks
 
 
+def choose_head(trunk: Trunk, cluster: Cluster) -> HeadPlan:
+    """Where edgeci runs the head: split across the last block's devices when the head
+    has a linear prefix (`meshci.trunk.head`), the rest on the device that finishes it
+    soonest, the logits' way back to the requester included (the requester on a tie)."""
+    cost = head_cost(trunk)
+    tail = cost.rest_flops if cost.split else cost.flops
+    logits = max(cost.out_features, 1) * BYTES_PER_VALUE
+    best = (tail / (cluster.device(cluster.requester).gflops * 1e9), 0, cluster.requester)
+    for i, device in enumerate(cluster.devices):
+        if device.name != cluster.requester:
+            back = cluster.link(device.name, cluster.requester).transfer_s(logits)
+            best = min(best, (tail / (device.gflops * 1e9) + back, i + 1, device.name))
+    return HeadPlan(best[2], cost.split)
+
+
 def make_plan(trunk: Trunk, cluster: Cluster, strategy: str, model: CostModel | None = None) -> Plan:
     """The plan of ``strategy`` for ``trunk`` on ``cluster``, with predicted finish times
-    and latency under the cost model (`meshci.cost.model`) and the planning time."""
+    and latency under the cost model (`meshci.cost.model`) and the planning time. The
+    baselines run the head on the requester, as their authors do; edgeci places it
+    (`choose_head`)."""
     if strategy not in STRATEGIES:
         raise PlanningError(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
     t0 = time.perf_counter()
-    model = model if model is not None and model.cluster is cluster else CostModel(trunk, cluster)
     if strategy == "edgeci":
+        head = choose_head(trunk, cluster)
+        if model is None or model.cluster is not cluster or model.head_device != cluster.index(head.device):
+            model = CostModel(trunk, cluster, head.device, head.split)
         result, rounds = plan_edgeci(model)
         blocks = _dp_blocks(model, result)
         per_block = [rounds if lay.key != "requester" else 0 for _, _, lay in result.blocks]
         planning_ms = (time.perf_counter() - t0) * 1e3
-        plan = build_plan(trunk, cluster, strategy, blocks, "p2p", planning_ms, model, per_block)
+        plan = build_plan(trunk, cluster, strategy, blocks, "p2p", planning_ms, model, per_block, head)
         return _with_rounds(plan, rounds)
+    if model is None or model.cluster is not cluster or model.head_device != model.requester:
+        model = CostModel(trunk, cluster)
     builder, routing = _BASELINES[strategy]
     blocks = builder(model)
     planning_ms = (time.perf_counter() - t0) * 1e3
@@ -69,6 +91,7 @@ def _with_rounds(plan: Plan, rounds: int) -> Plan:
         plan.predicted_latency_s,
         plan.planning_ms,
         rounds,
+        plan.head,
     )
 
 

@@ -18,7 +18,8 @@ Tasks and what they wait for:
   as the rows it needs have arrived; after the last block every output goes to the
   requester. Occupies its channel for bytes / bandwidth, arrives one latency later. The
   channel is the directed link (``switched``) or the one shared medium (``shared``).
-* ``head``: on the requester, after the whole trunk output has arrived.
+* ``head``: on the plan's head device, after the whole trunk output (or every tile's part
+  of a split head) has arrived; its logits' way back to the requester included.
 
 Each resource serves its waiting tasks in the order they became ready (FIFO). The event
 loop is a heap of (time, sequence) events; everything is deterministic.
@@ -151,28 +152,34 @@ def build_tasks(
                 deps.append(message(h_dev, dev, n_bytes, producers, f"b{b} {h_dev}->{dev}"))
             d = index[dev]
             duration = sum(model.tile_compute(d, s, e, r) for r in regions)
+            if b == len(plan.blocks) - 1 and model.head_split:  # the tiles' parts of the head
+                duration += sum(model.head.prefix_share(r, tables.heights[e]) for r in regions) / model.speed[d]
             this[dev] = graph.add(_Task(f"b{b} compute {dev}", f"cpu:{dev}", duration), deps)
         computes.append(this)
         last = b == len(plan.blocks) - 1
         outputs = [(t.device, t.region, this[t.device]) for t in block.tiles]
         if plan.routing == "requester" or last:
-            # gather: every output tile to the requester
+            # gather: every output tile to the requester (after the last block: to the
+            # head device, or, split, each tile's part of the head)
+            dest = names[model.head_device] if last else req
             c_out = tables.channels[e] * BYTES_PER_VALUE
             gathered: list[tuple[str, Region, int | None]] = []
             per_dev: dict[str, tuple[int, list[Region]]] = {}
             for dev, region, _ in outputs:
                 n_bytes, regs = per_dev.get(dev, (0, []))
-                per_dev[dev] = (n_bytes + region.area * c_out, regs + [region])
+                size = int(model.final_bytes) if last and model.head_split else region.area * c_out
+                per_dev[dev] = (n_bytes + size, regs + [region])
             for dev, (n_bytes, regs) in per_dev.items():
                 producer = this[dev]
-                if dev != req:
-                    producer = message(dev, req, n_bytes, [this[dev]], f"b{b} gather {dev}->{req}")
-                gathered.extend((req, r, producer) for r in regs)
+                if dev != dest:
+                    producer = message(dev, dest, n_bytes, [this[dev]], f"b{b} gather {dev}->{dest}")
+                gathered.extend((dest, r, producer) for r in regs)
             holders = gathered
         else:
             holders = outputs
     head_deps = [p for _, _, p in holders if p is not None]
-    head = graph.add(_Task("head", f"cpu:{req}", model.head_s), head_deps)
+    # the (rest of the) head on the head device, its logits' way back included
+    head = graph.add(_Task("head", f"cpu:{names[model.head_device]}", model.head_s), head_deps)
     return graph, computes, head
 
 
@@ -236,7 +243,8 @@ def simulate_plan(
     trunk: Trunk, cluster: Cluster, plan: Plan, model: CostModel | None = None
 ) -> SimulationResult:
     """Replay ``plan`` on ``cluster`` event by event (module docstring)."""
-    model = model or CostModel(trunk, cluster)
+    head = plan.head_plan
+    model = model or CostModel(trunk, cluster, head.device, head.split)
     graph, computes, head = build_tasks(trunk, cluster, plan, model)
     n_events = run(graph, {d.name: d.backlog_s for d in cluster.devices})
     tasks = graph.tasks
