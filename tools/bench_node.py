@@ -77,7 +77,7 @@ async def overhead_and_auction(mesh: LocalMesh, model: str, size: tuple[int, int
                  for i in range(3)]
         shares = [(m["latency_s"] - m["critical_path_s"]) / m["latency_s"] for m in metas]
         print(f"      {strategy:10s} {median(shares) * 100:5.1f}%  latency {median([m['latency_s'] for m in metas]) * 1e3:6.1f} ms"
-              f"  blocks {len(metas[0]['plan']['blocks']):2d}  devices {len(metas[0]['devices'])}")
+              f"  blocks {metas[0]['blocks']:2d}  devices {len(metas[0]['devices'])}")
 
     rtts = []
     for node in mesh.nodes:

@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     image = read_image(args.input) if args.input is not None else None
     meta, _logits = asyncio.run(infer(
         via, model=args.model, strategy=args.strategy, seed=args.weights_seed, size=tuple(args.size),
-        image=image, input_seed=args.seed, check=args.check, secret=secret,
+        image=image, input_seed=args.seed, check=args.check, details=args.json, secret=secret,
         insecure=args.insecure, timeout=args.timeout))
     if args.json:
         print(json.dumps(meta, indent=1))
@@ -128,7 +128,7 @@ def format_result(meta: dict[str, Any]) -> str:
     lines = [
         f"{meta['model']} via {meta['requester']}, strategy {meta['strategy']} "
         f"({meta['routing']} routing): {meta['latency_s'] * 1000:.1f} ms",
-        f"  devices: " + ", ".join(f"{d} {meta['shares'].get(d, 0.0) * 100:.0f}%" for d in meta["devices"]),
+        "  devices: " + ", ".join(f"{d} {meta['shares'].get(d, 0.0) * 100:.0f}%" for d in meta["devices"]),
         f"  auction rounds: {meta['auction_rounds']}   top-5: "
         + ", ".join(f"{i} ({p:.3f})" for i, p in meta["top5"]),
     ]

@@ -207,4 +207,4 @@ def awarded_plan(trunk: Any, dpfl_plan: Plan, auction: NetworkAuction,
         blocks.append(BlockPlan(block.start, block.end, tiles, finish, result.rounds if b == 0 else 0))
         t = max(finish.values())
     return Plan(dpfl_plan.strategy, dpfl_plan.model, dpfl_plan.input_shape, dpfl_plan.requester,
-                tuple(blocks), dpfl_plan.routing, t, dpfl_plan.planning_ms, result.rounds)
+                tuple(blocks), dpfl_plan.routing, t, dpfl_plan.planning_ms, result.rounds, dpfl_plan.head)

@@ -6,6 +6,7 @@ import asyncio
 import os
 import random
 import ssl
+import time
 from typing import Any
 
 import torch
@@ -21,14 +22,18 @@ class RequestError(MeshciError):
 
 
 async def ask(address: Address, msg: Message, *, secret: bytes | None, insecure: bool = False,
-              ssl_context: ssl.SSLContext | None = None, timeout: float = 600.0) -> Message:
-    """Send `msg` to the node at `address` and return its RESULT/STATE answer."""
+              ssl_context: ssl.SSLContext | None = None, timeout: float = 600.0,
+              timings: dict[str, float] | None = None) -> Message:
+    """Send `msg` to the node at `address` and return its RESULT/STATE answer; `timings`
+    gets the seconds to connect (`connect_s`) and from then to the answer (`answer_s`)."""
+    began = time.perf_counter()
     try:
         conn = await Connection.open(address.host, address.port, secret=secret,
                                      name=f"client-{os.getpid()}", ssl=ssl_context, insecure=insecure)
     except WireError as exc:
         # unreachable node or failed authentication: one clear line for the user
         raise RequestError(f"cannot connect to {address}: {exc}") from exc
+    connected = time.perf_counter()
     try:
         await conn.send(msg)
         async with asyncio.timeout(timeout):
@@ -38,6 +43,9 @@ async def ask(address: Address, msg: Message, *, secret: bytes | None, insecure:
                     continue  # not ours (cannot happen on a client connection; be safe)
                 if reply.kind is MsgType.ERROR:
                     raise RequestError(f"{conn.peer_name}: {reply.meta.get('reason', 'error')}")
+                if timings is not None:
+                    timings["connect_s"] = connected - began
+                    timings["answer_s"] = time.perf_counter() - connected
                 return reply
     except WireError as exc:
         # the node hung up mid-request
@@ -51,18 +59,25 @@ async def ask(address: Address, msg: Message, *, secret: bytes | None, insecure:
 
 async def infer(address: Address, *, model: str, strategy: str = "edgeci", seed: int = 0,
                 size: tuple[int, int] = (224, 224), image: torch.Tensor | None = None,
-                input_seed: int = 0, check: bool = False, secret: bytes | None,
+                input_seed: int = 0, check: bool = False, details: bool = False, secret: bytes | None,
                 insecure: bool = False, ssl_context: ssl.SSLContext | None = None,
                 timeout: float = 600.0) -> tuple[dict[str, Any], torch.Tensor]:
+    """One request; the answer's meta gains `client_latency_s`: the wall time at the client
+    from opening the connection to holding the logits (what a user waits for), and
+    `connect_s`, the part of it spent connecting and authenticating."""
     meta = {"model": model, "strategy": strategy, "seed": seed, "size": list(size),
-            "input_seed": input_seed, "check": check}
+            "input_seed": input_seed, "check": check, "details": details}
     tensors = (image.contiguous(),) if image is not None else ()
     msg = Message(MsgType.INFER, random.getrandbits(62) | 1, meta, tensors)
+    timings: dict[str, float] = {}
     reply = await ask(address, msg, secret=secret, insecure=insecure, ssl_context=ssl_context,
-                      timeout=timeout)
+                      timeout=timeout, timings=timings)
     if reply.kind is not MsgType.RESULT or len(reply.tensors) != 1:
         raise RequestError(f"unexpected answer {reply.kind.name} from {address}")
-    return reply.meta, reply.tensors[0]
+    answer = dict(reply.meta)
+    answer["client_latency_s"] = timings["connect_s"] + timings["answer_s"]
+    answer["connect_s"] = timings["connect_s"]
+    return answer, reply.tensors[0]
 
 
 async def stats(address: Address, *, secret: bytes | None, insecure: bool = False,

@@ -23,7 +23,7 @@ import enum
 import logging
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable
+from typing import Any
 
 log = logging.getLogger(__name__)
 

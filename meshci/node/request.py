@@ -12,7 +12,11 @@ Two sides:
   sends each next-block tile's device exactly the intersection of its output with
   that tile's input region, directly peer to peer (`routing="p2p"`).
 
-Both consume data and return actions (`SendPiece`, `Compute`, `TrunkDone`); the node
+* `HeadRun` — on the plan's head device. It collects the trunk output (or, when the head
+  is split, every last-block tile's part of the head's linear prefix) and says when the
+  head can run; the node sends the logits to the requester.
+
+All consume data and return actions (`SendPiece`, `Compute`, `RunHead`); the node
 carries them out. A piece addressed to the node itself is delivered locally by the
 node, without the network.
 """
@@ -32,7 +36,7 @@ from meshci.planning.plan import Plan
 from meshci.tiling import assemble, crop
 from meshci.trunk import Region
 
-Stage = Literal["tile", "gather"]
+Stage = Literal["tile", "gather", "output", "partial", "logits"]
 
 
 class Geometry(Protocol):
@@ -52,8 +56,11 @@ class SendPiece:
     """Send a rectangle of boundary `block` to `dest`.
 
     stage "tile": input of a tile of block `block` (goes to the dest's WorkerRun);
-    stage "gather": for the requester's RequesterRun (trunk output when block ==
-    len(plan.blocks), else a boundary the requester re-scatters).
+    stage "gather": a boundary the requester's RequesterRun re-scatters;
+    stage "output": the trunk output (block == len(plan.blocks)) for the head device's HeadRun;
+    stage "partial": a last-block tile's part of the split head's prefix (a vector; the
+    region is the tile's) for the head device's HeadRun;
+    stage "logits": the head's output for the requester.
     relayed_bytes: bytes of this piece the sender did not compute itself (re-scatter).
     """
 
@@ -67,7 +74,8 @@ class SendPiece:
 
 @dataclass(frozen=True)
 class Compute:
-    """Run segments [start, end) on `x` (covering `have`), producing exactly `out`."""
+    """Run segments [start, end) on `x` (covering `have`), producing exactly `out`;
+    `partial`: then reduce the output to its part of the split head's prefix."""
 
     block: int
     tile: int
@@ -76,14 +84,19 @@ class Compute:
     x: torch.Tensor
     have: Region
     out: Region
+    partial: bool = False
 
 
 @dataclass(frozen=True)
-class TrunkDone:
-    output: torch.Tensor
+class RunHead:
+    """Run the head: on the whole trunk output, or (`split`) finish it from the summed
+    parts of its prefix."""
+
+    input: torch.Tensor
+    split: bool
 
 
-Action = SendPiece | Compute | TrunkDone
+Action = SendPiece | Compute | RunHead
 
 
 class RequestStateError(Exception):
@@ -158,24 +171,29 @@ class WorkerRun:
             store = self._stores[block] = PieceStore(*self.geometry.map_size(block))
         store.add(region, tensor)
         spec = self.plan.blocks[block]
+        partial = block == len(self.plan.blocks) - 1 and self.plan.head_plan.split
         actions: list[Action] = []
         for t in list(self.pending[block]):
             need = self.geometry.need(block, spec.tiles[t].region)
             if store.covers(need):
                 self.pending[block].remove(t)
                 actions.append(Compute(block, t, spec.start, spec.end, store.take(need), need,
-                                       spec.tiles[t].region))
+                                       spec.tiles[t].region, partial))
         if not self.pending[block]:
             del self.pending[block]
             del self._stores[block]  # every tile of this block has its input: free it
         return actions
 
     def on_computed(self, block: int, tile: int, output: torch.Tensor) -> list[Action]:
-        """A tile finished: route its output rows to whoever needs them next."""
+        """A tile finished: route its output rows to whoever needs them next (after the
+        last block: the trunk output, or its part of the split head, to the head device)."""
         self.outstanding -= 1
         out = self.plan.blocks[block].tiles[tile].region
         nxt = block + 1
-        if nxt == len(self.plan.blocks) or self.plan.routing == "requester":
+        if nxt == len(self.plan.blocks):
+            head = self.plan.head_plan
+            return [SendPiece(head.device, nxt, out, output, "partial" if head.split else "output")]
+        if self.plan.routing == "requester":
             return [SendPiece(self.plan.requester, nxt, out, output, "gather")]
         sent: set[tuple[str, Region]] = set()
         actions: list[Action] = []
@@ -203,7 +221,6 @@ class RequesterRun:
         self._scatter: dict[int, list[int]] = {}
         if plan.routing == "requester":
             self._scatter = {b: list(range(len(plan.blocks[b].tiles))) for b in range(1, n)}
-        self.finished = False
 
     def devices(self) -> list[str]:
         """Every device holding at least one tile, in plan order."""
@@ -230,24 +247,14 @@ class RequesterRun:
         return actions
 
     def on_gather(self, block: int, region: Region, tensor: torch.Tensor) -> list[Action]:
-        _check_block(self.plan, block, allow_output=True)
-        n = len(self.plan.blocks)
-        if block < n and block not in self._scatter:
+        """A boundary piece to re-scatter (routing "requester")."""
+        _check_block(self.plan, block, allow_output=False)
+        if block not in self._scatter:
             raise RequestStateError(f"block {block}'s input is not gathered by the requester")
-        if self.finished:
-            raise RequestStateError("piece after the request finished")
         store = self._stores.get(block)
         if store is None:
             store = self._stores[block] = PieceStore(*self.geometry.map_size(block))
         store.add(region, tensor)
-        if block == n:
-            h, w = self.geometry.map_size(n)
-            full = Region(0, h, 0, w)
-            if store.covers(full):
-                self.finished = True
-                del self._stores[block]
-                return [TrunkDone(store.take(full))]
-            return []
         # re-scatter: send each waiting tile of this block its input as soon as it is covered
         spec = self.plan.blocks[block]
         own = [t.region for t in self.plan.blocks[block - 1].tiles if t.device == self.me]
@@ -268,6 +275,51 @@ class RequesterRun:
             del self._scatter[block]
             del self._stores[block]
         return actions
+
+
+class HeadRun:
+    """The head device's side of one request: the trunk output (or the parts of the split
+    head's prefix, one per last-block tile) until the head can run."""
+
+    def __init__(self, plan: Plan, geometry: Geometry, features: int | None = None) -> None:
+        self.plan = plan
+        self.split = plan.head_plan.split
+        self.features = features  # length of a part of the split head's prefix
+        self.expected = {tile.region for tile in plan.blocks[-1].tiles}
+        self.parts: dict[Region, torch.Tensor] = {}
+        self.store = None if self.split else PieceStore(*geometry.map_size(len(plan.blocks)))
+        self.done = False  # the head's input is complete
+        self.sent = False  # the node sent the logits (set by the node)
+
+    def on_partial(self, region: Region, part: torch.Tensor) -> list[Action]:
+        if not self.split:
+            raise RequestStateError("a part of the head's prefix, but the head is not split")
+        if region not in self.expected:
+            raise RequestStateError(f"no last-block tile {region.to_list()} sends a part of the head")
+        if region in self.parts:
+            raise RequestStateError(f"a second part of the head for tile {region.to_list()}")
+        if part.dim() != 1 or (self.features is not None and part.numel() != self.features):
+            raise RequestStateError(f"a part of the head must be a vector of {self.features} values, "
+                                    f"got shape {tuple(part.shape)}")
+        self.parts[region] = part
+        if len(self.parts) < len(self.expected):
+            return []
+        self.done = True
+        total = torch.stack([self.parts[r] for r in sorted(self.parts)]).sum(dim=0)
+        return [RunHead(total, split=True)]
+
+    def on_output(self, region: Region, tensor: torch.Tensor) -> list[Action]:
+        if self.store is None:
+            raise RequestStateError("trunk output for a split head")
+        if self.done:
+            raise RequestStateError("piece after the trunk output was complete")
+        self.store.add(region, tensor)
+        h, w = self.store.height, self.store.width
+        full = Region(0, h, 0, w)
+        if not self.store.covers(full):
+            return []
+        self.done = True
+        return [RunHead(self.store.take(full), split=False)]
 
 
 # ---- the mesh as a planner sees it ----------------------------------------------------

@@ -1,9 +1,22 @@
 """The requester side of a node: a request from a client, from plan to answer.
 
-The node that receives an INFER is that request's requester and auctioneer. It turns its
-live view of the mesh into a `Cluster`, plans (DPFL, `meshci.planning`), runs the auction
-(AWAS, `meshci.node.auction` over the sans-IO `Auctioneer`), sends the plan and the first
-block's inputs, gathers the trunk output (`RequesterRun`, pure), runs the head and answers.
+The node that receives an INFER is that request's requester and auctioneer. Nothing but
+sending the first tiles stands between a warm request and its compute:
+
+* **Standing plans.** A plan is made once per model, input size, strategy and set of
+  devices (DPFL, `meshci.planning`; the first request waits for it) and kept. It is made
+  again in the background when the measured links or the learned compute ratios move by a
+  step (`LINK_STEP`, `RATIO_STEP`), never dropped after a fixed time.
+* **Standing awards.** For `edgeci` the network auction (AWAS, `meshci.node.auction`)
+  runs in the background: its award is the layout later requests use, and it is run
+  again when a bidder's state (backlog, links, curves) moves by a step. Bids stand until
+  the bidder's situation changes; no request waits for an auction round.
+* **Plans by digest.** A peer gets a plan's JSON once (`Worker` keeps it per requester);
+  afterwards the PLAN frame names its digest and carries the peer's first-block pieces.
+* **The head elsewhere.** The plan's head device (`HeadPlan`) runs the head, split or
+  whole; the requester gets the logits (and the check, for ``--check``).
+* **Learning after the answer.** The calibration of the live cost model from the
+  request's measured time runs after the client has its answer.
 """
 
 from __future__ import annotations
@@ -13,21 +26,23 @@ import logging
 import math
 import random
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from meshci.auction.errors import AuctionError
 from meshci.auction.messages import Outgoing
+from meshci.cost.cluster import Cluster
 from meshci.errors import MeshciError, PlanningError
 from meshci.models.registry import check_model_allowed
 from meshci.node.auction import NetworkAuction, auction_items, awarded_plan
 from meshci.node.latency import PlanCalibration, plan_hops
-from meshci.node.request import RequesterRun, RequestStateError, cluster_from_view, device_signature
-from meshci.node.runtime import LoadedModel
+from meshci.node.model_cache import LoadedModel
+from meshci.node.pieces import encode as encode_pieces
+from meshci.node.request import RequesterRun, RequestStateError, SendPiece, cluster_from_view, device_signature
 from meshci.planning import STRATEGIES, Plan, make_plan
 from meshci.planning.evaluate import evaluate_plan
 from meshci.trunk import Region
@@ -40,19 +55,42 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_INPUT_SIDE = 4096
-PLAN_TTL_S = 30.0
-LINK_STEP = 2.0  # a cached plan is reused until a link's measured cost moves by this factor
+STANDING_PLANS = 16  # standing plans kept (least recently used beyond)
+LINK_STEP = 2.0  # a standing plan is made again when a link's measured cost moves by this factor
 RATIO_STEP = 1.05  # ... or a device's learned compute ratio moves by this factor
-REPLAN_MIN_S = 10.0  # ... and is at least this old
+REPLAN_MIN_S = 10.0  # ... at most this often: planning competes with tiles for the CPU
+AUCTION_MIN_S = 2.0  # a standing award is auctioned again at most this often
+BACKLOG_STEP = 0.25  # a bidder's backlog moves a step per this share of the plan's latency
+PLANS_PER_PEER = 32  # plans a peer keeps from us (mirrors `worker.PLANS_PER_REQUESTER`)
 
 
 @dataclass
 class RequesterContext:
     run: RequesterRun
     loaded: LoadedModel
-    done: asyncio.Future[torch.Tensor]
+    done: asyncio.Future[tuple[torch.Tensor, dict[str, Any]]]  # logits, the head's report
     devices: frozenset[str]
-    path_s: float = 0.0  # critical path (compute + transfer) of the trunk output so far
+    head_device: str
+    messages: dict[str, Message] = field(default_factory=dict)  # PLAN frame per peer
+    path_s: float = 0.0  # critical path (compute + transfer) of the logits
+
+
+@dataclass
+class Standing:
+    """A standing plan: DPFL's plan for one key, and the network auction's award for it."""
+
+    plan: Plan
+    links: tuple[Any, ...]  # the link and ratio signature it was made for
+    made: float
+    awarded: Plan | None = None
+    bids_for: tuple[Any, ...] | None = None  # the bidder states the award was made for
+    auctioned: float = -math.inf
+    busy: bool = False  # a background re-plan or auction is running
+    shares: dict[str, dict[str, float]] = field(default_factory=dict)  # plan digest -> shares
+
+    @property
+    def current(self) -> Plan:
+        return self.awarded if self.awarded is not None else self.plan
 
 
 class Requester:
@@ -64,13 +102,14 @@ class Requester:
         self.runtime = node.runtime
         self.contexts: dict[int, RequesterContext] = {}
         self.auctions: dict[int, tuple[NetworkAuction, asyncio.Event]] = {}
-        # DPFL plans by (model, seed, size, strategy, devices and speeds): the cuts depend on
-        # stable facts; for edgeci the network auction still reassigns tiles per request
-        self.plans: dict[tuple[Any, ...], tuple[Plan, float, tuple[Any, ...]]] = {}  # plan, made, links
-        self._replanning: set[tuple[Any, ...]] = set()
-        self._items: dict[int, tuple[Plan, list[Any]]] = {}  # auction items of a cached plan
+        self.standing: OrderedDict[tuple[Any, ...], Standing] = OrderedDict()
+        self._items: dict[str, list[Any]] = {}  # plan digest -> its auction items
+        # per peer (and its incarnation): digests of the plans it holds from us, in the
+        # order it keeps them (the same bound and order, so we know what it has)
+        self._sent_plans: dict[tuple[str, int], OrderedDict[str, None]] = {}
         self.calibration = PlanCalibration()  # learned from this node's own completed requests
         self._warm: set[tuple[str, str, int, tuple[int, int]]] = set()  # (device, model, seed, size) built
+        self._predicted: dict[tuple[str, Any], tuple[float, float]] = {}  # calibration predictions
         self.requests_served = 0
 
     # ---- serving a client ------------------------------------------------------------
@@ -79,7 +118,7 @@ class Requester:
 
         node = self.node
         try:
-            meta, logits = await self.infer(msg)
+            meta, logits, learn = await self.infer(msg)
         except (RequestFailed, MeshciError, RequestStateError, ValueError, TypeError, KeyError) as exc:
             # the request cannot be served (unknown model, bad size, a device failed):
             # the client gets the reason, the node keeps serving
@@ -93,9 +132,16 @@ class Requester:
             await node.reply_error(conn, msg.request_id, f"internal error: {type(exc).__name__}: {exc}")
             return
         self.requests_served += 1
-        await node.send_quietly(conn, Message(MsgType.RESULT, msg.request_id, meta, (logits,)))
+        try:
+            reply = Message(MsgType.RESULT, msg.request_id, meta, (logits,))
+        except (TypeError, ValueError) as exc:
+            # a result that cannot be framed (a non-finite figure): the client still hears why
+            await node.reply_error(conn, msg.request_id, f"internal error: unencodable result: {exc}")
+            return
+        await node.send_quietly(conn, reply)
+        learn()  # after the answer: the client does not wait for it
 
-    async def infer(self, msg: Message) -> tuple[dict[str, Any], torch.Tensor]:
+    async def infer(self, msg: Message) -> tuple[dict[str, Any], torch.Tensor, Callable[[], None]]:
         from meshci.node.server import REQUEST_TIMEOUT_S, RequestFailed
 
         node = self.node
@@ -109,65 +155,35 @@ class Requester:
         check_model_allowed(model, node.config.allow_models)
         x = request_input(meta, msg.tensors)
         size = (int(x.shape[-2]), int(x.shape[-1]))
-        loaded = await self.runtime.load(model, seed, size, head=True)
-        trunk = loaded.trunk
+        loaded = await self.runtime.load(model, seed, size)
         loaded_at = time.perf_counter()
 
-        peers = node.membership.alive()
-        heard_now = time.monotonic()
-        heard = node.gossip.advert_heard
-        ages = {p.name: heard_now - heard[p.name] for p in peers if p.name in heard}
-        raw_cluster = cluster_from_view(self.name, node.advert(), peers, node.config.default_link,
-                                        model=model, size=size, advert_age_s=ages)
-        # every strategy plans on the same cluster: the measured curves and links with the
-        # corrections learned from this node's completed requests
-        cluster = self.calibration.apply(raw_cluster)
-        loop = asyncio.get_running_loop()
-        plan_key = (model, seed, size, strategy, device_signature(raw_cluster))
-        # what moves the cached plan to a background re-plan: the links, the compute ratios
+        raw_cluster, cluster = self._clusters(model, size)
+        key = (model, seed, size, strategy, device_signature(raw_cluster))
         links = _link_signature(cluster) + _ratio_signature(self.calibration.compute_ratio)
-        cached = self.plans.get(plan_key)
-        if cached is not None and time.monotonic() - cached[1] < PLAN_TTL_S:
-            plan = cached[0]
-            stale = time.monotonic() - cached[1] > REPLAN_MIN_S
-            if cached[2] != links and stale and plan_key not in self._replanning:
-                # the measured link costs moved: re-plan off this request's critical path
-                # (planning takes a slow device hundreds of ms); later requests use it. At
-                # most every REPLAN_MIN_S: planning competes with tiles for the device's CPU
-                self._replanning.add(plan_key)
-                node.spawn(self._replan(plan_key, trunk, cluster, strategy, links))
-        else:
-            plan = await loop.run_in_executor(None, make_plan, trunk, cluster, strategy)
-            self.plans[plan_key] = (plan, time.monotonic(), links)
+        standing = self.standing.get(key)
+        if standing is None:
+            # the first request of this kind waits for its plan; later ones never do
+            plan = await asyncio.get_running_loop().run_in_executor(None, make_plan, loaded.trunk, cluster, strategy)
+            standing = self.standing[key] = Standing(plan, links, time.monotonic())
+            while len(self.standing) > STANDING_PLANS:
+                self.standing.popitem(last=False)
+        self.standing.move_to_end(key)
         planned_at = time.perf_counter()
-        rid = random.getrandbits(62) | 1
-        participants = {d.name for d in cluster.devices}
-        try:
-            auction_rounds = plan.auction_rounds
-            rounds_s = 0.0
-            if strategy == "edgeci" and len(cluster.devices) > 1:
-                plan, auction_rounds, rounds_s = await self._auction(rid, loaded, cluster, plan)
-            auctioned_at = time.perf_counter()
+        self._refresh(standing, loaded, raw_cluster, cluster, strategy, links)
+        plan = standing.current
 
-            run = RequesterRun(plan, self.name, loaded.geometry(plan))
-            devices = run.devices()
-            done: asyncio.Future[torch.Tensor] = loop.create_future()
-            self.contexts[rid] = RequesterContext(run, loaded, done, frozenset(devices))
+        rid = random.getrandbits(62) | 1
+        run = RequesterRun(plan, self.name, loaded.geometry(plan))
+        devices = plan.devices
+        loop = asyncio.get_running_loop()
+        ctx = RequesterContext(run, loaded, loop.create_future(), frozenset(devices), plan.head_plan.device)
+        self.contexts[rid] = ctx
+        try:
             try:
-                plan_msg = Message(MsgType.PLAN, rid, {"plan": plan.to_json(), "model": model, "seed": seed,
-                                                       "size": list(size)})
-                for device in devices:
-                    if device == self.name:
-                        await node.worker.on_plan(self.name, plan_msg)
-                    else:
-                        await node.send_to(device, plan_msg)
-                await node.execute(rid, run.start(x), path_s=0.0)
-                output = await asyncio.wait_for(done, REQUEST_TIMEOUT_S)
-                trunk_at = time.perf_counter()
-                head_began = time.perf_counter()
-                logits = await self.runtime.call(trunk.head, output)
-                head_s = time.perf_counter() - head_began
-                path_s = self.contexts[rid].path_s + head_s
+                sent_at = time.perf_counter()
+                await self._start(rid, ctx, plan, x, model, seed, size, bool(meta.get("check")))
+                logits, head = await asyncio.wait_for(ctx.done, REQUEST_TIMEOUT_S)
             except WireError as exc:
                 # a device could not be reached (PLAN or input tiles): the request fails, with why
                 raise RequestFailed(f"lost a device during the request: {exc}") from exc
@@ -179,48 +195,149 @@ class Requester:
         except Exception as exc:
             # the request failed here: tell every participant (bidders, devices) to drop its
             # state and commitments, then let the caller answer the client with the reason
-            node.cancel_everywhere(rid, participants, str(exc) or type(exc).__name__)
+            node.cancel_everywhere(rid, set(devices), str(exc) or type(exc).__name__)
             raise
-        latency = time.perf_counter() - began
-        calibration = self._calibrate(model, seed, size, trunk, raw_cluster, plan, devices,
-                                      trunk_at - auctioned_at)
+        done_at = time.perf_counter()
+        digest = plan.digest()
+        shares = standing.shares.get(digest)
+        if shares is None:
+            shares = standing.shares[digest] = _shares(loaded.flops, plan)
         probs = torch.softmax(logits.flatten(), 0)
         top = torch.topk(probs, min(5, probs.numel()))
         result: dict[str, Any] = {
             "model": model,
             "strategy": strategy,
             "requester": self.name,
-            "latency_s": latency,
+            "latency_s": done_at - began,
             "load_s": loaded_at - began,
             "planning_s": planned_at - loaded_at,
-            "auction_s": auctioned_at - planned_at,
-            "auction_rounds_s": rounds_s,
-            "execution_s": trunk_at - auctioned_at,
-            "head_s": head_s,
-            "critical_path_s": path_s,
+            "execution_s": done_at - sent_at,
+            "head_s": float(head.get("head_s", 0.0)),
+            "head_device": ctx.head_device,
+            "head_split": plan.head_plan.split,
+            "critical_path_s": ctx.path_s,
             "top5": [[int(i), float(p)] for p, i in zip(top.values, top.indices)],
-            "devices": devices,
-            "shares": _shares(loaded.flops, plan),
-            "auction_rounds": auction_rounds,
+            "devices": list(devices),
+            "shares": shares,
+            "auction_rounds": plan.auction_rounds,
+            "auction": "standing award" if plan is standing.awarded else "none",
             "routing": plan.routing,
+            "blocks": len(plan.blocks),
             "predicted_latency_s": plan.predicted_latency_s,
-            **calibration,
-            "plan": plan.to_json(),
         }
-        if meta.get("check"):
-            reference = await self.runtime.call(trunk.forward, x)
-            result["max_abs_diff"] = float((reference - logits).abs().max())
-            result["check_ok"] = bool(torch.allclose(logits, reference, rtol=1e-4, atol=1e-5))
-        return result, logits
+        for name in ("max_abs_diff", "check_ok"):
+            if name in head:
+                result[name] = head[name]
+        if meta.get("details"):
+            result["plan"] = plan.to_json()
 
-    # ---- the trunk's output ----------------------------------------------------------
-    async def on_gather(self, rid: int, block: int, region: Region, tensor: torch.Tensor, path: float) -> None:
+        def learn() -> None:
+            self._calibrate(model, seed, size, loaded.trunk, raw_cluster, plan, list(devices), done_at - sent_at)
+
+        return result, logits, learn
+
+    def _clusters(self, model: str, size: tuple[int, int]) -> tuple[Cluster, Cluster]:
+        """The live mesh as the planner sees it: raw (the peers' adverts) and corrected with
+        what this node learned from its own requests (every strategy plans on the latter)."""
+        node = self.node
+        peers = node.membership.alive()
+        now = time.monotonic()
+        heard = node.gossip.advert_heard
+        ages = {p.name: now - heard[p.name] for p in peers if p.name in heard}
+        raw = cluster_from_view(self.name, node.advert(), peers, node.config.default_link,
+                                model=model, size=size, advert_age_s=ages)
+        return raw, self.calibration.apply(raw)
+
+    async def _start(self, rid: int, ctx: RequesterContext, plan: Plan, x: torch.Tensor, model: str,
+                     seed: int, size: tuple[int, int], check: bool) -> None:
+        """Send every device of the plan its PLAN frame with its first-block pieces (the
+        plan itself only to peers that do not hold it yet); ourselves last."""
+        first: dict[str, list[SendPiece]] = defaultdict(list)
+        for action in ctx.run.start(x):
+            if isinstance(action, SendPiece):
+                first[action.dest].append(action)
+        digest = plan.digest()
+        head_device = plan.head_plan.device
+        order = sorted(ctx.devices, key=lambda d: d == self.name)
+        for device in order:
+            pieces = [(a.block, a.region, a.stage, a.tensor) for a in first.get(device, [])]
+            if check and device == head_device:
+                pieces.append((0, Region(0, size[0], 0, size[1]), "input", x))
+            listed, tensors = encode_pieces(pieces)
+            meta: dict[str, Any] = {"digest": digest, "model": model, "seed": seed, "size": list(size),
+                                    "pieces": listed}
+            if not self._holds(device, digest):
+                meta["plan"] = plan.to_json()
+            if device == self.name:
+                await self.node.worker.on_plan(self.name, Message(MsgType.PLAN, rid, meta, tensors))
+                continue
+            ctx.messages[device] = Message(MsgType.PLAN, rid, meta, tensors)
+            await self.node.send_to(device, ctx.messages[device])
+            self._sent(device, digest)
+
+    def _mirror(self, device: str) -> OrderedDict[str, None]:
+        peer = self.node.membership.peer(device)
+        incarnation = peer.incarnation if peer is not None else 0
+        key = (device, incarnation)
+        mirror = self._sent_plans.get(key)
+        if mirror is None:
+            for old in [k for k in self._sent_plans if k[0] == device]:
+                del self._sent_plans[old]  # a restarted peer holds none of our plans
+            mirror = self._sent_plans[key] = OrderedDict()
+        return mirror
+
+    def _holds(self, device: str, digest: str) -> bool:
+        """Whether `device` keeps the plan `digest` from us (we mirror its bounded store)."""
+        if device == self.name:
+            kept = self.node.worker.plans.get(self.name)
+            return kept is not None and digest in kept
+        return digest in self._mirror(device)
+
+    def _sent(self, device: str, digest: str) -> None:
+        mirror = self._mirror(device)
+        mirror[digest] = None
+        mirror.move_to_end(digest)
+        while len(mirror) > PLANS_PER_PEER:
+            mirror.popitem(last=False)
+
+    async def on_need_plan(self, sender: str, msg: Message) -> None:
+        """A peer got a PLAN by a digest it no longer holds: send it the plan."""
+        ctx = self.contexts.get(msg.request_id)
+        if ctx is None or sender not in ctx.devices:
+            log.info("need_plan for request %d from %s: not ours (any more)", msg.request_id, sender)
+            return
+        plan = ctx.run.plan
+        if msg.meta.get("digest") != plan.digest():
+            log.warning("need_plan from %s names a digest request %d does not use", sender, msg.request_id)
+            return
+        log.info("%s no longer holds plan %s: sending it again", sender, plan.digest())
+        self._sent_plans.pop((sender, self._incarnation(sender)), None)
+        try:
+            await self.node.send_to(sender, Message(MsgType.PLAN, msg.request_id, {
+                "op": "define", "digest": plan.digest(), "plan": plan.to_json()}))
+        except WireError as exc:
+            # the peer is gone: the request fails by its own path (peer down, deadline)
+            log.info("cannot send plan of request %d to %s: %s", msg.request_id, sender, exc)
+            return
+        self._sent(sender, plan.digest())
+
+    def _incarnation(self, device: str) -> int:
+        peer = self.node.membership.peer(device)
+        return peer.incarnation if peer is not None else 0
+
+    # ---- pieces and answers ----------------------------------------------------------
+    async def on_gather(self, rid: int, sender: str, block: int, region: Region, tensor: torch.Tensor,
+                        path: float) -> None:
+        """A boundary piece to re-scatter (requester routing)."""
         req = self.contexts.get(rid)
         if req is None:
             log.info("dropping a gathered piece of finished or unknown request %d", rid)
             return
-        if block == len(req.run.plan.blocks):
-            req.path_s = max(req.path_s, path)
+        plan = req.run.plan
+        if not 0 < block < len(plan.blocks) or sender not in plan.blocks[block - 1].devices:
+            await self.node.fail_request(rid, self.name, f"a gathered piece of block {block} from {sender!r}, "
+                                                          "which the plan does not say produces it")
+            return
         try:
             actions = req.run.on_gather(block, region, tensor)
         except RequestStateError as exc:
@@ -229,10 +346,22 @@ class Requester:
             return
         await self.node.execute(rid, actions, path)
 
-    def trunk_done(self, rid: int, output: torch.Tensor) -> None:
+    def on_logits(self, rid: int, sender: str, logits: torch.Tensor, head: Any, path: float) -> None:
+        """The head device's answer."""
         req = self.contexts.get(rid)
-        if req is not None and not req.done.done():
-            req.done.set_result(output)
+        if req is None:
+            log.info("dropping the logits of finished or unknown request %d", rid)
+            return
+        if sender != req.head_device:
+            log.warning("ignoring logits of request %d from %r, not its head device", rid, sender)
+            return
+        report = _head_report(head)
+        if report is None:
+            self.fail(rid, f"{sender} sent a malformed head report")
+            return
+        req.path_s = path
+        if not req.done.done():
+            req.done.set_result((logits, report))
 
     def fail(self, rid: int, reason: str) -> bool:
         """Fail request `rid` if this node is its requester; whether it was."""
@@ -262,64 +391,76 @@ class Requester:
                 self.fail(rid, f"device {name} failed during the request: {reason}")
 
     def sweep(self, now: float) -> None:
-        for key, (plan, made, _links) in list(self.plans.items()):
-            if now - made > PLAN_TTL_S:
-                del self.plans[key]
-                self._items.pop(id(plan), None)
+        """Standing plans are kept (least recently used beyond `STANDING_PLANS`); nothing
+        here expires by time."""
 
-    # ---- calibration -----------------------------------------------------------------
-    def _calibrate(self, model: str, seed: int, size: tuple[int, int], trunk: Any, raw_cluster: Any,
-                   plan: Plan, devices: list[str], measured_s: float) -> dict[str, Any]:
-        """Teach `self.calibration` from a completed request: its measured trunk time
-        against the uncorrected live model's prediction for the plan that ran. Cold
-        requests (a device built the model during it) are not learned from, nor requests
-        computed by a device described by a declared GFLOP/s instead of measured curves
-        (a declaration is what the user says the device is, not an estimate to correct)."""
-        keys = {(d, model, seed, size) for d in devices}
-        cold = not keys <= self._warm
-        self._warm |= keys
-        hops = plan_hops(plan)
-        try:
-            predicted, finishes = evaluate_plan(trunk, raw_cluster, plan)
-            scaled, _ = evaluate_plan(trunk, self.calibration.scaled(raw_cluster), plan)
-        except PlanningError as exc:
-            # the plan names a device the view no longer has (it left mid-request): no sample
-            log.debug("no calibration sample: %s", exc)
-            return {"hops": hops, "cold": cold}
-        computing = frozenset(t.device for b in plan.blocks for t in b.tiles)
-        measured_model = all(d.curves for d in raw_cluster.devices if d.name in computing)
-        learned = (None if cold or not measured_model
-                   else self.calibration.observe(computing, hops, predicted, scaled, measured_s))
-        ratios = {d: round(float(r), 3) for d, r in sorted(self.calibration.compute_ratio.items())}
-        log.info("%s %s on %s: %d hops, plan says %.1f ms, predicted %.1f ms (uncorrected; %.1f ms with compute ratios), "
-                 "measured %.1f ms, block finishes %s ms; learned %s; compute ratios %s, %.2f ms per hop",
-                 plan.strategy, model, ",".join(sorted(computing)), hops, plan.predicted_latency_s * 1e3,
-                 predicted * 1e3, scaled * 1e3,
-                 measured_s * 1e3, [round(max(f.values(), default=0.0) * 1e3, 1) for f in finishes],
-                 "nothing (cold)" if cold else learned if measured_model else "nothing (declared speeds)", ratios, self.calibration.extra_latency_ms())
-        return {"hops": hops, "cold": cold, "predicted_uncorrected_s": float(predicted),
-                "compute_ratios": ratios, "hop_correction_ms": self.calibration.extra_latency_ms()}
+    # ---- keeping standing plans fresh ------------------------------------------------
+    def _refresh(self, standing: Standing, loaded: LoadedModel, raw: Cluster, cluster: Cluster,
+                 strategy: str, links: tuple[Any, ...]) -> None:
+        """Start a background re-plan when the measured costs moved, or a background
+        auction when the bidders' states moved (edgeci); at most one at a time."""
+        if standing.busy:
+            return
+        now = time.monotonic()
+        if standing.links != links and now - standing.made > REPLAN_MIN_S:
+            standing.busy = True
+            self.node.spawn(self._replan(standing, loaded, cluster, strategy, links))
+            return
+        if strategy != "edgeci" or len(cluster.devices) < 2 or not _distributed(standing.plan):
+            return
+        bids = _bidder_signature(raw, standing.plan)
+        if standing.awarded is not None and standing.bids_for == bids:
+            return
+        if now - standing.auctioned < AUCTION_MIN_S:
+            return
+        standing.busy = True
+        self.node.spawn(self._standing_auction(standing, loaded, cluster, bids))
 
-    async def _replan(self, key: tuple[Any, ...], trunk: Any, cluster: Any, strategy: str,
+    async def _replan(self, standing: Standing, loaded: LoadedModel, cluster: Cluster, strategy: str,
                       links: tuple[Any, ...]) -> None:
         try:
-            plan = await asyncio.get_running_loop().run_in_executor(None, make_plan, trunk, cluster, strategy)
-            self.plans[key] = (plan, time.monotonic(), links)
+            plan = await asyncio.get_running_loop().run_in_executor(None, make_plan, loaded.trunk, cluster, strategy)
+            if plan.digest() != standing.plan.digest():
+                standing.plan, standing.awarded, standing.bids_for = plan, None, None
+            standing.links, standing.made = links, time.monotonic()
         finally:
-            self._replanning.discard(key)
+            standing.busy = False
 
-    # ---- the auction -----------------------------------------------------------------
-    async def _auction(self, rid: int, loaded: LoadedModel, cluster: Any, plan: Plan) -> tuple[Plan, int, float]:
-        """AWAS over the network for the row strips of the blocks DPFL chose; returns the
-        plan, the auction's round trips and the seconds its rounds took."""
-        from meshci.node.server import RequestFailed
-
-        trunk = loaded.trunk
+    async def _standing_auction(self, standing: Standing, loaded: LoadedModel, cluster: Cluster,
+                                bids: tuple[Any, ...]) -> None:
+        """AWAS over the network for the standing plan's blocks; its award becomes the
+        layout later requests use. The bidders drop their commitments once it closed: it
+        assigns future requests, whose tiles count as queued work when they arrive."""
+        plan = standing.plan
+        rid = random.getrandbits(62) | 1
         bidders = [d.name for d in cluster.devices]
-        items = self._items.get(id(plan))
-        if items is None or items[0] is not plan:
-            items = self._items[id(plan)] = (plan, auction_items(trunk, plan))
-        auction = NetworkAuction(rid, self.name, items[1], bidders)
+        try:
+            awarded, rounds_s = await self.auction(rid, loaded, plan, bidders)
+        except AuctionError as exc:
+            # no assignment this time (nobody answered): keep the layout we have, try later
+            log.info("standing auction for %s failed: %s", plan.digest(), exc)
+        else:
+            if standing.plan is plan:
+                standing.awarded, standing.bids_for = awarded, bids
+            log.info("standing auction of %s %s: %d rounds in %.1f ms, predicted %.1f ms (DPFL %.1f ms)",
+                     plan.strategy, plan.model, awarded.auction_rounds, rounds_s * 1e3,
+                     awarded.predicted_latency_s * 1e3, plan.predicted_latency_s * 1e3)
+        finally:
+            standing.auctioned = time.monotonic()
+            standing.busy = False
+            self.node.cancel_everywhere(rid, set(bidders), "standing auction closed", quiet=True)
+
+    async def auction(self, rid: int, loaded: LoadedModel, plan: Plan, bidders: list[str]) -> tuple[Plan, float]:
+        """AWAS over the network for the row strips of the blocks DPFL chose; returns the
+        awarded plan and the seconds its rounds took."""
+        trunk = loaded.trunk
+        digest = plan.digest()
+        items = self._items.get(digest)
+        if items is None:
+            items = self._items[digest] = auction_items(trunk, plan)
+            while len(self._items) > STANDING_PLANS:
+                self._items.pop(next(iter(self._items)))
+        auction = NetworkAuction(rid, self.name, items, bidders)
         wake = asyncio.Event()
         self.auctions[rid] = (auction, wake)
         try:
@@ -335,16 +476,13 @@ class Requester:
                 wake.clear()
                 await self.node.route_auction(rid, auction.tick(time.monotonic()))
             rounds_s = time.perf_counter() - began
-            new_plan = awarded_plan(trunk, plan, auction, flops=loaded.flops)
-        except AuctionError as exc:
-            # the auction cannot produce an assignment (e.g. nobody to bid): say so to the client
-            raise RequestFailed(f"auction failed: {exc}") from exc
+            awarded = awarded_plan(trunk, plan, auction, flops=loaded.flops)
         finally:
             self.auctions.pop(rid, None)
-        return new_plan, auction.result().rounds, rounds_s
+        return awarded, rounds_s
 
     def auctioneer_receive(self, rid: int, message: Any) -> list[Outgoing]:
-        """A bidder's message for the auction of request `rid`; the auctioneer's answers."""
+        """A bidder's message for the auction `rid`; the auctioneer's answers."""
         entry = self.auctions.get(rid)
         if entry is None:
             log.info("auction %d is over: dropping a late %s from %s", rid,
@@ -354,8 +492,58 @@ class Requester:
         wake.set()
         return auction.receive(message, time.monotonic())
 
+    # ---- calibration -----------------------------------------------------------------
+    def _calibrate(self, model: str, seed: int, size: tuple[int, int], trunk: Any, raw_cluster: Cluster,
+                   plan: Plan, devices: list[str], measured_s: float) -> None:
+        """Teach `self.calibration` from a completed request: its measured time against the
+        uncorrected live model's prediction for the plan that ran. Cold requests (a device
+        built the model during it) are not learned from, nor requests computed by a device
+        described by a declared GFLOP/s instead of measured curves (a declaration is what
+        the user says the device is, not an estimate to correct). The predictions of one
+        plan on one view of the mesh are kept: evaluating a plan costs a slow requester."""
+        keys = {(d, model, seed, size) for d in devices}
+        cold = not keys <= self._warm
+        self._warm |= keys
+        computing = frozenset(t.device for b in plan.blocks for t in b.tiles)
+        if cold or not all(d.curves for d in raw_cluster.devices if d.name in computing):
+            return
+        view = (plan.digest(), _cluster_key(raw_cluster), _ratio_signature(self.calibration.compute_ratio))
+        predicted = self._predicted.get(view)
+        if predicted is None:
+            try:
+                raw, _ = evaluate_plan(trunk, raw_cluster, plan)
+                scaled, _ = evaluate_plan(trunk, self.calibration.scaled(raw_cluster), plan)
+            except PlanningError as exc:
+                # the plan names a device the view no longer has (it left mid-request): no sample
+                log.debug("no calibration sample: %s", exc)
+                return
+            if len(self._predicted) > 64:
+                self._predicted.clear()
+            predicted = self._predicted[view] = (raw, scaled)
+        learned = self.calibration.observe(computing, plan_hops(plan), predicted[0], predicted[1], measured_s)
+        log.debug("%s %s on %s: predicted %.1f ms (uncorrected; %.1f ms with compute ratios), measured %.1f ms; "
+                  "learned %s", plan.strategy, model, ",".join(sorted(computing)), predicted[0] * 1e3,
+                  predicted[1] * 1e3, measured_s * 1e3, learned)
 
-def _link_signature(cluster: Any) -> tuple[tuple[str, str, int, int], ...]:
+
+def _distributed(plan: Plan) -> bool:
+    return any(len(b.tiles) > 1 or b.tiles[0].device != plan.requester for b in plan.blocks)
+
+
+def _bidder_signature(cluster: Cluster, plan: Plan) -> tuple[Any, ...]:
+    """What the bidders' bids depend on, in steps: each one's backlog (in steps of
+    `BACKLOG_STEP` of the plan's latency) and its links (`_link_signature`)."""
+    step = max(1e-3, BACKLOG_STEP * plan.predicted_latency_s)
+    backlogs = tuple(sorted((d.name, min(8, int(d.backlog_s / step))) for d in cluster.devices))
+    return backlogs + _link_signature(cluster)
+
+
+def _cluster_key(cluster: Cluster) -> tuple[Any, ...]:
+    return (device_signature(cluster), tuple(sorted((d.name, round(d.backlog_s, 3)) for d in cluster.devices)),
+            tuple(sorted((tuple(sorted(k)), v.mbps, v.latency_ms) for k, v in cluster.links.items())))
+
+
+def _link_signature(cluster: Cluster) -> tuple[tuple[str, str, int, int], ...]:
     """The cluster's links on a coarse logarithmic scale (factors of 2): a plan made for
     one set of measured link costs serves requests until they move by a step."""
     def step(value: float) -> int:
@@ -367,6 +555,24 @@ def _link_signature(cluster: Any) -> tuple[tuple[str, str, int, int], ...]:
 
 def _ratio_signature(ratios: dict[str, float]) -> tuple[tuple[str, int], ...]:
     return tuple((name, round(math.log(max(r, 1e-3)) / math.log(RATIO_STEP))) for name, r in sorted(ratios.items()))
+
+
+def _head_report(head: Any) -> dict[str, Any] | None:
+    """The head device's report, checked: numbers finite, the check's flags booleans."""
+    if not isinstance(head, dict):
+        return None
+    report: dict[str, Any] = {}
+    for name in ("head_s", "max_abs_diff"):
+        value = head.get(name)
+        if value is not None:
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                return None
+            report[name] = float(value)
+    if "check_ok" in head:
+        if not isinstance(head["check_ok"], bool):
+            return None
+        report["check_ok"] = head["check_ok"]
+    return report
 
 
 def request_input(meta: dict[str, Any], tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -398,3 +604,6 @@ def _shares(flops: Callable[[int, int, Region], float], plan: Plan) -> dict[str,
             work[tile.device] += flops(block.start, block.end, tile.region)
     total = sum(work.values()) or 1.0
     return {name: value / total for name, value in sorted(work.items())}
+
+
+__all__ = ["Requester", "RequesterContext", "Standing"]

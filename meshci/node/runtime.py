@@ -1,9 +1,6 @@
-"""The tile runtime of a node: a small cache of built trunks and one compute thread.
+"""The tile runtime of a node: its built models (`meshci.node.model_cache`) and one
+compute thread.
 
-A worker only needs a trunk's segments; only the requester needs the head (and, for
-`--check`, the monolithic reference). A worker's trunk is built in a short-lived helper
-process that hands back only the segments, so a worker serving VGG-16 never holds its
-~490 MB classifier, not even while building.
 Long compute runs on one worker thread, off the event loop, so heartbeats keep flowing;
 a short tile runs on the loop itself (a thread hand-off costs two wake-ups, milliseconds
 on a busy machine, more than such a tile holds the loop).
@@ -20,195 +17,28 @@ by model hash and device fingerprint, so later starts read them. The node advert
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
-import pickle
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cloudpickle
 import torch
 
-from meshci.cost.profiling import Progress, SpeedProfile, load_or_measure, stderr_progress
-from meshci.errors import MeshciError
-from meshci.node.membership import MAX_ADVERT_CURVES, Advert, curve_key
+from meshci.cost.profiling import Progress, SpeedProfile, default_data_dir, load_or_measure, stderr_progress
 from meshci.models.registry import build_model
-from meshci.planning.plan import Plan
+from meshci.node.membership import MAX_ADVERT_CURVES, Advert, curve_key
+from meshci.node.model_cache import _BUILD_LOCK, LoadedModel, ModelCache, PlanGeometry
 from meshci.tiling import block_flops, block_input_region, run_block
 from meshci.trunk import Region, Trunk, extract_trunk
 
+__all__ = ["LoadedModel", "PlanGeometry", "Runtime", "measure_gflops"]
+
 log = logging.getLogger(__name__)
-
-ModelKey = tuple[str, int, int, int]  # model name, seed, input height, input width
-BUILD_TIMEOUT_S = 600.0
-
-
-@dataclass
-class LoadedModel:
-    key: ModelKey
-    trunk: Trunk
-    has_head: bool
-    needs: dict[tuple[int, int, Region], Region] = field(default_factory=dict)  # PlanGeometry memo
-
-    flops_memo: dict[tuple[int, int, Region], float] = field(default_factory=dict)
-
-    def geometry(self, plan: Plan) -> PlanGeometry:
-        return PlanGeometry(self.trunk, plan, self.needs)
-
-    def flops(self, start: int, end: int, out: Region) -> float:
-        """FLOPs of `out` of block [start, end) with its halo, memoised: the geometry walk
-        costs ~0.1 ms, and every request asks it again for the same strips."""
-        key = (start, end, out)
-        value = self.flops_memo.get(key)
-        if value is None:
-            if len(self.flops_memo) >= NEED_CACHE_ENTRIES:
-                self.flops_memo.clear()
-            value = self.flops_memo[key] = float(block_flops(self.trunk, start, end, out))
-        return value
-
-
-NEED_CACHE_ENTRIES = 65536
-
-
-class PlanGeometry:
-    """`meshci.node.request.Geometry` for one plan on one trunk.
-
-    Input regions are memoised in `needs` (pass the trunk's shared dict so that requests
-    with the same cuts and strips reuse them)."""
-
-    def __init__(self, trunk: Trunk, plan: Plan,
-                 needs: dict[tuple[int, int, Region], Region] | None = None) -> None:
-        self.trunk = trunk
-        self.plan = plan
-        self.needs = needs if needs is not None else {}
-
-    def need(self, block: int, out: Region) -> Region:
-        spec = self.plan.blocks[block]
-        key = (spec.start, spec.end, out)
-        region = self.needs.get(key)
-        if region is None:
-            if len(self.needs) >= NEED_CACHE_ENTRIES:
-                self.needs.clear()
-            region = self.needs[key] = block_input_region(self.trunk, spec.start, spec.end, out)
-        return region
-
-    def map_size(self, boundary: int) -> tuple[int, int]:
-        blocks = self.plan.blocks
-        seg = blocks[boundary].start if boundary < len(blocks) else blocks[-1].end
-        _, h, w = self.trunk.boundary_shape(seg)
-        return h, w
-
-
-# build_model seeds torch's global RNG: two builds at once in one process (several nodes in
-# one process, as in tests) would interleave it and give different weights.
-_BUILD_LOCK = threading.Lock()
-
-
-class ModelCache:
-    """Built trunks by (model, seed, input size); least recently used beyond `capacity`."""
-
-    def __init__(self, capacity: int = 2, isolate_builds: bool = True) -> None:
-        self.capacity = capacity
-        self.isolate_builds = isolate_builds
-        self._entries: OrderedDict[ModelKey, LoadedModel] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def peek(self, name: str, seed: int, size: tuple[int, int], head: bool) -> LoadedModel | None:
-        """The cached entry without blocking (None while a build holds the cache, or absent)."""
-        key = (name, int(seed), int(size[0]), int(size[1]))
-        if not self._lock.acquire(blocking=False):
-            return None
-        try:
-            entry = self._entries.get(key)
-            if entry is not None and (entry.has_head or not head):
-                self._entries.move_to_end(key)
-                return entry
-            return None
-        finally:
-            self._lock.release()
-
-    def get(self, name: str, seed: int, size: tuple[int, int], head: bool) -> LoadedModel:
-        """Blocking (call from a thread): the trunk, with head and reference when `head`."""
-        key = (name, int(seed), int(size[0]), int(size[1]))
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None and (entry.has_head or not head):
-                self._entries.move_to_end(key)
-                return entry
-            started = time.perf_counter()
-            if head:
-                with _BUILD_LOCK:
-                    model = build_model(name, seed=seed)
-                model.eval()
-                trunk = extract_trunk(model, input_shape=(3, key[2], key[3]), name=name)
-                del model
-            elif self.isolate_builds:
-                trunk = _build_in_child(name, seed, (key[2], key[3]))
-            else:
-                trunk = pickle.loads(_trunk_only_bytes(name, seed, (key[2], key[3])))
-            entry = LoadedModel(key, trunk, head)
-            self._entries[key] = entry
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.capacity:
-                self._entries.popitem(last=False)
-            gc.collect()
-            log.info("built %s seed=%d %dx%d (%s) in %.2f s", name, seed, key[2], key[3],
-                     "with head" if head else "trunk only", time.perf_counter() - started)
-            return entry
-
-
-def _trunk_only_bytes(name: str, seed: int, size: tuple[int, int]) -> bytes:
-    """Build the model, keep only the trunk's segments, serialise them (cloudpickle: the
-    segments hold closures). Runs in a helper process when builds are isolated."""
-    with _BUILD_LOCK:
-        model = build_model(name, seed=seed)
-    model.eval()
-    trunk = extract_trunk(model, input_shape=(3, size[0], size[1]), name=name)
-    del model
-    # a worker never runs the head or the monolithic reference: drop them
-    trunk.head = None  # type: ignore[assignment]
-    trunk.reference = None  # type: ignore[assignment]
-    return cloudpickle.dumps(trunk)
-
-
-class BuildError(MeshciError):
-    """The helper process that builds a worker's trunk failed; the message says why."""
-
-
-def _build_in_child(name: str, seed: int, size: tuple[int, int]) -> Trunk:
-    """A worker's trunk, built in a short-lived helper process so that this node's memory
-    never holds the whole model (VGG-16's classifier alone is ~490 MB). The bytes come
-    from our own child process, never from a peer, so unpickling them is safe."""
-    cmd = [sys.executable, "-m", "meshci.node.runtime", name, str(seed), str(size[0]), str(size[1])]
-    done = subprocess.run(cmd, capture_output=True, timeout=BUILD_TIMEOUT_S)
-    if done.returncode != 0:
-        lines = done.stderr.decode(errors="replace").strip().splitlines()
-        raise BuildError(lines[-1] if lines else f"building {name} failed (exit {done.returncode})")
-    trunk: Trunk = pickle.loads(done.stdout)
-    return trunk
-
-
-def _child_main(argv: list[str]) -> int:
-    """`python -m meshci.node.runtime NAME SEED H W`: the trunk's segments on stdout."""
-    name, seed, h, w = argv[0], int(argv[1]), int(argv[2]), int(argv[3])
-    try:
-        data = _trunk_only_bytes(name, seed, (h, w))
-    except MeshciError as exc:
-        # unknown model and the like: the parent reports this line as the reason
-        print(f"{exc}", file=sys.stderr)
-        return 2
-    sys.stdout.buffer.write(data)
-    sys.stdout.buffer.flush()
-    return 0
-
 
 CURVE_FRACTIONS = (0.125, 0.25, 0.5, 1.0)  # output rows measured per segment: small to whole maps
 CURVE_REPEATS = 3
@@ -225,7 +55,7 @@ class Runtime:
                  curves: bool = False, data_dir: Path | None = None,
                  progress: Progress | None = stderr_progress) -> None:
         self.threads = max(1, threads)
-        self.cache = ModelCache(cache_capacity, isolate_builds)
+        self.cache = ModelCache(cache_capacity, isolate_builds, (data_dir or default_data_dir()) / "heads")
         self.measure_curves = curves
         self.data_dir = data_dir
         self.progress = progress
@@ -243,19 +73,32 @@ class Runtime:
         self.loop_free_wall = 0.0  # wall clock when an inline tile last gave the loop back
         self.inline_cpu_s = 0.0  # CPU the event-loop thread spent computing tiles inline  # threads whose torch pool is set to `threads`
 
-    async def load(self, name: str, seed: int, size: tuple[int, int], head: bool) -> LoadedModel:
-        cached = self.cache.peek(name, seed, size, head)
+    async def load(self, name: str, seed: int, size: tuple[int, int]) -> LoadedModel:
+        """The model's trunk (and its head's source), built or read from the cache; its
+        curves measured the first time."""
+        cached = self.cache.peek(name, seed, size)
         if cached is not None and (not self.measure_curves or curve_key(name, size) in self.profiles):
             return cached
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._loader, self._get_and_profile, name, seed, size, head)
+        return await loop.run_in_executor(self._loader, self._get_and_profile, name, seed, size)
 
-    def _get_and_profile(self, name: str, seed: int, size: tuple[int, int], head: bool) -> LoadedModel:
+    def _get_and_profile(self, name: str, seed: int, size: tuple[int, int]) -> LoadedModel:
         """Blocking (the loader thread): the model, and its curves the first time."""
-        entry = self.cache.get(name, seed, size, head)
+        entry = self.cache.get(name, seed, size)
         if self.measure_curves:
             self.profile(entry.trunk, size)
         return entry
+
+    async def reference(self, name: str, seed: int, size: tuple[int, int]) -> LoadedModel:
+        """The whole model built in this process, for ``--check`` (loader thread)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._loader, self.cache.reference, name, seed, size)
+
+    async def head(self, loaded: LoadedModel) -> Any:
+        """The model's head source, its tensors mapped in (loader thread the first time)."""
+        if loaded._head is not None:
+            return loaded._head
+        return await asyncio.get_running_loop().run_in_executor(self._loader, loaded.head)
 
     def profile(self, trunk: Trunk, size: tuple[int, int]) -> SpeedProfile:
         """Blocking: this device's curves for `trunk` (at input `size`), read from the disk
@@ -305,9 +148,11 @@ class Runtime:
         return flops / (gflops * 1e9)
 
     async def run_block(self, trunk: Trunk, start: int, end: int, x: torch.Tensor,
-                        have: Region, out: Region, *, inline: bool = False
+                        have: Region, out: Region, *, inline: bool = False,
+                        then: Callable[[torch.Tensor], torch.Tensor] | None = None,
                         ) -> tuple[torch.Tensor, float, float]:
-        """Run segments [start, end); returns (output, compute seconds, hand-off seconds).
+        """Run segments [start, end) (and `then` on the output, in the same place); returns
+        (output, compute seconds, hand-off seconds).
 
         `inline`: on the calling (event-loop) thread, for tiles short enough that holding
         the loop costs less than the two thread wake-ups a hand-off needs. Otherwise on
@@ -321,6 +166,8 @@ class Runtime:
             began, cpu_began = time.perf_counter(), time.thread_time()
             with torch.inference_mode():
                 y = run_block(trunk, start, end, x, have, out).contiguous()
+                if then is not None:
+                    y = then(y)
             seconds = time.perf_counter() - began
             self.inline_cpu_s += time.thread_time() - cpu_began
             self.loop_free_wall = time.time()
@@ -334,8 +181,9 @@ class Runtime:
             began = time.perf_counter()
             to_thread = max(0.0, began - max(submitted, self._thread_free_at))
             with torch.inference_mode():
-                y = run_block(trunk, start, end, x, have, out)
-            y = y.contiguous()
+                y = run_block(trunk, start, end, x, have, out).contiguous()
+                if then is not None:
+                    y = then(y)
             self._thread_free_at = ended = time.perf_counter()
             return y, ended - began, to_thread, ended
 
@@ -408,5 +256,3 @@ def measure_gflops(threads: int, runs: int = PROFILE_RUNS, strips: int = PROFILE
     return max(flops / statistics.median(times[1:]) / 1e9, 1e-3)
 
 
-if __name__ == "__main__":
-    sys.exit(_child_main(sys.argv[1:]))

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import torch
+
 from meshci.auction.errors import MessageFormatError
 from meshci.auction.messages import Award, CallForBids, Close, Outgoing
 from meshci.cost.cluster import LinkSpec
@@ -36,7 +38,8 @@ from meshci.node.connections import Connections
 from meshci.node.gossip import Gossip
 from meshci.node.latency import BoundaryCosts
 from meshci.node.membership import HEARTBEAT_INTERVAL_S, Address, Advert, Membership
-from meshci.node.request import Action, Compute, RequestStateError, SendPiece, TrunkDone, tensor_bytes
+from meshci.node.pieces import Piece, decode as decode_pieces, encode as encode_pieces
+from meshci.node.request import Action, Compute, RequestStateError, RunHead, SendPiece, tensor_bytes
 from meshci.node.requester import Requester
 from meshci.node.runtime import Runtime
 from meshci.node.worker import Worker
@@ -90,6 +93,7 @@ class NodeConfig:
 
 
 Handler = Callable[[Connection, Message], Awaitable[None]]
+REQUESTER_STAGES = frozenset({"gather", "logits"})  # pieces for the request's requester
 BIDDER_MESSAGES = (CallForBids, Award, Close)  # auctioneer -> bidder; the rest go the other way
 
 
@@ -216,19 +220,24 @@ class Node:
         self.spawn(self.requester.on_infer(conn, msg))
 
     async def _on_plan(self, conn: Connection, msg: Message) -> None:
+        if msg.meta.get("op") == "need_plan":
+            self.spawn(self.requester.on_need_plan(conn.peer_name, msg))
+            return
         self.spawn(self.guarded(msg.request_id, self.worker.on_plan(conn.peer_name, msg)))
 
     async def _on_tile(self, conn: Connection, msg: Message) -> None:
         received_at = time.time()
+        pieces = decode_pieces(msg.meta, msg.tensors)
         sent_at = msg.meta.get("sent_at")
         if isinstance(sent_at, (int, float)) and msg.tensors:
             mbps = self.links.estimate(conn.peer_name, self.config.default_link).mbps
-            wire_s = tensor_bytes(msg.tensors[0]) * 8.0 / (mbps * 1e6)
+            wire_s = sum(tensor_bytes(t) for t in msg.tensors) * 8.0 / (mbps * 1e6)
             self.boundary.observe_delivery(conn.peer_name, float(sent_at), received_at, wire_s,
                                            self.runtime.loop_free_wall)
         # handled in a task: forwarding pieces must not stall reading this connection
         # (other peers' heartbeats and tiles arrive behind it)
-        self.spawn(self.guarded(msg.request_id, self.on_piece(msg, received_at)))
+        self.spawn(self.guarded(msg.request_id, self.take_pieces(
+            msg.request_id, conn.peer_name, pieces, _path(msg.meta, received_at), msg.meta)))
 
     async def _on_state(self, conn: Connection, msg: Message) -> None:
         if msg.meta.get("op") != "stats":
@@ -239,7 +248,7 @@ class Node:
         rid = msg.request_id
         reason = str(msg.meta.get("reason", "unknown error"))
         if msg.meta.get("op") == "cancel":
-            self.worker.on_cancel(conn.peer_name, rid, reason)
+            self.worker.on_cancel(conn.peer_name, rid, reason, quiet=msg.meta.get("quiet") is True)
         else:
             self.requester.on_error(conn.peer_name, rid, reason)
 
@@ -271,44 +280,65 @@ class Node:
                 queue += self.requester.auctioneer_receive(rid, out.message)
 
     # ---- a request's actions -----------------------------------------------------------
-    async def on_piece(self, msg: Message, received_at: float) -> None:
-        """A piece of a feature map (TILE): for the requester's gather, or for tiles here."""
-        if msg.meta.get("stage") == "gather":
-            from meshci.node.worker import _path
-
-            block = int(msg.meta["block"])
-            region = Region.from_list(msg.meta["region"])
-            (tensor,) = msg.tensors
-            await self.requester.on_gather(msg.request_id, block, region, tensor, _path(msg, received_at))
-            return
-        await self.worker.on_piece(msg, received_at)
+    async def take_pieces(self, rid: int, sender: str, pieces: list[Piece], path: float,
+                          meta: dict[str, Any]) -> None:
+        """Pieces of a request's maps: for the requester (re-scatter, logits) or for this
+        node's tiles and head."""
+        mine = [p for p in pieces if p.stage not in REQUESTER_STAGES]
+        for piece in pieces:
+            if piece.stage == "gather":
+                await self.requester.on_gather(rid, sender, piece.block, piece.region, piece.tensor, path)
+            elif piece.stage == "logits":
+                self.requester.on_logits(rid, sender, piece.tensor, meta.get("head"), path)
+        if mine:
+            await self.worker.on_pieces(rid, sender, mine, path)
 
     async def execute(self, rid: int, actions: list[Action], path_s: float) -> None:
+        """Carry out a request's actions: tiles and the head to compute, pieces to send (one
+        frame per destination)."""
+        sends: dict[str, list[SendPiece]] = {}
         for action in actions:
             if isinstance(action, SendPiece):
-                await self._send_piece(rid, action, path_s)
+                sends.setdefault(action.dest, []).append(action)
             elif isinstance(action, Compute):
                 self.spawn(self.guarded(rid, self.worker.compute(rid, action, path_s, time.perf_counter())))
-            elif isinstance(action, TrunkDone):
-                self.requester.trunk_done(rid, action.output)
+            elif isinstance(action, RunHead):
+                self.spawn(self.guarded(rid, self.worker.run_head(rid, action, path_s)))
+        for dest, group in sends.items():
+            await self._send_pieces(rid, dest, group, path_s)
 
-    async def _send_piece(self, rid: int, action: SendPiece, path_s: float) -> None:
-        meta = {"block": action.block, "region": action.region.to_list(), "stage": action.stage,
-                "path_s": path_s, "sent_at": time.time()}
-        msg = Message(MsgType.TILE, rid, meta, (action.tensor,))
-        if action.dest == self.name:
-            await self.on_piece(msg, time.time())
+    async def _send_pieces(self, rid: int, dest: str, group: list[SendPiece], path_s: float) -> None:
+        if dest == self.name:
+            pieces = [Piece(a.block, a.region, a.stage, a.tensor) for a in group]
+            await self.take_pieces(rid, self.name, pieces, path_s, {})
             return
+        listed, tensors = encode_pieces([(a.block, a.region, a.stage, a.tensor) for a in group])
+        msg = Message(MsgType.TILE, rid, {"pieces": listed, "path_s": path_s, "sent_at": time.time()}, tensors)
         began = time.perf_counter()
         try:
-            await self.send_to(action.dest, msg)
+            await self.send_to(dest, msg)
         except WireError as exc:
             # the next device is gone: the request cannot complete, its requester must know
-            await self.fail_request(rid, self._requester_of(rid), f"cannot reach {action.dest}: {exc}")
+            await self.fail_request(rid, self._requester_of(rid), f"cannot reach {dest}: {exc}")
             return
         # send() returns once the last chunk is drained: a (slightly optimistic) transfer time
-        self.links.observe_transfer(action.dest, tensor_bytes(action.tensor), time.perf_counter() - began)
-        self.relayed_boundary_bytes += action.relayed_bytes
+        self.links.observe_transfer(dest, sum(tensor_bytes(t) for t in tensors), time.perf_counter() - began)
+        self.relayed_boundary_bytes += sum(a.relayed_bytes for a in group)
+
+    async def deliver_logits(self, rid: int, requester: str, logits: torch.Tensor, head: dict[str, Any],
+                             path_s: float) -> None:
+        """The head device's answer to the request's requester."""
+        if requester == self.name:
+            self.requester.on_logits(rid, self.name, logits, head, path_s)
+            return
+        listed, tensors = encode_pieces([(0, Region(0, 1, 0, 1), "logits", logits)])
+        msg = Message(MsgType.TILE, rid, {"pieces": listed, "head": head, "path_s": path_s,
+                                          "sent_at": time.time()}, tensors)
+        try:
+            await self.send_to(requester, msg)
+        except WireError as exc:
+            # the requester is gone: nobody is waiting for these logits any more
+            log.info("cannot send the logits of request %d to %s: %s", rid, requester, exc)
 
     def _requester_of(self, rid: int) -> str:
         if rid in self.requester.contexts or rid in self.requester.auctions:
@@ -341,12 +371,13 @@ class Node:
                 # the requester is gone too: nobody left to tell
                 log.info("cannot tell %s that request %d failed: %s", requester, rid, exc)
 
-    def cancel_everywhere(self, rid: int, participants: set[str], reason: str) -> None:
-        """Tell every other participant of a failed request to drop its state (best effort)."""
-        notice = Message(MsgType.ERROR, rid, {"op": "cancel", "reason": reason})
+    def cancel_everywhere(self, rid: int, participants: set[str], reason: str, *, quiet: bool = False) -> None:
+        """Tell every other participant of a failed request (or a closed standing auction,
+        `quiet`) to drop its state and commitments (best effort)."""
+        notice = Message(MsgType.ERROR, rid, {"op": "cancel", "reason": reason, **({"quiet": True} if quiet else {})})
         for name in sorted(participants - {self.name}):
             self.spawn(self._notify(name, notice))
-        self.worker.cancel(rid, reason)
+        self.worker.cancel(rid, reason, quiet=quiet)
 
     async def _notify(self, name: str, msg: Message) -> None:
         try:
@@ -437,6 +468,14 @@ class Node:
             "bidder_backlog_s": self.worker.bidder.backlog_s - self.worker.bidder.base_backlog_s,
             "queued_s": round(self.runtime.queued_s, 9),
         }
+
+
+def _path(meta: dict[str, Any], received_at: float) -> float:
+    """The critical path (compute + transfer) behind a frame: the sender's, plus its trip."""
+    path, sent = meta.get("path_s", 0.0), meta.get("sent_at", received_at)
+    if not isinstance(path, (int, float)) or not isinstance(sent, (int, float)):
+        raise ValueError("path_s and sent_at must be numbers")
+    return max(0.0, float(path)) + max(0.0, received_at - float(sent))
 
 
 def _sig3(value: float) -> float:

@@ -1,10 +1,14 @@
-"""The worker side of a node: the tiles it computes for requests (its own included), and
-its bidder in the requesters' auctions.
+"""The worker side of a node: the tiles it computes for requests (its own included), the
+head when the plan names it the head device, and its bidder in the requesters' auctions.
 
-A request reaches a worker as a PLAN (the plan, model, seed and input size) and pieces of
-feature maps (TILE frames). `WorkerRun` (`meshci.node.request`, pure) says when a tile's
-input is complete and where its output goes; this module loads the model, runs tiles on
-the runtime's compute thread and keeps the bidder's commitments in step with the work.
+A request reaches a worker as one PLAN frame: the plan's digest (the plan itself the first
+time this requester uses it with this node; plans are kept per requester and referred to
+by digest after that), the model, seed and input size, and the pieces of the first block's
+input this worker needs. Later pieces arrive in TILE frames, several per frame
+(`meshci.node.pieces`). `WorkerRun` and `HeadRun` (`meshci.node.request`, pure) say when a
+tile's input is complete, where its output goes and when the head can run; this module
+loads the model, runs tiles on the runtime's compute thread and keeps the bidder's
+commitments in step with the work.
 """
 
 from __future__ import annotations
@@ -12,18 +16,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+import torch
 
 from meshci.auction.bidder import Bidder
 from meshci.auction.messages import Close, Outgoing
 from meshci.errors import MeshciError
 from meshci.models.registry import check_model_allowed
-from meshci.node.request import Compute, RequestStateError, WorkerRun
-from meshci.node.runtime import LoadedModel
+from meshci.node.model_cache import LoadedModel
+from meshci.node.pieces import Piece, PieceFormatError, decode
+from meshci.node.request import Compute, HeadRun, RequestStateError, RunHead, WorkerRun
 from meshci.planning import Plan
-from meshci.trunk import Region
-from meshci.wire import Message
+from meshci.wire import Message, MsgType
 
 if TYPE_CHECKING:
     from meshci.node.server import Node
@@ -37,27 +44,46 @@ ORPHAN_PIECE_TTL_S = 30.0
 # a tile predicted to compute within this runs on the event loop, not the compute thread:
 # short enough for heartbeats and other requests, and it saves the thread's two wake-ups
 INLINE_COMPUTE_S = 0.05
+PLANS_PER_REQUESTER = 32  # plans kept per requester (it mirrors this: see `Requester`)
+MAX_REQUESTERS = 64  # requesters whose plans are kept
 
 
 @dataclass
 class WorkerContext:
     requester: str
     run: WorkerRun | None = None
+    head: HeadRun | None = None  # this node is the plan's head device
     loaded: LoadedModel | None = None
-    early: list[tuple[Message, float]] = field(default_factory=list)  # pieces before the plan
+    check_input: torch.Tensor | None = None  # the request's input, for the head's --check
+    early: list[tuple[str, list[Piece], float]] = field(default_factory=list)  # before the plan
     path_in: dict[int, float] = field(default_factory=dict)  # block -> latest input path
     created: float = field(default_factory=time.monotonic)
     plan_pending: bool = False  # a PLAN arrived and its model is loading: not an orphan
+    waiting_for_plan: Message | None = None  # a PLAN by digest we did not know: asked for it
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)  # its tile and head work here
+
+    def stop_work(self) -> None:
+        """Cancel this request's queued or running tile and head work (a tile already on
+        the compute thread finishes there; nobody waits for it)."""
+        current = asyncio.current_task()
+        for task in self.tasks:
+            if task is not current:
+                task.cancel()
+
+    @property
+    def done(self) -> bool:
+        return (self.run is not None and self.run.done) and (self.head is None or self.head.sent)
 
 
 class Worker:
-    """Tiles and bids of one node."""
+    """Tiles, head and bids of one node."""
 
     def __init__(self, node: Node) -> None:
         self.node = node
         self.name = node.name
         self.runtime = node.runtime
         self.contexts: dict[int, WorkerContext] = {}
+        self.plans: OrderedDict[str, OrderedDict[str, Plan]] = OrderedDict()  # requester -> digest -> plan
         self.bidder = Bidder(node.name, self._compute_s, node.link_s)
         # auction id -> (when this node's bidder first heard of it, its auctioneer): the
         # commitment is released, and the entry deleted, together and exactly once
@@ -82,22 +108,47 @@ class Worker:
         if rid in self.cancelled:
             log.info("dropping the PLAN of cancelled request %d", rid)
             return
+        if msg.meta.get("op") == "define":
+            # the plan we asked for: keep it, then take the PLAN that named it
+            self._plan_of(sender, msg.meta)
+            ctx = self.contexts.get(rid)
+            if ctx is None or ctx.waiting_for_plan is None or ctx.requester != sender:
+                return
+            msg, ctx.waiting_for_plan = ctx.waiting_for_plan, None
         ctx = self.contexts.setdefault(rid, WorkerContext(sender))
+        if ctx.requester and ctx.requester != sender:
+            raise RequestStateError(f"request {rid} belongs to {ctx.requester}, not {sender}")
         ctx.requester = sender
         ctx.plan_pending = True
         try:
-            plan = Plan.from_json(msg.meta["plan"])
+            plan = self._plan_of(sender, msg.meta)
+            if plan is None:
+                # a plan by digest that we no longer hold: ask the requester for it
+                ctx.waiting_for_plan = msg
+                await self.node.send_to(sender, Message(MsgType.PLAN, rid, {
+                    "op": "need_plan", "digest": str(msg.meta["digest"])[:64]}))
+                return
             if plan.requester != sender:
                 raise ValueError(f"the plan names {plan.requester!r} as requester, it came from {sender!r}")
             size = tuple(int(v) for v in msg.meta["size"])
-            check_model_allowed(str(msg.meta["model"]), self.node.config.allow_models)
-            ctx.loaded = await asyncio.wait_for(
-                self.runtime.load(str(msg.meta["model"]), int(msg.meta.get("seed", 0)),
-                                  (size[0], size[1]), head=False), REQUEST_TIMEOUT_S)
+            model = str(msg.meta["model"])
+            check_model_allowed(model, self.node.config.allow_models)
+            pieces = decode(msg.meta, msg.tensors)
+            loaded = await asyncio.wait_for(
+                self.runtime.load(model, int(msg.meta.get("seed", 0)), (size[0], size[1])), REQUEST_TIMEOUT_S)
             if self.contexts.get(rid) is not ctx:
                 return  # cancelled while the model loaded
-            ctx.run = WorkerRun(plan, self.name, ctx.loaded.geometry(plan))
-        except (MeshciError, KeyError, TypeError, ValueError, RuntimeError, OSError, TimeoutError) as exc:
+            ctx.loaded = loaded
+            geometry = loaded.geometry(plan)
+            ctx.run = WorkerRun(plan, self.name, geometry)
+            head = plan.head_plan
+            mine_last = any(t.device == self.name for t in plan.blocks[-1].tiles)
+            if head.device == self.name:
+                ctx.head = HeadRun(plan, geometry, loaded.split_features() if head.split else None)
+            if head.device == self.name or (head.split and mine_last):
+                self.node.spawn(self.runtime.head(loaded))  # map the head in before it is needed
+        except (MeshciError, KeyError, TypeError, ValueError, RuntimeError, OSError, TimeoutError,
+                PieceFormatError) as exc:
             # a plan this node cannot serve (bad plan, unknown model, the build helper
             # process failed or outlasted the request): tell the requester why, keep serving
             if isinstance(exc, TimeoutError):
@@ -107,46 +158,114 @@ class Worker:
         finally:
             ctx.plan_pending = False
         early, ctx.early = ctx.early, []
-        for piece, received_at in early:
-            await self.on_piece(piece, received_at)
+        await self._take(rid, ctx, sender, pieces, 0.0)
+        for peer, later, path in early:
+            await self._take(rid, ctx, peer, later, path)
+        self._finish_if_done(rid, ctx)
+
+    def _plan_of(self, sender: str, meta: dict[str, Any]) -> Plan | None:
+        """The plan a PLAN frame refers to (kept per requester by digest), or None when it
+        comes by a digest this node does not hold."""
+        digest = meta["digest"]
+        if not isinstance(digest, str) or not 0 < len(digest) <= 64:
+            raise ValueError("a PLAN needs the plan's digest")
+        kept = self.plans.get(sender)
+        if "plan" in meta:
+            plan = Plan.from_json(meta["plan"])
+            if plan.digest() != digest:
+                raise ValueError(f"the plan's digest is {plan.digest()}, the frame says {digest}")
+            if kept is None:
+                kept = self.plans[sender] = OrderedDict()
+                while len(self.plans) > MAX_REQUESTERS:
+                    self.plans.popitem(last=False)
+            kept[digest] = plan
+            while len(kept) > PLANS_PER_REQUESTER:
+                kept.popitem(last=False)
+        if kept is None or digest not in kept:
+            return None
+        kept.move_to_end(digest)
+        self.plans.move_to_end(sender)
+        return kept[digest]
 
     # ---- pieces and tiles ------------------------------------------------------------
-    async def on_piece(self, msg: Message, received_at: float) -> None:
-        rid = msg.request_id
+    async def on_pieces(self, rid: int, sender: str, pieces: list[Piece], path: float) -> None:
+        """Pieces of a request's maps for this node's tiles or head."""
         if rid in self.cancelled:
             log.debug("dropping a piece of cancelled request %d", rid)
             return
         ctx = self.contexts.setdefault(rid, WorkerContext(""))
         if ctx.run is None:
-            ctx.early.append((msg, received_at))
+            ctx.early.append((sender, pieces, path))
             return
-        block = int(msg.meta["block"])
-        region = Region.from_list(msg.meta["region"])
-        (tensor,) = msg.tensors
-        path = _path(msg, received_at)
-        ctx.path_in[block] = max(ctx.path_in.get(block, 0.0), path)
+        await self._take(rid, ctx, sender, pieces, path)
+        self._finish_if_done(rid, ctx)
+
+    async def _take(self, rid: int, ctx: WorkerContext, sender: str, pieces: list[Piece], path: float) -> None:
+        assert ctx.run is not None
+        actions: list[Any] = []
         try:
-            actions = ctx.run.on_piece(block, region, tensor)
+            for piece in pieces:
+                self._check_sender(ctx, sender, piece)
+                if piece.stage == "tile":
+                    ctx.path_in[piece.block] = max(ctx.path_in.get(piece.block, 0.0), path)
+                    actions += ctx.run.on_piece(piece.block, piece.region, piece.tensor)
+                elif piece.stage == "input":
+                    ctx.check_input = piece.tensor
+                elif ctx.head is None:
+                    raise RequestStateError(f"{self.name} is not the head device of this request")
+                elif piece.stage == "partial":
+                    actions += ctx.head.on_partial(piece.region, piece.tensor)
+                elif piece.stage == "output":
+                    actions += ctx.head.on_output(piece.region, piece.tensor)
+                else:
+                    raise RequestStateError(f"a {piece.stage} piece is not for a worker")
         except RequestStateError as exc:
             # a piece that fits no tile of ours: the request is broken, tell its requester
             await self.node.fail_request(rid, ctx.requester, f"{self.name}: {exc}")
             return
-        await self.node.execute(rid, actions, ctx.path_in[block])
+        await self.node.execute(rid, actions, path)
+
+    def _check_sender(self, ctx: WorkerContext, sender: str, piece: Piece) -> None:
+        """A piece is accepted only from who the plan says produces it."""
+        assert ctx.run is not None
+        plan = ctx.run.plan
+        if piece.stage in ("tile", "input") and (piece.block == 0 or plan.routing == "requester"
+                                                 or piece.stage == "input"):
+            allowed: set[str] = {plan.requester}
+        elif piece.stage == "tile":
+            if not 0 < piece.block < len(plan.blocks):
+                raise RequestStateError(f"block {piece.block} is not in a plan of {len(plan.blocks)} blocks")
+            allowed = set(plan.blocks[piece.block - 1].devices)
+        else:
+            allowed = set(plan.blocks[-1].devices)
+        if sender not in allowed:
+            raise RequestStateError(f"a {piece.stage} piece of block {piece.block} from {sender!r}, "
+                                    "which the plan does not say produces it")
 
     async def compute(self, rid: int, action: Compute, path_s: float, issued: float) -> None:
         ctx = self.contexts.get(rid)
         if ctx is None or ctx.run is None or ctx.loaded is None:
             return
+        await _tracked(ctx, self._compute(rid, ctx, action, path_s, issued))
+
+    async def _compute(self, rid: int, ctx: WorkerContext, action: Compute, path_s: float, issued: float) -> None:
+        assert ctx.run is not None and ctx.loaded is not None
         gflops = self.node.config.gflops
         # queued work outside any auction this node's bidder still holds (those it counts itself)
         predicted = self.runtime.tile_s(ctx.loaded, action.start, action.end, action.out, gflops)
         estimate = predicted if str(rid) not in self.bidder.auctions() else 0.0
         inline = predicted <= INLINE_COMPUTE_S
+        then = None
+        if action.partial:
+            split = (await self.runtime.head(ctx.loaded)).split
+            if split is None:
+                raise RequestStateError(f"the plan splits the head of {ctx.loaded.trunk.name}, which cannot be split")
+            then = lambda y: split.partial(action.out, y)  # noqa: E731 - runs with the tile
         self.runtime.queued_s += estimate
         try:
             y, seconds, handoff = await self.runtime.run_block(
                 ctx.loaded.trunk, action.start, action.end, action.x, action.have, action.out,
-                inline=inline)
+                inline=inline, then=then)
         except (RuntimeError, ValueError, MeshciError) as exc:
             # a tile that cannot be computed (shape mismatch, out of memory): fail the request
             await self.node.fail_request(rid, ctx.requester, f"{self.name} failed a tile: {exc}")
@@ -159,10 +278,46 @@ class Worker:
         if self.contexts.get(rid) is not ctx:
             return  # the request was cancelled while this tile computed: nobody wants it
         actions = ctx.run.on_computed(action.block, action.tile, y)
-        if ctx.run.done:
+        await self.node.execute(rid, actions, path_s + seconds)
+        self._finish_if_done(rid, ctx)
+
+    async def run_head(self, rid: int, action: RunHead, path_s: float) -> None:
+        """The head device: the logits (and, for --check, the difference from the whole
+        model on the input) to the requester."""
+        ctx = self.contexts.get(rid)
+        if ctx is None or ctx.loaded is None or ctx.head is None:
+            return
+        await _tracked(ctx, self._run_head(rid, ctx, action, path_s))
+
+    async def _run_head(self, rid: int, ctx: WorkerContext, action: RunHead, path_s: float) -> None:
+        assert ctx.loaded is not None and ctx.head is not None
+        began = time.perf_counter()
+        head = await self.runtime.head(ctx.loaded)
+        if action.split:
+            assert head.split is not None
+            logits = await self.runtime.call(head.split.finish, action.input)
+        else:
+            logits = await self.runtime.call(head.run, action.input)
+        head_s = time.perf_counter() - began
+        check: dict[str, Any] = {}
+        if ctx.check_input is not None:
+            name, seed, h, w = ctx.loaded.key
+            reference = await self.runtime.reference(name, seed, (h, w))
+            expected = await self.runtime.call(reference.trunk.forward, ctx.check_input)
+            check = {"max_abs_diff": float((expected - logits).abs().max()),
+                     "check_ok": bool(torch.allclose(logits, expected, rtol=1e-4, atol=1e-5))}
+        if self.contexts.get(rid) is not ctx:
+            return  # cancelled meanwhile
+        ctx.head.sent = True
+        await self.node.deliver_logits(rid, ctx.requester, logits.reshape(1, -1),
+                                       {"head_s": head_s, "head_device": self.name, **check},
+                                       path_s + head_s)
+        self._finish_if_done(rid, ctx)
+
+    def _finish_if_done(self, rid: int, ctx: WorkerContext) -> None:
+        if ctx.done and self.contexts.get(rid) is ctx:
             self.contexts.pop(rid, None)
             self.release_bid(str(rid))
-        await self.node.execute(rid, actions, path_s + seconds)
 
     # ---- bids ----------------------------------------------------------------------
     def bidder_receive(self, rid: int, message: Any) -> list[Outgoing]:
@@ -184,20 +339,24 @@ class Worker:
         self.bid_auctions.pop(auction_id, None)
 
     # ---- cancelling ----------------------------------------------------------------
-    def cancel(self, rid: int, reason: str) -> None:
-        """Forget every piece of worker-side state of a request that will not complete."""
+    def cancel(self, rid: int, reason: str, *, quiet: bool = False) -> None:
+        """Forget every piece of worker-side state of a request that will not complete
+        (`quiet`: an expected end, such as a standing auction's close)."""
         ctx = self.contexts.pop(rid, None)
+        if ctx is not None:
+            ctx.stop_work()
         if ctx is not None or str(rid) in self.bid_auctions:
-            log.info("request %d cancelled on %s: %s", rid, self.name, reason)
+            log.log(logging.DEBUG if quiet else logging.INFO, "request %d cancelled on %s: %s",
+                    rid, self.name, reason)
         self.release_bid(str(rid))
         self.cancelled[rid] = time.monotonic()
 
-    def on_cancel(self, sender: str, rid: int, reason: str) -> None:
+    def on_cancel(self, sender: str, rid: int, reason: str, *, quiet: bool = False) -> None:
         """The requester of `rid` says it failed: drop its work here (only its requester may)."""
         ctx = self.contexts.get(rid)
         bid = self.bid_auctions.get(str(rid))
         if (ctx is not None and ctx.requester == sender) or (bid is not None and bid[1] == sender):
-            self.cancel(rid, f"cancelled by {sender}: {reason}")
+            self.cancel(rid, f"cancelled by {sender}: {reason}", quiet=quiet)
         elif ctx is None and bid is None:
             log.debug("cancel of request %d from %s: nothing of it here", rid, sender)
         else:
@@ -211,6 +370,7 @@ class Worker:
         for auction_id, (_since, auctioneer) in list(self.bid_auctions.items()):
             if auctioneer == name:
                 self.release_bid(auction_id)
+        self.plans.pop(name, None)
 
     def sweep(self, now: float) -> None:
         from meshci.node.server import WORK_TTL_S
@@ -231,6 +391,15 @@ class Worker:
                 del self.cancelled[rid]
 
 
-def _path(msg: Message, received_at: float) -> float:
-    """The critical path (compute + transfer) behind a piece: the sender's, plus its trip."""
-    return float(msg.meta.get("path_s", 0.0)) + max(0.0, received_at - float(msg.meta.get("sent_at", received_at)))
+async def _tracked(ctx: WorkerContext, work: Any) -> None:
+    """Run `work` as part of request `ctx`'s work here (cancelled with the request)."""
+    task = asyncio.current_task()
+    assert task is not None
+    ctx.tasks.add(task)
+    try:
+        await work
+    finally:
+        ctx.tasks.discard(task)
+
+
+__all__ = ["Worker", "WorkerContext"]

@@ -121,7 +121,7 @@ def test_runtime_measures_once_and_caches_on_disk(trunk, tmp_path: Path) -> None
 async def test_load_measures_on_first_use(tmp_path: Path) -> None:
     runtime = Runtime(isolate_builds=False, curves=True, data_dir=tmp_path, progress=None)
     try:
-        loaded = await runtime.load("resnet34", 0, (32, 32), head=False)
+        loaded = await runtime.load("resnet34", 0, (32, 32))
         assert [key for key, _ in runtime.curves()] == ["resnet34@32x32"]
         assert len(runtime.curves()[0][1]) == len(loaded.trunk.segments)
     finally:

@@ -10,11 +10,12 @@ import torch
 from torch import nn
 
 from meshci.node.request import (
-    Compute, PieceStore, RequesterRun, RequestStateError, SendPiece, TrunkDone, WorkerRun,
+    Compute, HeadRun, PieceStore, RequesterRun, RequestStateError, RunHead, SendPiece, WorkerRun,
     tensor_bytes,
 )
 from meshci.node.runtime import PlanGeometry
-from meshci.planning.plan import BlockPlan, Plan, TileSpec
+from meshci.planning.plan import BlockPlan, HeadPlan, Plan, TileSpec
+from meshci.trunk.head import HeadSplit
 from meshci.tiling import run_block, split_rows
 from meshci.trunk import Region, extract_trunk
 
@@ -36,7 +37,7 @@ def trunk():
 
 
 def strip_plan(trunk, cuts: list[int], devices_per_block: list[list[str]], routing: str,
-               requester: str = "a") -> Plan:
+               requester: str = "a", head: HeadPlan | None = None) -> Plan:
     bounds = [0, *cuts, len(trunk.segments)]
     blocks = []
     for (start, end), devices in zip(zip(bounds, bounds[1:]), devices_per_block):
@@ -44,7 +45,7 @@ def strip_plan(trunk, cuts: list[int], devices_per_block: list[list[str]], routi
         rows = split_rows(h, len(devices))
         tiles = tuple(TileSpec(d, Region(r0, r1, 0, w)) for d, (r0, r1) in zip(devices, rows))
         blocks.append(BlockPlan(start, end, tiles, {}))
-    return Plan("test", "tiny", trunk.input_shape, requester, tuple(blocks), routing, 0.0, 0.0)
+    return Plan("test", "tiny", trunk.input_shape, requester, tuple(blocks), routing, 0.0, 0.0, head=head)
 
 
 class Router:
@@ -56,6 +57,8 @@ class Router:
         geometry = PlanGeometry(trunk, plan)
         self.requester = RequesterRun(plan, plan.requester, geometry)
         self.workers = {d: WorkerRun(plan, d, geometry) for d in {t.device for b in plan.blocks for t in b.tiles}}
+        self.split = HeadSplit.of(trunk.head, trunk.boundary_shape(len(trunk.segments)))
+        self.head = HeadRun(plan, geometry, self.split.out_features if plan.head_plan.split else None)
         self.rng = random.Random(seed)
         self.sent: dict[tuple[str, str], int] = {}
         self.relayed: dict[str, int] = {}
@@ -63,6 +66,7 @@ class Router:
         self.output: torch.Tensor | None = None
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits, computed by the head device from what the workers sent it."""
         self._push(self.plan.requester, self.requester.start(x))
         while self.queue:
             sender, action = self.queue.pop(self.rng.randrange(len(self.queue)))
@@ -74,17 +78,23 @@ class Router:
                 if action.stage == "gather":
                     assert action.dest == self.plan.requester
                     self._push(action.dest, self.requester.on_gather(action.block, action.region, action.tensor))
+                elif action.stage in ("output", "partial"):
+                    assert action.dest == self.plan.head_plan.device
+                    take = self.head.on_partial if action.stage == "partial" else self.head.on_output
+                    self._push(action.dest, take(action.region, action.tensor))
                 else:
                     self._push(action.dest, self.workers[action.dest].on_piece(action.block, action.region, action.tensor))
             elif isinstance(action, Compute):
                 assert action.have == PlanGeometry(self.trunk, self.plan).need(action.block, action.out)
                 y = run_block(self.trunk, action.start, action.end, action.x, action.have, action.out)
+                if action.partial:
+                    y = self.split.partial(action.out, y)
                 self._push(sender, self.workers[sender].on_computed(action.block, action.tile, y))
-            elif isinstance(action, TrunkDone):
-                assert self.output is None
-                self.output = action.output
+            elif isinstance(action, RunHead):
+                assert self.output is None and sender == self.plan.head_plan.device
+                self.output = self.split.finish(action.input) if action.split else self.trunk.head(action.input)
         assert self.output is not None, "the request never finished"
-        assert all(w.done for w in self.workers.values())
+        assert all(w.done for w in self.workers.values()) and self.head.done
         return self.output
 
     def _push(self, who: str, actions: list) -> None:
@@ -99,15 +109,37 @@ CASES = [
 ]
 
 
+HEADS = [None, HeadPlan("c"), HeadPlan("b", split=True), HeadPlan("a", split=True)]
+
+
 @pytest.mark.parametrize("routing", ["p2p", "requester"])
 @pytest.mark.parametrize("cuts,devices", CASES)
 @pytest.mark.parametrize("seed", [0, 1])
-def test_distributed_trunk_output_is_exact(trunk, cuts, devices, routing, seed) -> None:
-    plan = strip_plan(trunk, cuts, devices, routing)
+@pytest.mark.parametrize("head", HEADS, ids=["requester", "c-whole", "b-split", "a-split"])
+def test_distributed_output_is_exact(trunk, cuts, devices, routing, seed, head) -> None:
+    plan = strip_plan(trunk, cuts, devices, routing, head=head)
     x = torch.randn(1, *trunk.input_shape)
-    expected = trunk.forward_boundaries(x)[-1]
-    out = Router(trunk, plan, seed).run(x)
+    with torch.no_grad():
+        expected = trunk.forward(x)
+        out = Router(trunk, plan, seed).run(x)
     assert torch.allclose(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_head_run_rejects_parts_that_do_not_fit(trunk) -> None:
+    plan = strip_plan(trunk, [2], [["b", "c"], ["b", "c"]], "p2p", head=HeadPlan("a", split=True))
+    head = HeadRun(plan, PlanGeometry(trunk, plan), 10)
+    tiles = [t.region for t in plan.blocks[-1].tiles]
+    with pytest.raises(RequestStateError):
+        head.on_partial(Region(0, 1, 0, 1), torch.zeros(10))  # no such last-block tile
+    with pytest.raises(RequestStateError):
+        head.on_partial(tiles[0], torch.zeros(11))  # not the prefix's length
+    with pytest.raises(RequestStateError):
+        head.on_output(tiles[0], torch.zeros(1, 16, 1, 1))  # split: no trunk output wanted
+    assert head.on_partial(tiles[0], torch.zeros(10)) == []
+    with pytest.raises(RequestStateError):
+        head.on_partial(tiles[0], torch.zeros(10))  # twice
+    (done,) = head.on_partial(tiles[1], torch.ones(10))
+    assert isinstance(done, RunHead) and done.split and torch.equal(done.input, torch.ones(10))
 
 
 def test_p2p_requester_relays_nothing_and_boundaries_go_direct(trunk) -> None:
@@ -161,6 +193,8 @@ def test_requester_rejects_foreign_pieces(trunk) -> None:
     req = RequesterRun(plan, "a", PlanGeometry(trunk, plan))
     with pytest.raises(RequestStateError):
         req.on_gather(1, Region(0, 1, 0, 1), torch.zeros(1, 8, 1, 1))  # p2p: block 1 is not gathered
+    with pytest.raises(RequestStateError):
+        req.on_gather(2, Region(0, 1, 0, 1), torch.zeros(1, 8, 1, 1))  # the trunk output goes to the head
     with pytest.raises(RequestStateError):
         req.start(torch.zeros(1, 3, 5, 5))
     with pytest.raises(RequestStateError):

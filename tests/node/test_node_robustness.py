@@ -29,10 +29,15 @@ SECRET = os.urandom(32)
 WAIT = 30.0  # safety net only: no assertion depends on it
 
 
-async def _until(predicate: Any, what: str) -> None:
-    async with asyncio.timeout(WAIT):
-        while not predicate():
-            await asyncio.sleep(0.05)
+async def _until(predicate: Any, what: str, show: Any = None) -> None:
+    """Wait for `predicate`; on the safety-net timeout, fail saying what was awaited and
+    what `show()` returns then (e.g. the nodes' request state)."""
+    try:
+        async with asyncio.timeout(WAIT):
+            while not predicate():
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        pytest.fail(f"{what}: not after {WAIT} s" + (f"; now {show()}" if show is not None else ""))
 
 
 async def _start_mesh(speeds: dict[str, float]) -> list[Node]:
@@ -87,12 +92,13 @@ async def test_a_worker_that_dies_mid_request_leaves_no_state_anywhere(mesh: lis
     request = asyncio.create_task(infer(requester.address, model=MODEL, size=SMALL, secret=SECRET))
     dead = await asyncio.wait_for(stuck.get(), WAIT)
     survivor = next(n for n in mesh[1:] if n is not dead)
-    assert dead.worker.contexts and dead.worker.bid_auctions  # mid-request, holding a commitment
+    assert dead.worker.contexts  # mid-request, holding tiles
     await dead.close()  # ... and dies
     with pytest.raises(RequestError, match=dead.name):
         await request
     # the requester cancelled the request on every participant: nothing is left behind
-    await _until(lambda: all(_request_state(n) == IDLE for n in (requester, survivor)), "state released")
+    await _until(lambda: all(_request_state(n) == IDLE for n in (requester, survivor)), "state released",
+                 lambda: {n.name: _request_state(n) for n in mesh})
     monkeypatch.setattr(survivor.runtime, "run_block", Runtime.run_block.__get__(survivor.runtime))
     meta = await _exact_request(requester, strategy="edgeci")
     assert set(meta["devices"]) <= {requester.name, survivor.name}
@@ -112,7 +118,8 @@ async def test_an_unexpected_error_in_a_tile_fails_the_request_at_once(mesh: lis
         monkeypatch.setattr(worker.runtime, "run_block", broken)
     with pytest.raises(RequestError, match="ZeroDivisionError: a bug in model code"):
         await infer(requester.address, model=MODEL, size=SMALL, secret=SECRET, timeout=WAIT)
-    await _until(lambda: all(_request_state(n) == IDLE for n in mesh), "state released")
+    await _until(lambda: all(_request_state(n) == IDLE for n in mesh), "state released",
+                 lambda: {n.name: _request_state(n) for n in mesh})
     for worker in (w1, w2):
         monkeypatch.setattr(worker.runtime, "run_block", real)
     await _exact_request(requester)
