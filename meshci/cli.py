@@ -19,14 +19,16 @@ from meshci.errors import MeshciError
 COMMAND_MODULES = ["inspect", "plan", "simulate", "node", "infer", "demo"]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every sub-command, or of `only` (its module alone is imported: a
+    command such as `meshci infer` then starts without importing torch)."""
     parser = argparse.ArgumentParser(
         prog="meshci",
         description="Distributed CNN inference on a peer-to-peer mesh (EdgeCI: DPFL + AWAS).",
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    for name in [only] if only in COMMAND_MODULES else COMMAND_MODULES:
         try:
             module = importlib.import_module(f"meshci.commands.{name}")
         except ModuleNotFoundError as exc:
@@ -38,10 +40,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_of(argv: list[str]) -> str | None:
+    """The sub-command named in `argv` (after any -v flags), if any."""
+    for arg in argv:
+        if arg.startswith("-") and set(arg[1:]) == {"v"} or arg == "--verbose":
+            continue
+        return arg if arg in COMMAND_MODULES else None
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command_of(argv))
     args = parser.parse_args(argv)  # argparse itself exits 2 on bad flags, with one line
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from meshci.errors import MeshciError
 from meshci.node.membership import Address
@@ -42,16 +41,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def read_image(path: Path) -> torch.Tensor:
-    """A (1, 3, H, W) float tensor from .npy, .pt, or binary PPM (P6) / PGM (P5)."""
+def read_image(path: Path) -> np.ndarray:
+    """A (1, 3, H, W) float32 array from .npy, .pt, or binary PPM (P6) / PGM (P5). Only a
+    .pt file needs torch (imported then): the client otherwise starts without it."""
     suffix = path.suffix.lower()
     try:
         if suffix == ".npy":
-            x = torch.from_numpy(np.load(path, allow_pickle=False))
+            x = np.load(path, allow_pickle=False)
         elif suffix == ".pt":
-            x = torch.load(path, weights_only=True, map_location="cpu")
-            if not isinstance(x, torch.Tensor):
-                raise InputImageError(f"{path} holds a {type(x).__name__}, not a tensor")
+            import torch
+
+            t = torch.load(path, weights_only=True, map_location="cpu")
+            if not isinstance(t, torch.Tensor):
+                raise InputImageError(f"{path} holds a {type(t).__name__}, not a tensor")
+            x = t.float().numpy()
         elif suffix in (".ppm", ".pgm", ".pnm"):
             x = _read_netpbm(path.read_bytes(), path)
         else:
@@ -59,19 +62,21 @@ def read_image(path: Path) -> torch.Tensor:
     except (OSError, ValueError, RuntimeError) as exc:
         # unreadable or malformed file: one clear line for the user
         raise InputImageError(f"cannot read {path}: {exc}") from exc
-    x = x.float()
-    if x.dim() == 3:
-        x = x.unsqueeze(0)
-    if x.dim() != 4 or x.shape[0] != 1 or x.shape[1] != 3:
+    if not isinstance(x, np.ndarray) or x.dtype.kind not in "biuf":
+        raise InputImageError(f"{path}: expected a numeric array, got {getattr(x, 'dtype', type(x))}")
+    x = x.astype(np.float32, copy=False)
+    if x.ndim == 3:
+        x = x[None]
+    if x.ndim != 4 or x.shape[0] != 1 or x.shape[1] != 3:
         raise InputImageError(f"{path}: expected a (3, H, W) image, got shape {tuple(x.shape)}")
-    return x
+    return np.ascontiguousarray(x)
 
 
-IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32).reshape(1, 3, 1, 1)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32).reshape(1, 3, 1, 1)
 
 
-def _read_netpbm(data: bytes, path: Path) -> torch.Tensor:
+def _read_netpbm(data: bytes, path: Path) -> np.ndarray:
     """Binary P6 (RGB) or P5 (grey) with maxval < 256, normalised as ImageNet expects."""
     fields: list[bytes] = []
     pos = 0
@@ -93,9 +98,9 @@ def _read_netpbm(data: bytes, path: Path) -> torch.Tensor:
         raise ValueError(f"{path}: only binary 8-bit P5/P6 files are read")
     channels = 3 if magic == b"P6" else 1
     pixels = np.frombuffer(data, dtype=np.uint8, count=width * height * channels, offset=pos + 1)
-    x = torch.from_numpy(pixels.copy()).float().view(height, width, channels).permute(2, 0, 1)
-    x = (x / maxval).expand(3, height, width).unsqueeze(0)
-    return (x - IMAGENET_MEAN) / IMAGENET_STD
+    x = pixels.astype(np.float32).reshape(height, width, channels).transpose(2, 0, 1)
+    x = np.broadcast_to(x / maxval, (3, height, width))[None]
+    return ((x - IMAGENET_MEAN) / IMAGENET_STD).astype(np.float32)
 
 
 def run(args: argparse.Namespace) -> int:

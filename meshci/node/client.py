@@ -7,14 +7,17 @@ import os
 import random
 import ssl
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 
 from meshci.errors import MeshciError
 from meshci.node.membership import Address
 from meshci.wire import Connection, Message, MsgType
 from meshci.wire.errors import WireError
+
+if TYPE_CHECKING:
+    import torch
 
 
 class RequestError(MeshciError):
@@ -58,16 +61,20 @@ async def ask(address: Address, msg: Message, *, secret: bytes | None, insecure:
 
 
 async def infer(address: Address, *, model: str, strategy: str = "edgeci", seed: int = 0,
-                size: tuple[int, int] = (224, 224), image: torch.Tensor | None = None,
+                size: tuple[int, int] = (224, 224), image: torch.Tensor | np.ndarray | None = None,
                 input_seed: int = 0, check: bool = False, details: bool = False, secret: bytes | None,
                 insecure: bool = False, ssl_context: ssl.SSLContext | None = None,
-                timeout: float = 600.0) -> tuple[dict[str, Any], torch.Tensor]:
-    """One request; the answer's meta gains `client_latency_s`: the wall time at the client
+                timeout: float = 600.0) -> tuple[dict[str, Any], Any]:
+    """One request; returns the answer's meta and the logits (a torch tensor when this
+    process has imported torch, else a numpy array). The meta gains `client_latency_s`: the wall time at the client
     from opening the connection to holding the logits (what a user waits for), and
     `connect_s`, the part of it spent connecting and authenticating."""
     meta = {"model": model, "strategy": strategy, "seed": seed, "size": list(size),
             "input_seed": input_seed, "check": check, "details": details}
-    tensors = (image.contiguous(),) if image is not None else ()
+    if isinstance(image, np.ndarray):
+        tensors: tuple[Any, ...] = (np.ascontiguousarray(image),)
+    else:
+        tensors = (image.contiguous(),) if image is not None else ()
     msg = Message(MsgType.INFER, random.getrandbits(62) | 1, meta, tensors)
     timings: dict[str, float] = {}
     reply = await ask(address, msg, secret=secret, insecure=insecure, ssl_context=ssl_context,

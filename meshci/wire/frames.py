@@ -34,11 +34,12 @@ import json
 import math
 import mmap
 import struct
+import sys
 from enum import IntEnum
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import torch
+import numpy as np
 
 from meshci.wire.errors import AuthenticationError, LocalProtocolError, RemoteProtocolError
 from meshci.wire.messages import BLOB_KINDS, Message, MsgType
@@ -63,20 +64,29 @@ _DESC_HEAD = struct.Struct("!BB")
 # page faults a fresh map costs on every frame.)
 LAZY_COMMIT_BYTES = 32 << 20
 
-# Stable codes: part of the wire format, never renumber.
-DTYPE_CODES: dict[torch.dtype, int] = {
-    torch.float32: 1,
-    torch.float16: 2,
-    torch.bfloat16: 3,
-    torch.float64: 4,
-    torch.uint8: 5,
-    torch.int8: 6,
-    torch.int16: 7,
-    torch.int32: 8,
-    torch.int64: 9,
-    torch.bool: 10,
+# Stable codes: part of the wire format, never renumber. By name, so that the codec needs no
+# torch: a process that has imported torch gets torch tensors, one that has not (the
+# command-line client, which then starts in a fraction of a second) gets numpy arrays.
+DTYPE_CODES: dict[str, int] = {
+    "float32": 1,
+    "float16": 2,
+    "bfloat16": 3,
+    "float64": 4,
+    "uint8": 5,
+    "int8": 6,
+    "int16": 7,
+    "int32": 8,
+    "int64": 9,
+    "bool": 10,
 }
-_CODE_DTYPES: dict[int, torch.dtype] = {code: dtype for dtype, code in DTYPE_CODES.items()}
+_CODE_DTYPES: dict[int, str] = {code: name for name, code in DTYPE_CODES.items()}
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "uint8": 1, "int8": 1,
+             "int16": 2, "int32": 4, "int64": 8, "bool": 1}
+
+
+def _torch() -> Any:
+    """torch when this process has imported it, else None (then tensors are numpy arrays)."""
+    return sys.modules.get("torch")
 
 
 class Direction(IntEnum):
@@ -218,18 +228,28 @@ def _prepare(
 
 
 def _tensor_buffer(t: Any) -> tuple[memoryview, bytes]:
-    if not isinstance(t, torch.Tensor):
-        raise LocalProtocolError(f"tensors must be torch.Tensor, got {type(t).__name__}")
-    if t.device.type != "cpu" or t.layout != torch.strided:
-        raise LocalProtocolError(f"only dense CPU tensors can be sent (got {t.device}, {t.layout})")
-    code = DTYPE_CODES.get(t.dtype)
+    """The raw bytes of a dense CPU tensor (or numpy array) and its descriptor."""
+    torch = _torch()
+    if isinstance(t, np.ndarray):
+        name = t.dtype.name
+        shape = t.shape
+        flat = np.ascontiguousarray(t)  # copies only if needed
+        view = memoryview(flat.reshape(-1).view(np.uint8))
+    elif torch is not None and isinstance(t, torch.Tensor):
+        if t.device.type != "cpu" or t.layout != torch.strided:
+            raise LocalProtocolError(f"only dense CPU tensors can be sent (got {t.device}, {t.layout})")
+        name = str(t.dtype).removeprefix("torch.")
+        shape = tuple(t.shape)
+        flat = t.detach().resolve_conj().resolve_neg().contiguous()  # copies only if needed
+        view = memoryview(flat.reshape(-1).view(torch.uint8).numpy())
+    else:
+        raise LocalProtocolError(f"tensors must be torch.Tensor or numpy arrays, got {type(t).__name__}")
+    code = DTYPE_CODES.get(name)
     if code is None:
-        raise LocalProtocolError(f"dtype {t.dtype} cannot be sent")
-    if t.dim() > MAX_NDIM or any(d > MAX_DIM for d in t.shape):
-        raise LocalProtocolError(f"tensor shape {tuple(t.shape)} cannot be sent")
-    flat = t.detach().resolve_conj().resolve_neg().contiguous()  # copies only if needed
-    view = memoryview(flat.reshape(-1).view(torch.uint8).numpy())
-    desc = _DESC_HEAD.pack(code, t.dim()) + struct.pack(f"!{t.dim()}Q", *t.shape)
+        raise LocalProtocolError(f"dtype {name} cannot be sent")
+    if len(shape) > MAX_NDIM or any(d > MAX_DIM for d in shape):
+        raise LocalProtocolError(f"tensor shape {tuple(shape)} cannot be sent")
+    desc = _DESC_HEAD.pack(code, len(shape)) + struct.pack(f"!{len(shape)}Q", *shape)
     return view, desc
 
 
@@ -450,7 +470,7 @@ class FrameDecoder:
         self._makers = []
         for dtype, shape, nbytes in specs:
             slot = len(self._tensors)
-            self._tensors.append((torch.empty(0, dtype=torch.uint8), dtype, shape))
+            self._tensors.append((np.empty(0, dtype=np.uint8), dtype, shape))
             if nbytes:
                 self._sizes.append(nbytes)
                 self._makers.append(lambda n=nbytes, i=slot: self._tensor_target(i, n))
@@ -518,7 +538,7 @@ class FrameDecoder:
             if not hmac.compare_digest(self._hmac.digest(), bytes(self._tag)):
                 raise AuthenticationError(f"bad MAC on {self._kind.name} frame (sequence {self._sequence})")
         meta = _parse_meta(self._meta)
-        tensors = tuple(raw.view(dtype).reshape(shape) for raw, dtype, shape in self._tensors)
+        tensors = _as_tensors(self._tensors)
         blob = bytes(self._blob) if self._blob is not None else None
         msg = Message(self._kind, self._request_id, meta, tensors, blob)
         self._last_frame_bytes = self._frame_bytes
@@ -532,7 +552,7 @@ class FrameDecoder:
         self._makers: list[Callable[[], memoryview]] = []
         self._frame_bytes = 0
         self._tensor_bytes = self._blob_len = 0
-        self._tensors: list[tuple[torch.Tensor, torch.dtype, tuple[int, ...]]] = []
+        self._tensors: list[tuple[Any, str, tuple[int, ...]]] = []
         self._index = 0
         self._filled = 0
         self._hmac: Any = None
@@ -544,22 +564,40 @@ class FrameDecoder:
         self._prefix = b""
 
 
-def _allocate(nbytes: int) -> tuple[torch.Tensor, memoryview]:
-    """A writable uint8 buffer of `nbytes` and the tensor sharing it. Large buffers are
-    private anonymous maps, so untouched pages cost no memory."""
+def _allocate(nbytes: int) -> tuple[Any, memoryview]:
+    """A writable uint8 buffer of `nbytes` (a numpy array) and a view of it. Large buffers
+    are private anonymous maps, so untouched pages cost no memory."""
     if nbytes < LAZY_COMMIT_BYTES:
-        raw = torch.empty(nbytes, dtype=torch.uint8)
-        return raw, memoryview(raw.numpy())
+        raw = np.empty(nbytes, dtype=np.uint8)
+        return raw, memoryview(raw)
     region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     view = memoryview(region)
-    # frombuffer keeps `region` alive for as long as the tensor (or any view of it) lives.
-    return torch.frombuffer(view, dtype=torch.uint8), view
+    # the array keeps `region` alive for as long as it (or any tensor sharing it) lives
+    return np.frombuffer(view, dtype=np.uint8), view
+
+
+def _as_tensors(slots: list[tuple[Any, str, tuple[int, ...]]]) -> tuple[Any, ...]:
+    """The received buffers as tensors of their dtypes and shapes, sharing the buffers:
+    torch tensors when torch is loaded here, else numpy arrays (bfloat16 needs torch)."""
+    torch = _torch()
+    out = []
+    for raw, dtype, shape in slots:
+        if torch is not None:
+            kind = getattr(torch, dtype)
+            out.append(torch.from_numpy(raw).view(kind).reshape(shape) if raw.size
+                       else torch.empty(shape, dtype=kind))
+        elif dtype == "bfloat16":
+            raise RemoteProtocolError("a bfloat16 tensor arrived in a process without torch")
+        else:
+            out.append(raw.view(np.dtype(dtype)).reshape(shape) if raw.size
+                       else np.empty(shape, dtype=np.dtype(dtype)))
+    return tuple(out)
 
 
 def _parse_descriptors(
     descs: bytes, tensor_bytes: int
-) -> list[tuple[torch.dtype, tuple[int, ...], int]]:
-    specs: list[tuple[torch.dtype, tuple[int, ...], int]] = []
+) -> list[tuple[str, tuple[int, ...], int]]:
+    specs: list[tuple[str, tuple[int, ...], int]] = []
     offset = total = 0
     while offset < len(descs):
         if len(specs) >= MAX_TENSORS:
@@ -579,7 +617,7 @@ def _parse_descriptors(
         offset += 8 * ndim
         if any(d > MAX_DIM for d in shape):
             raise RemoteProtocolError(f"tensor dimension too large in {shape}")
-        nbytes = math.prod(shape) * dtype.itemsize
+        nbytes = math.prod(shape) * _ITEMSIZE[dtype]
         total += nbytes
         if total > tensor_bytes:
             raise RemoteProtocolError("tensor shapes need more bytes than the frame carries")

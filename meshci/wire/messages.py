@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 class MsgType(IntEnum):
@@ -85,6 +86,8 @@ def same_message(a: Message, b: Message) -> bool:
         return False
     if len(a.tensors) != len(b.tensors):
         return False
+    import torch
+
     return all(
         x.dtype == y.dtype and x.shape == y.shape and torch.equal(_raw_bytes(x), _raw_bytes(y))
         for x, y in zip(a.tensors, b.tensors)
@@ -93,4 +96,6 @@ def same_message(a: Message, b: Message) -> bool:
 
 def _raw_bytes(t: torch.Tensor) -> torch.Tensor:
     # Compare bit patterns, so NaN payloads compare equal to themselves.
+    import torch
+
     return t.detach().reshape(-1).contiguous().view(torch.uint8)

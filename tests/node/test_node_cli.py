@@ -34,16 +34,39 @@ def test_read_image_formats(tmp_path: Path) -> None:
     x = torch.randn(3, 5, 7)
     np.save(tmp_path / "x.npy", x.numpy())
     torch.save(x, tmp_path / "x.pt")
-    assert torch.equal(read_image(tmp_path / "x.npy"), x.unsqueeze(0))
-    assert torch.equal(read_image(tmp_path / "x.pt"), x.unsqueeze(0))
+    assert torch.equal(torch.from_numpy(read_image(tmp_path / "x.npy")), x.unsqueeze(0))
+    assert torch.equal(torch.from_numpy(read_image(tmp_path / "x.pt")), x.unsqueeze(0))
     pixels = bytes(range(2 * 3 * 3))
     (tmp_path / "x.ppm").write_bytes(b"P6\n# comment\n3 2\n255\n" + pixels)
     img = read_image(tmp_path / "x.ppm")
     assert img.shape == (1, 3, 2, 3)
     red = (torch.tensor(list(pixels[0::3]), dtype=torch.float32).view(2, 3) / 255 - 0.485) / 0.229
-    assert torch.allclose(img[0, 0], red)
+    assert torch.allclose(torch.from_numpy(img[0, 0]), red)
     (tmp_path / "g.pgm").write_bytes(b"P5 2 2 255\n" + bytes([0, 64, 128, 255]))
     assert read_image(tmp_path / "g.pgm").shape == (1, 3, 2, 2)
+
+
+def test_the_client_path_does_not_import_torch() -> None:
+    """`meshci infer` starts in a fraction of a second: its parser, the client and the
+    frame codec (numpy arrays when torch is not loaded) need no torch."""
+    code = (
+        "import sys\n"
+        "from meshci.cli import build_parser, _command_of\n"
+        "build_parser(_command_of(['-v', 'infer', '--via', 'h:1']))\n"
+        "import meshci.node.client\n"
+        "import numpy as np\n"
+        "from meshci.wire.frames import FrameDecoder, encode\n"
+        "from meshci.wire.messages import Message, MsgType\n"
+        "x = np.arange(12, dtype=np.float32).reshape(3, 4)\n"
+        "buffers = encode(Message(MsgType.RESULT, 7, {'a': 1}, (x,)))\n"
+        "decoder = FrameDecoder()\n"
+        "decoder.feed(b''.join(bytes(b) for b in buffers))\n"
+        "msg = decoder.next_message()\n"
+        "assert isinstance(msg.tensors[0], np.ndarray) and (msg.tensors[0] == x).all()\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
 
 
 @pytest.mark.parametrize("name,content", [

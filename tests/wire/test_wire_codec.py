@@ -181,7 +181,7 @@ def test_encode_refuses_frames_over_the_limit() -> None:
 
 
 # -- malformed frames --------------------------------------------------------------------------
-F32 = DTYPE_CODES[torch.float32]
+F32 = DTYPE_CODES["float32"]
 
 
 @pytest.mark.parametrize(
