@@ -218,8 +218,10 @@ async def _requests(mesh: Any, nodes: list[Any], args: argparse.Namespace, strat
     for n in nodes:
         view = await stats(n.address, secret=secret)
         links[n.name] = {peer: spec["latency_ms"] for peer, spec in view["planned_links"].items()}
-        print(f"  {n.name} measured links (per-message delivery + tile handling, bandwidth): "
-              + ", ".join(f"{peer} {spec['latency_ms']:.1f} ms {spec['mbps']:.0f} Mbit/s"
+        print(f"  {n.name} measured links (per-message delivery, bandwidth as received; "
+              f"tile overhead {view['advert'].get('tile_ms', 0.0):.1f} ms): "
+              + ", ".join(f"{peer} {spec['latency_ms']:.1f} ms "
+                          + (f"{spec['mbps']:.0f} Mbit/s" if spec["mbps"] > 0 else "(rate not measured)")
                           for peer, spec in sorted(view["planned_links"].items())), file=out)
     return {"results": results, "alone_s": alone, "gflops": speeds, "fastest_device": fastest,
             "planned_link_ms": links}

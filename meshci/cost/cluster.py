@@ -42,6 +42,8 @@ class Device:
     ``backlog_s``: seconds of work it already holds (other requests). ``curves``: pairs
     (model name, per-segment (a, b) fits of time = a + b * output rows), measured by
     `meshci.cost.profiling`; used instead of ``gflops`` for that model.
+    ``tile_overhead_s``: what each tile costs it beyond the compute (receiving, handing
+    the tile to its compute thread and back, sending the result), measured by the node.
     """
 
     name: str
@@ -49,6 +51,7 @@ class Device:
     memory_mb: int = 1024
     backlog_s: float = 0.0
     curves: tuple[tuple[str, SegmentCurve], ...] = ()
+    tile_overhead_s: float = 0.0
 
     def curve_for(self, model: str, n_segments: int) -> SegmentCurve | None:
         for name, curve in self.curves:

@@ -60,6 +60,20 @@ class LinkEstimator:
         est.mbps = self._ewma(est.mbps, n_bytes * 8.0 / wire / 1e6)
         est.samples += 1
 
+    def observe_arrival(self, peer: str, n_bytes: int, seconds: float) -> None:
+        """``n_bytes`` from ``peer`` arrived here over ``seconds`` (from the first read of
+        a frame to its last byte, so no latency is in it): a bandwidth sample as delivered."""
+        if n_bytes < self.min_bytes or not math.isfinite(seconds) or seconds <= 0:
+            return
+        est = self._peers.setdefault(peer, _Estimate())
+        est.mbps = self._ewma(est.mbps, n_bytes * 8.0 / seconds / 1e6)
+        est.samples += 1
+
+    def measured_mbps(self, peer: str) -> float | None:
+        """The bandwidth measured to or from ``peer``, None before any sample."""
+        est = self._peers.get(peer)
+        return None if est is None else est.mbps
+
     def estimate(self, peer: str, default: LinkSpec) -> LinkSpec:
         """Best current `LinkSpec` to ``peer``; fields not yet measured come from ``default``."""
         est = self._peers.get(peer)

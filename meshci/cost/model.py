@@ -59,7 +59,12 @@ def head_cost(trunk: Trunk) -> HeadCost:
     known = getattr(trunk, "head_cost", None)
     if isinstance(known, HeadCost):
         return known
-    return HeadCost.of(trunk.head, trunk.boundary_shape(len(trunk.segments)))
+    cost = HeadCost.of(trunk.head, trunk.boundary_shape(len(trunk.segments)))
+    try:
+        trunk.head_cost = cost  # a trunk's head does not change: cost it once
+    except AttributeError:
+        pass
+    return cost
 
 
 class CostModel:
@@ -91,7 +96,10 @@ class CostModel:
         for d in cluster.devices:
             curve = d.curve_for(trunk.name, self.n_segments)
             self.curves.append(None if curve is None else np.array(curve, dtype=np.float64))
-        self.curves_free = all(c is None for c in self.curves)  # every device by GFLOP/s
+        # per tile, beyond its compute (what a boundary costs the device's own CPU)
+        self.tile_overhead = np.array([max(0.0, d.tile_overhead_s) for d in cluster.devices])
+        # every device by GFLOP/s alone: the planners' fast paths
+        self.curves_free = all(c is None for c in self.curves) and not self.tile_overhead.any()
         self._place_head(head_device or cluster.requester, split_head)
 
     # ---- the head -----------------------------------------------------------------------
@@ -151,6 +159,7 @@ class CostModel:
                 seg = curve[block.start : block.end]
                 rows = block.rows_hi[:, r1] - block.rows_lo[:, r0]  # [segments, strips]
                 times[d] = seg[:, 0].sum() + seg[:, 1] @ rows
+        times += self.tile_overhead[:, None]
         empty = r1 <= r0
         if empty.any():
             times[:, empty] = 0.0
@@ -171,7 +180,7 @@ class CostModel:
         if out.c0 == 0 and out.c1 == self.tables.widths[end]:
             block = self.tables.block(start, end)
             return self.strip_compute(block, np.array([out.r0]), np.array([out.r1]))[:, 0]
-        return self.tables.chain(start, end, out)[1] / self.speed
+        return self.tables.chain(start, end, out)[1] / self.speed + self.tile_overhead
 
     def tile_compute(self, device: int, start: int, end: int, out: Region) -> float:
         """Seconds for ``device`` to compute ``out`` of block [start, end) incl. halo."""
@@ -180,13 +189,13 @@ class CostModel:
         if out.c0 == 0 and out.c1 == self.tables.widths[end]:
             block = self.tables.block(start, end)
             if self.curves[device] is None:  # strip_compute's entry, without the matrix
-                return float(block.flops(out.r0, out.r1) / self.speed[device])
+                return float(block.flops(out.r0, out.r1) / self.speed[device] + self.tile_overhead[device])
             return float(self.strip_compute(block, np.array([out.r0]), np.array([out.r1]))[device, 0])
         regions, flops = self.tables.chain(start, end, out)
         curve = self.curves[device]
         if curve is None:
-            return flops / self.speed[device]
-        total = 0.0
+            return flops / self.speed[device] + float(self.tile_overhead[device])
+        total = float(self.tile_overhead[device])
         for k in range(start, end):
             region = regions[k - start + 1]
             total += curve[k, 0] + curve[k, 1] * region.area / self.tables.widths[k + 1]

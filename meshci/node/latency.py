@@ -13,8 +13,9 @@ live `Cluster` must carry what a boundary costs here, not a wire constant:
   the moment its output is back on the event loop, less the compute itself (hand-off to
   the compute thread and back, waiting for the loop).
 
-Both are EWMAs. `link_latency_ms` gives what a link is worth to the planner: the
-delivery plus this node's per-tile handling (every tile fed by a peer pays both).
+Both are EWMAs. `link_latency_ms` gives what a link's messages cost to the planner (the
+delivery); the handling is advertised as the node's per-tile overhead (`Advert.tile_ms`,
+`Device.tile_overhead_s`): the cost model charges it for every tile the device runs.
 
 `PlanCalibration` closes the loop on a requester: from its own completed requests it
 learns how far the live model's prediction for the plan that ran was from the measured
@@ -97,10 +98,10 @@ class BoundaryCosts:
 
     def link_latency_ms(self, peer: str, fallback_ms: float) -> float:
         """Per-message latency of the link to `peer` as the planner should see it: measured
-        delivery (or `fallback_ms` before any) plus this node's per-tile handling."""
+        delivery, or `fallback_ms` before any. (The per-tile handling is the device's own
+        cost, charged per tile: `Device.tile_overhead_s`.)"""
         delivery = self._delivery_s.get(peer)
-        base = fallback_ms / 1000.0 if delivery is None else delivery
-        return (base + (self.handling_s or 0.0)) * 1000.0
+        return fallback_ms if delivery is None else delivery * 1000.0
 
     def peers(self) -> list[str]:
         return sorted(self._delivery_s)

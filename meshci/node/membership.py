@@ -65,12 +65,15 @@ class Advert:
     backlog_s: float = 0.0
     links: tuple[tuple[str, float, float], ...] = ()
     curves: tuple[tuple[str, tuple[tuple[float, float], ...]], ...] = ()
+    tile_ms: float = 0.0  # measured per-tile overhead beyond compute (a boundary's CPU here)
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"gflops": self.gflops, "backlog_s": self.backlog_s,
                                 "links": [list(x) for x in self.links]}
         if self.curves:
             data["curves"] = _curves_json(self.curves)
+        if self.tile_ms:
+            data["tile_ms"] = self.tile_ms
         return data
 
     @classmethod
@@ -80,6 +83,9 @@ class Advert:
         if not gflops > 0 or backlog < 0 or gflops != gflops or backlog != backlog:
             raise ValueError(f"bad advert gflops={gflops} backlog_s={backlog}")
         links = tuple((str(n), float(m), float(l)) for n, m, l in data.get("links", ()))
+        tile_ms = data.get("tile_ms", 0.0)
+        if isinstance(tile_ms, bool) or not isinstance(tile_ms, (int, float)) or not 0 <= tile_ms <= MAX_TILE_MS:
+            raise ValueError(f"bad advert tile_ms={tile_ms!r}: want a number in [0, {MAX_TILE_MS}]")
         raw = data.get("curves", {})
         if not isinstance(raw, dict) or len(raw) > MAX_ADVERT_CURVES:
             raise ValueError(f"bad advert curves: want at most {MAX_ADVERT_CURVES} models")
@@ -91,10 +97,11 @@ class Advert:
                 raise ValueError(f"bad advert curve for {key!r}: want 1..{MAX_CURVE_SEGMENTS} finite "
                                  "(a, b) >= 0")
             curves.append((str(key), pairs))
-        return cls(gflops, backlog, links, tuple(curves))
+        return cls(gflops, backlog, links, tuple(curves), float(tile_ms))
 
 
 MAX_ADVERT_CURVES = 8
+MAX_TILE_MS = 60_000.0
 MAX_CURVE_SEGMENTS = 256
 
 _CURVES_JSON: list[tuple[Any, dict[str, Any]]] = []  # (curves, their JSON form): the last one

@@ -23,6 +23,7 @@ node, without the network.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -330,7 +331,8 @@ def cluster_from_view(me: str, advert: Advert, peers: list[Peer], default_link: 
                       advert_age_s: Mapping[str, float] | None = None) -> Cluster:
     """The `Cluster` a requester plans on: itself plus every live peer, with the speed and
     backlog each one advertised, and the link estimates they advertised (the requester's
-    own estimates win over a peer's for the same pair). Given the request's `model` and
+    own per-message latency wins over a peer's for the same pair; the bandwidth is the
+    lower of the two ends' measurements, each measured as delivered to that end). Given the request's `model` and
     input `size`, a device that advertised its measured curves for them carries them
     (`Device.curves`), so the planner prices its tiles by its curves, not its GFLOP/s.
     `advert_age_s`: how long ago each peer's advert arrived; the backlog it advertised has
@@ -343,16 +345,23 @@ def cluster_from_view(me: str, advert: Advert, peers: list[Peer], default_link: 
     def device(name: str, adv: Advert) -> Device:
         curves = tuple((model, curve) for k, curve in adv.curves if k == key) if key else ()
         backlog = max(0.0, adv.backlog_s - max(0.0, ages.get(name, 0.0)))
-        return Device(name, adv.gflops, backlog_s=backlog, curves=curves[:1])
+        return Device(name, adv.gflops, backlog_s=backlog, curves=curves[:1],
+                      tile_overhead_s=adv.tile_ms / 1000.0)
 
     devices = [device(me, advert)]
     devices += [device(p.name, p.advert) for p in peers if p.name != me]
     names = {d.name for d in devices}
     links: dict[frozenset[str], LinkSpec] = {}
+    rates: dict[frozenset[str], float] = {}
     for owner, adv in [(p.name, p.advert) for p in peers] + [(me, advert)]:
         for other, mbps, latency_ms in adv.links:
-            if other in names and other != owner and mbps > 0 and latency_ms >= 0:
-                links[frozenset((owner, other))] = LinkSpec(mbps, latency_ms)
+            if other not in names or other == owner or not (0 <= mbps < math.inf and 0 <= latency_ms < math.inf):
+                continue
+            pair = frozenset((owner, other))
+            links[pair] = LinkSpec(default_link.mbps, latency_ms)
+            if mbps > 0:  # each end measures what it receives: the slower direction counts
+                rates[pair] = min(mbps, rates.get(pair, math.inf))
+    links = {pair: LinkSpec(rates.get(pair, spec.mbps), spec.latency_ms) for pair, spec in links.items()}
     return Cluster(tuple(devices), default_link, links, medium, me)
 
 

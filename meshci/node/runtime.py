@@ -125,9 +125,10 @@ class Runtime:
         return self._curves
 
     def advert(self, gflops: float, backlog_s: float,
-               links: tuple[tuple[str, float, float], ...] = ()) -> Advert:
-        """This node's `Advert`: its GFLOP/s, backlog and links, with its measured curves."""
-        return Advert(gflops, backlog_s, links, self.curves())
+               links: tuple[tuple[str, float, float], ...] = (), tile_ms: float = 0.0) -> Advert:
+        """This node's `Advert`: its GFLOP/s, backlog, links and per-tile overhead, with its
+        measured curves."""
+        return Advert(gflops, backlog_s, links, self.curves(), tile_ms)
 
     def bid_compute_s(self, item: Any, gflops: float) -> float:
         """A bidder's compute time for an auction item: by this device's curves for the

@@ -228,6 +228,10 @@ class Node:
     async def _on_tile(self, conn: Connection, msg: Message) -> None:
         received_at = time.time()
         pieces = decode_pieces(msg.meta, msg.tensors)
+        arrival = conn.last_arrival
+        if arrival is not None and (sample := arrival.rate_sample(self.links.min_bytes)) is not None:
+            # bandwidth as delivered: bytes over the time they took to land here
+            self.links.observe_arrival(conn.peer_name, *sample)
         sent_at = msg.meta.get("sent_at")
         if isinstance(sent_at, (int, float)) and msg.tensors:
             mbps = self.links.estimate(conn.peer_name, self.config.default_link).mbps
@@ -314,15 +318,14 @@ class Node:
             return
         listed, tensors = encode_pieces([(a.block, a.region, a.stage, a.tensor) for a in group])
         msg = Message(MsgType.TILE, rid, {"pieces": listed, "path_s": path_s, "sent_at": time.time()}, tensors)
-        began = time.perf_counter()
         try:
             await self.send_to(dest, msg)
         except WireError as exc:
             # the next device is gone: the request cannot complete, its requester must know
             await self.fail_request(rid, self._requester_of(rid), f"cannot reach {dest}: {exc}")
             return
-        # send() returns once the last chunk is drained: a (slightly optimistic) transfer time
-        self.links.observe_transfer(dest, sum(tensor_bytes(t) for t in tensors), time.perf_counter() - began)
+        # no bandwidth sample here: send() returns when the bytes reach the socket buffer,
+        # not the peer; the receiver measures the link as delivered (`_on_tile`)
         self.relayed_boundary_bytes += sum(a.relayed_bytes for a in group)
 
     async def deliver_logits(self, rid: int, requester: str, logits: torch.Tensor, head: dict[str, Any],
@@ -409,18 +412,21 @@ class Node:
     # ---- what this node says about itself --------------------------------------------
     def advert(self) -> Advert:
         backlog = max(0.0, self.runtime.queued_s)
-        return self.runtime.advert(self.config.gflops, backlog, self.link_view())
+        return self.runtime.advert(self.config.gflops, backlog, self.link_view(),
+                                   _sig3((self.boundary.handling_s or 0.0) * 1000.0))
 
     def link_view(self) -> tuple[tuple[str, float, float], ...]:
-        """(peer, Mbit/s, per-message ms) per measured link: bandwidth from timed transfers;
-        the per-message latency is the one-way delivery this node measured on tile messages
-        (half the heartbeat round trip before any) plus its own per-tile handling, so that a
-        plan pays for each block boundary what a boundary really costs here. Rounded to 3
+        """(peer, Mbit/s, per-message ms) per measured link: bandwidth as delivered here
+        (bytes of the tile frames received from the peer over the time they took to land;
+        0 when nothing large came from it yet); the per-message latency is the one-way delivery this node measured on tile messages
+        (half the heartbeat round trip before any); this node's per-tile handling travels
+        beside it (`Advert.tile_ms`), charged per tile. Rounded to 3
         significant digits: they ride in the advert, which is resent when it changes."""
         known = self.links.known()
         names = sorted(set(known) | set(self.boundary.peers()))
         fallback = self.config.default_link
-        return tuple((n, _sig3(known[n].mbps if n in known else fallback.mbps),
+        # bandwidth 0: not measured here (the planner takes the peer's figure, or its default)
+        return tuple((n, _sig3(self.links.measured_mbps(n) or 0.0),
                       _sig3(self.boundary.link_latency_ms(n, known[n].latency_ms if n in known
                                                           else fallback.latency_ms)))
                      for n in names)
@@ -453,6 +459,7 @@ class Node:
                       for peer, spec in sorted(self.links.known().items())},
             "planned_links": {peer: {"mbps": mbps, "latency_ms": ms} for peer, mbps, ms in self.link_view()},
             "tile_handling_ms": (self.boundary.handling_s or 0.0) * 1000.0,
+            "advert": self.advert().to_json(),
             "rss_mb": _rss_mb(),
             "peak_rss_mb": _peak_rss_mb(),
         }

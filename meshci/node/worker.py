@@ -91,7 +91,8 @@ class Worker:
         self.cancelled: dict[int, float] = {}  # request id -> when it was cancelled here
 
     def _compute_s(self, item: Any) -> float:
-        return self.runtime.bid_compute_s(item, self.node.config.gflops)
+        """A bid's compute time: the item's compute plus this node's measured per-tile overhead."""
+        return self.runtime.bid_compute_s(item, self.node.config.gflops) + (self.node.boundary.handling_s or 0.0)
 
     def requester_of(self, rid: int) -> str:
         ctx = self.contexts.get(rid)

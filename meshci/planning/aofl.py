@@ -27,7 +27,7 @@ from meshci.trunk.region import Region
 
 
 def _static(cluster: Cluster) -> Cluster:
-    devices = tuple(Device(d.name, d.gflops, d.memory_mb, 0.0, d.curves) for d in cluster.devices)
+    devices = tuple(Device(d.name, d.gflops, d.memory_mb, 0.0, d.curves, d.tile_overhead_s) for d in cluster.devices)
     return Cluster(devices, cluster.default_link, cluster.links, cluster.medium, cluster.requester)
 
 

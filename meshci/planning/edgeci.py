@@ -211,7 +211,7 @@ def _strip_timer(model: CostModel, start: int, end: int, left: np.ndarray) -> Ca
         return timed
     fl_up, fl_down, const = block.fl_up.tolist(), block.fl_down.tolist(), block.fl_const
     in_lo, in_hi = block.in_lo.tolist(), block.in_hi.tolist()
-    speed, left_l = model.speed.tolist(), left.tolist()
+    speed, left_l = model.speed.tolist(), (left + model.tile_overhead).tolist()  # a strip pays its overhead
     req = model.requester
     lat, spb = model.latency[req].tolist(), model.sec_per_byte[req].tolist()
     halo = _halo_rows(block)

@@ -110,9 +110,10 @@ class HeadSplit:
 
     # ---- recognising the pattern -------------------------------------------------------
     @classmethod
-    def of(cls, head: nn.Module, in_shape: tuple[int, int, int]) -> HeadSplit | None:
+    def of(cls, head: nn.Module, in_shape: tuple[int, int, int], *, weights: bool = True) -> HeadSplit | None:
         """The split of `head` (a graph module taking the trunk output of shape `in_shape`),
-        or None when it does not begin with pool, flatten, Linear."""
+        or None when it does not begin with pool, flatten, Linear. `weights=False`: only
+        its shape (the weight is left as the layer has it: for costs, not for compute)."""
         if not isinstance(head, fx.GraphModule):
             return None
         channels, height, width = (int(v) for v in in_shape)
@@ -148,6 +149,8 @@ class HeadSplit:
         assert isinstance(fc, nn.Linear)
         if fc.in_features != channels * oh * ow:
             return None
+        if not weights:
+            return cls(channels, height, width, oh, ow, fc.weight.detach(), torch.zeros(0), nn.Identity())
         weight = fc.weight.detach().reshape(fc.out_features, channels, oh, ow).permute(0, 2, 3, 1).contiguous()
         bias = (fc.bias.detach().clone() if fc.bias is not None
                 else torch.zeros(fc.out_features, dtype=fc.weight.dtype))
@@ -175,7 +178,7 @@ class HeadCost:
         if head is None:
             return cls(0.0)
         flops = _layer_flops(head, in_shape)
-        split = HeadSplit.of(head, in_shape)
+        split = HeadSplit.of(head, in_shape, weights=False)
         if split is None:
             return cls(flops)
         prefix = split.prefix_flops(Region(0, split.height, 0, split.width))

@@ -2,7 +2,7 @@
 `Connection` that moves their bytes. See docs/architecture.md, "Wire"."""
 
 from meshci.wire.blobs import pickle_blob, unpickle_trusted
-from meshci.wire.connection import Connection, HandshakeLimiter
+from meshci.wire.connection import Connection, FrameArrival, HandshakeLimiter
 from meshci.wire.errors import (
     AuthenticationError,
     ConnectionClosed,
@@ -37,6 +37,7 @@ __all__ = [
     "FrameDecoder",
     "FrameMac",
     "Handshake",
+    "FrameArrival",
     "HandshakeLimiter",
     "HandshakeRefused",
     "HandshakeResult",

@@ -11,10 +11,15 @@ through a small scratch buffer; reads never reach past the current frame.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
 import ssl as ssl_module
+import struct
+import termios
+import time
 from collections import deque
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, cast
 
@@ -43,6 +48,38 @@ SCRATCH_BYTES = 64 << 10
 # Memory held per connection while the application is not receiving: about these limits.
 RECV_QUEUE_MESSAGES = 64
 RECV_QUEUE_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class FrameArrival:
+    """When a received frame's bytes arrived (this process's `time.perf_counter()`): its
+    first read at `began` carried `first_bytes` of it, its last byte came at `ended`. The
+    rest, `nbytes - first_bytes`, crossed the link in `ended - began`: the link's delivered
+    rate, measured where the bytes land rather than where `send()` returned."""
+
+    nbytes: int
+    began: float
+    ended: float
+    first_bytes: int
+
+    def rate_sample(self, min_bytes: int) -> tuple[int, float] | None:
+        """(bytes, seconds) for a bandwidth sample, or None when too little of the frame
+        arrived after its first read to say anything."""
+        streamed = self.nbytes - self.first_bytes
+        seconds = self.ended - self.began
+        if streamed < min_bytes or seconds <= 0:
+            return None
+        return streamed, seconds
+
+
+def _waiting_bytes(fd: int) -> int:
+    """Bytes received by the kernel on socket `fd` and not yet read (0 if unknown)."""
+    if fd < 0:
+        return 0
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+    except OSError:
+        return 0
 
 
 class HandshakeLimiter:
@@ -87,12 +124,15 @@ class _WireProtocol(asyncio.BufferedProtocol):
     def __init__(self, decoder: FrameDecoder) -> None:
         self.decoder = decoder
         self.transport: asyncio.Transport | None = None
+        self._fd = -1  # the socket, to see how many bytes wait in the kernel
         self.copied_bytes = 0  # bytes that went through the scratch buffer
         self.direct_bytes = 0  # bytes received straight into payload buffers
         self._loop = asyncio.get_running_loop()
         self._scratch = memoryview(bytearray(SCRATCH_BYTES))
         self._direct = False
-        self._messages: deque[tuple[Message, int]] = deque()
+        self._messages: deque[tuple[Message, int, FrameArrival]] = deque()
+        self._frame_began = 0.0  # when the first bytes of the frame being received arrived
+        self._frame_first = 0  # how many of its bytes came in that first read
         self._queued_bytes = 0
         self._partial = 0  # bytes received of frames not yet complete
         self._queue_messages = 1
@@ -114,6 +154,8 @@ class _WireProtocol(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        self._fd = sock.fileno() if sock is not None else -1
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._error is None:
@@ -126,7 +168,16 @@ class _WireProtocol(asyncio.BufferedProtocol):
             return self._scratch
         return self._scratch[: self.decoder.read_hint(SCRATCH_BYTES)]
 
+    def _arrived(self, nbytes: int) -> float:
+        """Note `nbytes` read now; returns now. At a frame's first read, the bytes already
+        waiting in the kernel count as arrived then too (they did not stream in after)."""
+        now = time.perf_counter()
+        if self._partial == 0:
+            self._frame_began, self._frame_first = now, nbytes + _waiting_bytes(self._fd)
+        return now
+
     def buffer_updated(self, nbytes: int) -> None:
+        now = self._arrived(nbytes)
         self._partial += nbytes
         if self._direct:
             self.direct_bytes += nbytes
@@ -134,7 +185,7 @@ class _WireProtocol(asyncio.BufferedProtocol):
         elif self._error is None:
             self.copied_bytes += nbytes
             self.decoder.feed(self._scratch[:nbytes])
-        self._parse()
+        self._parse(now)
 
     def data_received(self, data: bytes) -> None:
         """Bytes that reached us as an object: those a StreamReader had buffered before
@@ -175,18 +226,23 @@ class _WireProtocol(asyncio.BufferedProtocol):
                 waiter.set_result(None)
 
     # -- parsing and back-pressure ---------------------------------------------------------
-    def _parse(self) -> None:
+    def _parse(self, now: float | None = None) -> None:
         if self._error is not None:
             return
+        now = time.perf_counter() if now is None else now
         try:
             while not self._held:
                 msg = self.decoder.next_message()
                 if msg is None:
                     break
                 size = self.decoder.last_frame_bytes
-                self._messages.append((msg, size))
+                arrival = FrameArrival(size, self._frame_began, now, min(self._frame_first, size))
+                self._messages.append((msg, size, arrival))
                 self._queued_bytes += size
                 self._partial = max(0, self._partial - size)
+                # the rest of this read (and what waits behind it) begins the next frame
+                self._frame_began = now
+                self._frame_first = self._partial + (_waiting_bytes(self._fd) if self._partial else 0)
                 if not self._below_limits():
                     self._hold()
         except RemoteProtocolError as exc:  # the stream is unusable: stop; recv() reports it
@@ -225,18 +281,18 @@ class _WireProtocol(asyncio.BufferedProtocol):
             self._release()
 
     # -- what Connection awaits ------------------------------------------------------------
-    async def next_message(self) -> tuple[Message, int]:
+    async def next_message(self) -> tuple[Message, int, FrameArrival]:
         """The next message and its size on the wire. Raises RemoteProtocolError (bad or
         truncated frame) or ConnectionClosed."""
         while True:
             if self._messages:
-                msg, size = self._messages.popleft()
+                msg, size, arrival = self._messages.popleft()
                 self._queued_bytes -= size
                 if self._held and self._queue_messages > 1 and self._below_limits():
                     # Read on as soon as there is room (a peer's TLS close_notify, too).
                     # Not during the handshake: the next frame may need the new MAC key.
                     self._release()
-                return msg, size
+                return msg, size, arrival
             if self._error is not None:
                 raise self._error
             # Waiting first, then releasing: with a waiter present a frame of any size may
@@ -306,6 +362,7 @@ class Connection:
         self.peer_address: Any = transport.get_extra_info("peername")
         self.bytes_sent = bytes_sent
         self.bytes_received = bytes_received
+        self.last_arrival: FrameArrival | None = None  # of the message recv() returned last
         self._send_mac: FrameMac | None = result.send_mac
         self._max_frame_bytes = max_frame_bytes
         self._send_lock = asyncio.Lock()
@@ -405,7 +462,7 @@ class Connection:
                     counts[0] += _write_small(transport, encode(msg))
                 await protocol.drain()
                 while not handshake.complete:
-                    msg, n = await protocol.next_message()
+                    msg, n, _arrival = await protocol.next_message()
                     counts[1] += n
                     for reply in handshake.receive(msg):
                         counts[0] += _write_small(transport, encode(reply))
@@ -506,7 +563,7 @@ class Connection:
             raise ConnectionClosed(f"connection to {self.peer_name!r} is closed")
         async with self._recv_lock:
             try:
-                msg, size = await self._proto.next_message()
+                msg, size, self.last_arrival = await self._proto.next_message()
             except RemoteProtocolError as exc:  # stream state unknown: abort, never resync
                 log.warning(
                     "protocol error from %r at %s: %s; aborting connection",

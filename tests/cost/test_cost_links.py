@@ -50,3 +50,13 @@ def test_ignores_useless_samples():
 def test_bad_alpha():
     with pytest.raises(ValueError):
         LinkEstimator(alpha=0.0)
+
+
+def test_arrival_samples_are_pure_bandwidth() -> None:
+    est = LinkEstimator()
+    est.observe_rtt("p", 0.010)
+    est.observe_arrival("p", 1_250_000, 0.1)  # 10 Mbit in 0.1 s: no latency to take off
+    assert est.measured_mbps("p") == pytest.approx(100.0)
+    assert est.measured_mbps("q") is None
+    est.observe_arrival("p", 100, 0.0)  # too small / no time: ignored
+    assert est.estimate("p", LinkSpec(1.0, 1.0)).mbps == pytest.approx(100.0)

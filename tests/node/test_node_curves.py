@@ -159,3 +159,28 @@ def test_auction_items_name_the_model_and_size(trunk) -> None:
     items = auction_items(trunk, plan)
     assert {item.model for item in items} == {"small@32x32"}
     assert Item.from_json(json.loads(json.dumps(items[0].to_json()))) == items[0]
+
+
+def test_each_end_measures_what_it_receives_and_the_slower_direction_counts() -> None:
+    # a measured 40 Mbit/s into b, 25 into a; c measured nothing large from a (0) and
+    # neither end measured the b-c pair
+    me = Advert(1.0, links=(("b", 25.0, 2.0), ("c", 0.0, 3.0)))
+    peers = [peer("b", Advert(1.0, links=(("a", 40.0, 1.0), ("c", 0.0, 1.0)))),
+             peer("c", Advert(1.0, links=(("a", 60.0, 4.0),)))]
+    cluster = cluster_from_view("a", me, peers, LINK)
+    ab, ac = cluster.link("a", "b"), cluster.link("a", "c")
+    assert (ab.mbps, ab.latency_ms) == (25.0, 2.0)  # the slower direction; the requester's latency
+    assert (ac.mbps, ac.latency_ms) == (60.0, 3.0)  # only c measured the rate
+    assert cluster.link("b", "c").mbps == LINK.mbps  # unmeasured: the default
+
+
+def test_a_devices_advertised_tile_overhead_reaches_the_planner() -> None:
+    me = Advert(1.0, tile_ms=2.5)
+    cluster = cluster_from_view("a", me, [peer("b", Advert(1.0))], LINK)
+    overheads = {d.name: d.tile_overhead_s for d in cluster.devices}
+    assert overheads == {"a": pytest.approx(0.0025), "b": 0.0}
+    again = Advert.from_json(json.loads(json.dumps(me.to_json())))
+    assert again.tile_ms == 2.5
+    for bad in (-1.0, float("1e300"), True, "3"):
+        with pytest.raises(ValueError, match="tile_ms"):
+            Advert.from_json({**me.to_json(), "tile_ms": bad})

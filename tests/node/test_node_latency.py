@@ -33,14 +33,15 @@ def test_waiting_behind_own_compute_is_not_charged_to_the_link() -> None:
     assert costs.delivery_s("b") == pytest.approx(0.001)
 
 
-def test_link_latency_adds_handling_and_damps_outliers() -> None:
+def test_link_latency_is_the_delivery_and_damps_outliers() -> None:
     costs = BoundaryCosts(alpha=0.5)
     costs.observe_echo("b", rtt_s=0.0, peer_wall=0.0, my_wall_now=0.0)
     costs.observe_delivery("b", sent_wall=1.0, handled_wall=1.002)
     costs.observe_delivery("b", sent_wall=2.0, handled_wall=3.0)  # one stuck message
     assert costs.delivery_s("b") == pytest.approx(0.5 * 0.002 + 0.5 * (3 * 0.002 + 0.002))
-    costs.observe_handling(0.001)
-    assert costs.link_latency_ms("b", fallback_ms=9.0) == pytest.approx((costs.delivery_s("b") + 0.001) * 1e3)
+    costs.observe_handling(0.001)  # the node's own per-tile cost: advertised apart (Advert.tile_ms)
+    assert costs.link_latency_ms("b", fallback_ms=9.0) == pytest.approx(costs.delivery_s("b") * 1e3)
+    assert costs.handling_s == pytest.approx(0.001)
     costs.forget("b")
     assert costs.peers() == []
 

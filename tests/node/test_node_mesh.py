@@ -83,6 +83,12 @@ def test_boundary_rows_travel_peer_to_peer(mesh3: LocalMesh) -> None:
     worker_tiles = sum(a["sent_bytes"].get("TILE", 0) - b["sent_bytes"].get("TILE", 0)
                        for a, b in zip(after[1:], before[1:]))
     assert worker_tiles > 0
+    # every device that computed tiles measured what a tile costs it beyond the compute,
+    # and advertises it (the planner charges it per tile)
+    for a, b in zip(after, before):
+        if a["tiles_computed"] > b["tiles_computed"]:
+            assert a["tile_handling_ms"] > 0
+            assert a["advert"]["tile_ms"] == pytest.approx(a["tile_handling_ms"], rel=5e-3)
     for strategy in ("modnn", "aofl"):
         previous = _stats(mesh3, 0)["relayed_boundary_bytes"]
         meta, _ = _infer(mesh3, 0, model="resnet34", strategy=strategy, size=SMALL)

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import itertools
 import random
+from dataclasses import replace
 
 import pytest
 
-from meshci.cost import CostModel, random_cluster
+from meshci.cost import Cluster, CostModel, Device, LinkSpec, random_cluster
+from meshci.planning import make_plan
 from meshci.planning.dpfl import dpfl
 from meshci.planning.edgeci import degree_candidates
 from meshci.planning.evaluate import timeline
@@ -46,6 +48,9 @@ def brute_force(model: CostModel, routing: str) -> float:
 def test_dpfl_equals_brute_force(five_trunk, seed, routing):
     rng = random.Random(seed)
     cluster = random_cluster(rng.randint(2, 4), rng, medium="shared" if seed % 2 else "switched")
+    if seed >= 3:  # devices that pay a measured overhead per tile
+        cluster = replace(cluster, devices=tuple(replace(d, tile_overhead_s=rng.uniform(0.0, 2e-4))
+                                                 for d in cluster.devices))
     model = CostModel(five_trunk, cluster)
     result = dpfl(model, lambda s, e: degree_candidates(model, s, e), routing=routing)
     assert result.latency_s == pytest.approx(brute_force(model, routing), rel=1e-9)
@@ -79,3 +84,15 @@ def test_upper_bound_pruning_is_exact(models_64, seed):
     bounded = dpfl(model, lambda s, e: degree_candidates(model, s, e), upper_bound=coarse.latency_s)
     assert bounded.latency_s == pytest.approx(plain.latency_s, rel=1e-12)
     assert bounded.transitions <= plain.transitions
+
+
+def test_expensive_tiles_make_dpfl_cut_less(small_models):
+    """A device's per-tile overhead (what a boundary costs its CPU, as its node measures and
+    advertises it) is charged for every tile: the dearer a tile, the fewer the blocks."""
+    blocks = []
+    for overhead in (0.0, 5e-3, 5e-2):
+        devices = tuple(Device(f"d{i}", g, tile_overhead_s=overhead) for i, g in enumerate((1.5, 2.5, 2.5, 3.5)))
+        cluster = Cluster(devices, LinkSpec(1000.0, 0.5), {}, "switched", "d0")
+        plan = make_plan(small_models["vgg16"], cluster, "edgeci")
+        blocks.append(len(plan.blocks))
+    assert blocks[0] > blocks[1] > blocks[2] >= 1, blocks

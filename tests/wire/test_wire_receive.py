@@ -183,3 +183,33 @@ async def test_listener_refuses_connections_beyond_its_handshake_cap(caplog: pyt
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_a_frame_that_trickles_in_is_timed_as_it_arrives() -> None:
+    """The receiver times a frame from its first read to its last byte: a frame whose
+    bytes come in over ~0.2 s is measured at that pace, however fast `send()` returned
+    on the other side (that is when the bytes left, not when they landed)."""
+    from wire_helpers import frame_bytes
+
+    client, server_conn, server = await _pair(secret=None)
+    try:
+        msg = Message(MsgType.TILE, 5, {"rows": [0, 1]}, (torch.arange(1 << 18, dtype=torch.float32),))
+        data = frame_bytes(msg)
+        step = len(data) // 10
+        for i in range(0, len(data), step):
+            client._transport.write(data[i:i + step])  # as a slow link would deliver it
+            await asyncio.sleep(0.02)
+        got = await asyncio.wait_for(server_conn.recv(), WAIT)
+        assert same_message(got, msg)
+        arrival = server_conn.last_arrival
+        assert arrival is not None and arrival.nbytes == len(data)
+        streamed, seconds = arrival.rate_sample(min_bytes=1)
+        assert streamed >= len(data) - 2 * step
+        assert seconds >= 0.1  # at least 8 of the 10 pauses lie between first and last read
+        # a frame that arrives at once gives no rate (nothing streamed after its first read)
+        small = Message(MsgType.TILE, 6, {}, (torch.zeros(16),))
+        client._transport.write(frame_bytes(small))
+        await asyncio.wait_for(server_conn.recv(), WAIT)
+        assert server_conn.last_arrival.rate_sample(min_bytes=1) is None
+    finally:
+        await close_pair(client, server_conn, server)
