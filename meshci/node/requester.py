@@ -59,7 +59,9 @@ STANDING_PLANS = 16  # standing plans kept (least recently used beyond)
 LINK_STEP = 2.0  # a standing plan is made again when a link's measured cost moves by this factor
 RATIO_STEP = 1.05  # ... or a device's learned compute ratio moves by this factor
 REPLAN_MIN_S = 10.0  # ... at most this often: planning competes with tiles for the CPU
-AUCTION_MIN_S = 2.0  # a standing award is auctioned again at most this often
+# a standing award is auctioned again at most this often: an auction costs every bidder
+# CPU, and the load it reacts to is mostly the requests it serves
+AUCTION_MIN_S = 10.0
 BACKLOG_STEP = 0.25  # a bidder's backlog moves a step per this share of the plan's latency
 PLANS_PER_PEER = 32  # plans a peer keeps from us (mirrors `worker.PLANS_PER_REQUESTER`)
 
@@ -507,7 +509,10 @@ class Requester:
         computing = frozenset(t.device for b in plan.blocks for t in b.tiles)
         if cold or not all(d.curves for d in raw_cluster.devices if d.name in computing):
             return
-        view = (plan.digest(), _cluster_key(raw_cluster), _ratio_signature(self.calibration.compute_ratio))
+        # by the coarse view (the steps that re-plan): exact figures move on every request,
+        # and evaluating a plan costs a slow requester tens of ms of CPU
+        view = (plan.digest(), device_signature(raw_cluster), _bidder_signature(raw_cluster, plan),
+                _ratio_signature(self.calibration.compute_ratio))
         predicted = self._predicted.get(view)
         if predicted is None:
             try:
@@ -538,19 +543,16 @@ def _bidder_signature(cluster: Cluster, plan: Plan) -> tuple[Any, ...]:
     return backlogs + _link_signature(cluster)
 
 
-def _cluster_key(cluster: Cluster) -> tuple[Any, ...]:
-    return (device_signature(cluster), tuple(sorted((d.name, round(d.backlog_s, 3)) for d in cluster.devices)),
-            tuple(sorted((tuple(sorted(k)), v.mbps, v.latency_ms) for k, v in cluster.links.items())))
-
-
-def _link_signature(cluster: Cluster) -> tuple[tuple[str, str, int, int], ...]:
-    """The cluster's links on a coarse logarithmic scale (factors of 2): a plan made for
-    one set of measured link costs serves requests until they move by a step."""
+def _link_signature(cluster: Cluster) -> tuple[tuple[Any, ...], ...]:
+    """The cluster's links and the devices' per-tile overheads on a coarse logarithmic
+    scale (factors of 2): a plan made for one set of measured costs serves requests until
+    they move by a step."""
     def step(value: float) -> int:
         return round(math.log(max(value, 1e-3)) / math.log(LINK_STEP))
 
-    return tuple(sorted((*sorted(pair), step(spec.latency_ms), step(spec.mbps))
-                        for pair, spec in cluster.links.items()))
+    links = tuple(sorted((*sorted(pair), step(spec.latency_ms), step(spec.mbps))
+                         for pair, spec in cluster.links.items()))
+    return links + tuple(sorted((d.name, step(d.tile_overhead_s * 1e3)) for d in cluster.devices))
 
 
 def _ratio_signature(ratios: dict[str, float]) -> tuple[tuple[str, int], ...]:
