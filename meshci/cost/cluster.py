@@ -14,6 +14,14 @@ may also carry measured per-segment latency curves (``Device.curves``, see
 ``medium: shared`` means every transfer uses one channel (a WiFi cell); ``switched`` means
 each pair of devices has its own link. A link named ``a~b`` is symmetric.
 
+Emulated boards (the testbed, ``meshci demo --cluster``): a device may name a board
+(``"profile": "rpi4"``, see `DEVICE_PROFILES`), which gives its nominal ``gflops`` and its
+CPU quota on the emulating machine, or give its quota (``"cpu": 0.25``, nominal speed
+``GFLOPS_PER_CPU`` per CPU). ``uplink_mbps``/``downlink_mbps`` cap a device's own traffic
+(a NIC, a WiFi client); the planner sees each pair's link at the slowest of the pair's
+rate and both ends' caps. Links may also give ``jitter_ms`` and ``loss_pct`` (used by the
+testbed; the planner ignores them).
+
 Online, the mesh node builds the same `Cluster` from gossiped peer state.
 """
 
@@ -144,30 +152,105 @@ def _link(entry: Any, where: str) -> LinkSpec:
     for key in ("mbps", "latency_ms"):
         if key not in entry:
             raise ClusterFileError(f"{where}.{key}: missing")
+    _number(entry.get("jitter_ms", 0.0), f"{where}.jitter_ms", positive=False)
+    if _number(entry.get("loss_pct", 0.0), f"{where}.loss_pct", positive=False) >= 100:
+        raise ClusterFileError(f"{where}.loss_pct: must be below 100")
     return LinkSpec(
         mbps=_number(entry["mbps"], f"{where}.mbps"),
         latency_ms=_number(entry["latency_ms"], f"{where}.latency_ms", positive=False),
     )
 
 
+@dataclass(frozen=True)
+class DeviceProfile:
+    """An emulated board: its nominal speed (for plans and simulations) and the CPU quota
+    that stands for it on the emulating machine (cores of this machine, see the README)."""
+
+    gflops: float
+    cpu: float
+    memory_mb: int
+
+
+# Quotas at GFLOPS_PER_CPU nominal GFLOP/s per CPU of the emulating machine, so that the
+# boards keep their ratios; 4 x rpi4 take 1.2 CPUs, the most a 2-core machine gives nodes.
+GFLOPS_PER_CPU = 20.0
+DEVICE_PROFILES = {
+    "rpi3": DeviceProfile(gflops=2.5, cpu=0.125, memory_mb=1024),
+    "rpi4": DeviceProfile(gflops=6.0, cpu=0.3, memory_mb=2048),
+    "jetson-nano": DeviceProfile(gflops=8.0, cpu=0.4, memory_mb=4096),
+}
+
+
+def device_cpu(entry: Mapping[str, Any], where: str = "device") -> float | None:
+    """The CPU quota a device entry asks for (``cpu``, else its ``profile``'s), or None."""
+    if "cpu" in entry:
+        cpu = _number(entry["cpu"], f"{where}.cpu")
+        if cpu > 64:
+            raise ClusterFileError(f"{where}.cpu: {cpu} CPUs is more than any machine here has")
+        return cpu
+    profile = _profile(entry, where)
+    return profile.cpu if profile is not None else None
+
+
+def _profile(entry: Mapping[str, Any], where: str) -> DeviceProfile | None:
+    if "profile" not in entry:
+        return None
+    name = entry["profile"]
+    if name not in DEVICE_PROFILES:
+        raise ClusterFileError(f"{where}.profile: {name!r} is not one of {', '.join(DEVICE_PROFILES)}")
+    return DEVICE_PROFILES[name]
+
+
 def _device(entry: Any, i: int) -> Device:
     where = f"devices[{i}]"
     if not isinstance(entry, Mapping):
         raise ClusterFileError(f"{where}: must be an object")
-    for key in ("name", "gflops"):
-        if key not in entry:
-            raise ClusterFileError(f"{where}.{key}: missing")
+    if "name" not in entry:
+        raise ClusterFileError(f"{where}.name: missing")
+    profile = _profile(entry, where)
+    cpu = device_cpu(entry, where)
+    if "gflops" in entry:
+        gflops = _number(entry["gflops"], f"{where}.gflops")
+    elif profile is not None:
+        gflops = profile.gflops
+    elif cpu is not None:
+        gflops = cpu * GFLOPS_PER_CPU
+    else:
+        raise ClusterFileError(f"{where}.gflops: missing (give gflops, a profile or a cpu quota)")
     name = entry["name"]
     if not isinstance(name, str) or not name or "~" in name:
         raise ClusterFileError(f"{where}.name: must be a non-empty string without '~', got {name!r}")
-    memory = entry.get("memory_mb", 1024)
+    memory = entry.get("memory_mb", profile.memory_mb if profile is not None else 1024)
     _number(memory, f"{where}.memory_mb")
+    for key in ("uplink_mbps", "downlink_mbps"):
+        if key in entry:
+            _number(entry[key], f"{where}.{key}")
     return Device(
         name=name,
-        gflops=_number(entry["gflops"], f"{where}.gflops"),
+        gflops=gflops,
         memory_mb=int(memory),
         backlog_s=_number(entry.get("backlog_s", 0.0), f"{where}.backlog_s", positive=False),
     )
+
+
+def _with_device_caps(raw_devices: list[Any], default: LinkSpec,
+                      links: dict[frozenset[str], LinkSpec]) -> dict[frozenset[str], LinkSpec]:
+    """Every pair's link at the slowest of its own rate and both ends' uplink/downlink caps
+    (symmetric, as the planner's links are); unchanged when no device has caps."""
+    caps = {e["name"]: min(float(e.get("uplink_mbps", math.inf)), float(e.get("downlink_mbps", math.inf)))
+            for e in raw_devices}
+    if all(math.isinf(c) for c in caps.values()):
+        return links
+    names = list(caps)
+    out = dict(links)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            pair = frozenset((a, b))
+            spec = links.get(pair, default)
+            mbps = min(spec.mbps, caps[a], caps[b])
+            if mbps < spec.mbps or pair in links:
+                out[pair] = LinkSpec(mbps, spec.latency_ms)
+    return out
 
 
 def cluster_from_dict(data: Any) -> Cluster:
@@ -206,6 +289,7 @@ def cluster_from_dict(data: Any) -> Cluster:
             if part not in names:
                 raise ClusterFileError(f"links.{key}: unknown device {part!r}")
         links[frozenset(parts)] = _link(entry, f"links.{key}")
+    links = _with_device_caps(raw_devices, default, links)
     medium = data["medium"]
     if medium not in MEDIA:
         raise ClusterFileError(f"medium: must be one of {', '.join(MEDIA)}, got {medium!r}")
@@ -240,15 +324,19 @@ def load_cluster(source: str | Path | Mapping[str, Any]) -> Cluster:
                 f"cluster: no file {str(source)!r} and no shipped cluster of that name "
                 f"(shipped: {known}; generated: pi-N-shared|switched[-MBPS])"
             )
+    return cluster_from_dict(read_cluster_file(path))
+
+
+def read_cluster_file(path: Path) -> Any:
+    """The parsed JSON of a cluster file; `ClusterFileError` with one clear line otherwise."""
     try:
-        data = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         # a syntax error in the user's file: report it as a cluster-file error with its position
         raise ClusterFileError(f"cluster file {path}: not valid JSON ({exc})") from exc
     except OSError as exc:
         # unreadable path (directory, permissions): one clear line instead of a trace
         raise ClusterFileError(f"cluster file {path}: {exc.strerror}") from exc
-    return cluster_from_dict(data)
 
 
 # Effective GFLOP/s of Pi-class boards on fp32 CNN inference with PyTorch (rough, for planning

@@ -66,7 +66,13 @@ def cpu_quota() -> str:
     """The CPU quota of this process's cgroup (``"25000 100000"``: quota and period in
     microseconds, from v2 ``cpu.max`` or v1 ``cpu.cfs_quota_us``/``cpu.cfs_period_us``), or
     ``"max"`` where there is none or it cannot be read: devices emulated by quotas on one
-    machine must not share their profiles."""
+    machine must not share their profiles.
+
+    ``$MESHCI_CPU_QUOTA`` (same form), when set, is taken as the quota: a launcher that put
+    the process in a cgroup it cannot see (``ip netns exec`` remounts /sys) states it."""
+    stated = os.environ.get("MESHCI_CPU_QUOTA", "").strip()
+    if stated:
+        return stated
     hierarchy = cpu_hierarchy()
     if hierarchy is None:
         return "max"

@@ -13,6 +13,11 @@ relay can only add delay to bytes, never drop segments).
 
 `DelayLine` is the pure core (bytes in with a timestamp, due bytes out); the asyncio
 part only moves bytes and sleeps until the next chunk is due.
+
+The emulated cluster (`meshci.testbed.bed`) runs one relay per device in front of its
+node: ``--delay-from IP=MS`` gives each source its own one-way delay (per-pair delays),
+``--jitter-ms J`` draws each chunk's delay uniformly within +-J ms (never reordering
+bytes), and ``--forward LISTEN=TARGET`` serves more ports from the same process.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import argparse
 import asyncio
 import collections
 import logging
+import random
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,10 +43,15 @@ class DelayLine:
     delay_s: float
     _chunks: collections.deque[tuple[float, bytes]] = field(default_factory=collections.deque)
     buffered: int = 0
+    _last_due: float = float("-inf")
 
-    def push(self, data: bytes, now: float) -> None:
+    def push(self, data: bytes, now: float, jitter_s: float = 0.0) -> None:
+        """Hold `data` for the delay plus `jitter_s` (may be negative), never releasing it
+        before bytes that came earlier (a byte stream is not reordered)."""
         if data:
-            self._chunks.append((now + self.delay_s, data))
+            due = max(self._last_due, now + max(0.0, self.delay_s + jitter_s))
+            self._last_due = due
+            self._chunks.append((due, data))
             self.buffered += len(data)
 
     def next_due(self) -> float | None:
@@ -58,10 +69,12 @@ class DelayLine:
 
 
 async def _pipe(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay_s: float, max_buffer: int
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay_s: float, max_buffer: int,
+    jitter_s: float = 0.0,
 ) -> None:
     """Copy reader -> writer with a delay; stop reading while `max_buffer` bytes are held (back-pressure)."""
     loop = asyncio.get_running_loop()
+    rng = random.Random()
     line = DelayLine(delay_s)
     changed = asyncio.Event()
     eof = False
@@ -77,7 +90,7 @@ async def _pipe(
                 eof = True
                 changed.set()
                 return
-            line.push(data, loop.time())
+            line.push(data, loop.time(), rng.uniform(-jitter_s, jitter_s) if jitter_s else 0.0)
             changed.set()
 
     async def pump_out() -> None:
@@ -115,13 +128,29 @@ class RelayConfig:
     target_port: int
     delay_ms: float
     max_buffer: int = 8 << 20
+    delay_from: tuple[tuple[str, float], ...] = ()  # (source ip, one-way ms): overrides delay_ms
+    jitter_ms: float = 0.0
 
 
 async def run_relay(config: RelayConfig, ready: asyncio.Future[int] | None = None) -> None:
     """Serve until cancelled; `ready` gets the bound port (useful with listen_port 0)."""
-    delay_s = config.delay_ms / 1e3
+    server = await start_relay(config)
+    port = server.sockets[0].getsockname()[1]
+    if ready is not None:
+        ready.set_result(port)
+    async with server:
+        await server.serve_forever()
+
+
+async def start_relay(config: RelayConfig) -> asyncio.base_events.Server:
+    """A listening relay server for `config` (not yet serving forever)."""
+    by_source = dict(config.delay_from)
+    jitter_s = config.jitter_ms / 1e3
 
     async def handle(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        peer = client_writer.get_extra_info("peername")
+        source = peer[0] if isinstance(peer, tuple) else ""
+        delay_s = by_source.get(source, config.delay_ms) / 1e3
         try:
             target_reader, target_writer = await asyncio.open_connection(config.target_host, config.target_port)
         except OSError as exc:
@@ -131,8 +160,8 @@ async def run_relay(config: RelayConfig, ready: asyncio.Future[int] | None = Non
             return
         try:
             await asyncio.gather(
-                _pipe(client_reader, target_writer, delay_s, config.max_buffer),
-                _pipe(target_reader, client_writer, delay_s, config.max_buffer),
+                _pipe(client_reader, target_writer, delay_s, config.max_buffer, jitter_s),
+                _pipe(target_reader, client_writer, delay_s, config.max_buffer, jitter_s),
             )
         except (ConnectionError, OSError) as exc:
             # one side reset: the other side gets closed below, like a dropped link
@@ -141,12 +170,7 @@ async def run_relay(config: RelayConfig, ready: asyncio.Future[int] | None = Non
             client_writer.close()
             target_writer.close()
 
-    server = await asyncio.start_server(handle, config.listen_host, config.listen_port)
-    port = server.sockets[0].getsockname()[1]
-    if ready is not None:
-        ready.set_result(port)
-    async with server:
-        await server.serve_forever()
+    return await asyncio.start_server(handle, config.listen_host, config.listen_port)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -155,15 +179,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--target", required=True, help="HOST:PORT")
     parser.add_argument("--delay-ms", type=float, required=True, help="one-way delay added in each direction")
     parser.add_argument("--max-buffer", type=int, default=8 << 20, help="bytes held per direction before reading pauses")
+    parser.add_argument("--delay-from", action="append", default=[], metavar="IP=MS",
+                        help="one-way delay for connections from this source address (repeatable)")
+    parser.add_argument("--jitter-ms", type=float, default=0.0, help="each chunk's delay varies within +-this")
+    parser.add_argument("--forward", action="append", default=[], metavar="LISTEN=TARGET",
+                        help="also relay LISTEN (HOST:PORT) to TARGET, with the same delays (repeatable)")
     args = parser.parse_args(argv)
-    listen_host, _, listen_port = args.listen.rpartition(":")
-    target_host, _, target_port = args.target.rpartition(":")
-    config = RelayConfig(listen_host, int(listen_port), target_host, int(target_port), args.delay_ms, args.max_buffer)
+    delay_from = []
+    for item in args.delay_from:
+        source, _, ms = item.partition("=")
+        delay_from.append((source, float(ms)))
+    pairs = [(args.listen, args.target)] + [tuple(item.split("=", 1)) for item in args.forward]
+    configs = []
+    for listen, target in pairs:
+        listen_host, _, listen_port = listen.rpartition(":")
+        target_host, _, target_port = target.rpartition(":")
+        configs.append(RelayConfig(listen_host, int(listen_port), target_host, int(target_port), args.delay_ms,
+                                   args.max_buffer, tuple(delay_from), args.jitter_ms))
 
     async def serve() -> None:
-        ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        ready.add_done_callback(lambda f: print(f"ready {f.result()}", flush=True))
-        await run_relay(config, ready)
+        servers = [await start_relay(config) for config in configs]
+        print("ready " + " ".join(str(s.sockets[0].getsockname()[1]) for s in servers), flush=True)
+        await asyncio.gather(*(s.serve_forever() for s in servers))
 
     try:
         asyncio.run(serve())
