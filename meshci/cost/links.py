@@ -24,6 +24,9 @@ class _Estimate:
     mbps: float | None = None
     rtt_s: float | None = None
     samples: int = 0
+    # arrivals: decayed sums of bytes and of the seconds they took (their ratio is the rate)
+    arrived_bytes: float = 0.0
+    arrived_s: float = 0.0
 
 
 @dataclass
@@ -62,11 +65,20 @@ class LinkEstimator:
 
     def observe_arrival(self, peer: str, n_bytes: int, seconds: float) -> None:
         """``n_bytes`` from ``peer`` arrived here over ``seconds`` (from the first read of
-        a frame to its last byte, so no latency is in it): a bandwidth sample as delivered."""
+        a frame to its last byte, so no latency is in it): a bandwidth sample as delivered.
+
+        The estimate is the recent bytes over the recent seconds they took (both sums decay
+        by ``1 - alpha`` per sample), not an average of per-frame rates: a frame that reached
+        the receiver in a burst (an emulated link's relay or a switch releasing a queue, the
+        receiver's own process paused) has a high rate but few seconds, so it moves the
+        estimate by its seconds, not by its rate."""
         if n_bytes < self.min_bytes or not math.isfinite(seconds) or seconds <= 0:
             return
         est = self._peers.setdefault(peer, _Estimate())
-        est.mbps = self._ewma(est.mbps, n_bytes * 8.0 / seconds / 1e6)
+        keep = 1.0 - self.alpha
+        est.arrived_bytes = keep * est.arrived_bytes + n_bytes
+        est.arrived_s = keep * est.arrived_s + seconds
+        est.mbps = est.arrived_bytes * 8.0 / est.arrived_s / 1e6
         est.samples += 1
 
     def measured_mbps(self, peer: str) -> float | None:

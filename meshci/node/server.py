@@ -229,7 +229,7 @@ class Node:
         received_at = time.time()
         pieces = decode_pieces(msg.meta, msg.tensors)
         arrival = conn.last_arrival
-        if arrival is not None and (sample := arrival.rate_sample(self.links.min_bytes)) is not None:
+        if arrival is not None and (sample := arrival.rate_sample(RATE_SAMPLE_BYTES)) is not None:
             # bandwidth as delivered: bytes over the time they took to land here
             self.links.observe_arrival(conn.peer_name, *sample)
         sent_at = msg.meta.get("sent_at")
@@ -475,6 +475,12 @@ class Node:
             "bidder_backlog_s": self.worker.bidder.backlog_s - self.worker.bidder.base_backlog_s,
             "queued_s": round(self.runtime.queued_s, 9),
         }
+
+
+# a frame streams at least this many bytes after its first read to be a bandwidth sample: the
+# receiver sees arrivals only when its event loop runs, and on a device in a CPU quota that
+# is every few ms; shorter frames would time that rhythm, not the link
+RATE_SAMPLE_BYTES = 256 << 10
 
 
 def _path(meta: dict[str, Any], received_at: float) -> float:

@@ -14,6 +14,7 @@ import asyncio
 import fcntl
 import logging
 import os
+import socket
 import ssl as ssl_module
 import struct
 import termios
@@ -82,6 +83,27 @@ def _waiting_bytes(fd: int) -> int:
         return 0
 
 
+# tcp_info's tcpi_last_data_recv (ms since the kernel last received data on the socket):
+# after 8 one-byte fields and 11 u32 fields (linux/tcp.h, stable since 2.6)
+_TCP_INFO_LAST_DATA_RECV = 52
+# frames at least this large look up when their last byte reached the kernel
+PRECISE_END_BYTES = 64 << 10
+
+
+def _kernel_idle_s(sock: Any) -> float | None:
+    """Seconds since the kernel last received data on TCP socket `sock` (ms resolution), or
+    None where TCP_INFO is not available (another OS, a socket that is not TCP)."""
+    if sock is None or not hasattr(socket, "TCP_INFO"):
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LAST_DATA_RECV + 4)
+    except (OSError, AttributeError, ValueError):
+        return None
+    if len(info) < _TCP_INFO_LAST_DATA_RECV + 4:
+        return None
+    return struct.unpack_from("I", info, _TCP_INFO_LAST_DATA_RECV)[0] / 1000.0
+
+
 class HandshakeLimiter:
     """Caps the handshakes in progress on one listener.
 
@@ -125,6 +147,7 @@ class _WireProtocol(asyncio.BufferedProtocol):
         self.decoder = decoder
         self.transport: asyncio.Transport | None = None
         self._fd = -1  # the socket, to see how many bytes wait in the kernel
+        self._sock: Any = None  # and when its last bytes reached the kernel
         self.copied_bytes = 0  # bytes that went through the scratch buffer
         self.direct_bytes = 0  # bytes received straight into payload buffers
         self._loop = asyncio.get_running_loop()
@@ -156,6 +179,7 @@ class _WireProtocol(asyncio.BufferedProtocol):
         self.transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         self._fd = sock.fileno() if sock is not None else -1
+        self._sock = sock
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._error is None:
@@ -236,7 +260,8 @@ class _WireProtocol(asyncio.BufferedProtocol):
                 if msg is None:
                     break
                 size = self.decoder.last_frame_bytes
-                arrival = FrameArrival(size, self._frame_began, now, min(self._frame_first, size))
+                arrival = FrameArrival(size, self._frame_began, self._frame_ended(size, now),
+                                       min(self._frame_first, size))
                 self._messages.append((msg, size, arrival))
                 self._queued_bytes += size
                 self._partial = max(0, self._partial - size)
@@ -252,6 +277,15 @@ class _WireProtocol(asyncio.BufferedProtocol):
             # Nobody waits in recv(): do not run ahead further, even within a frame.
             self._hold()
         self._wake()
+
+    def _frame_ended(self, size: int, now: float) -> float:
+        """When a frame just completed by a read at `now` had its last byte in the kernel.
+        A process paused by its CPU quota reads a frame's tail late; when nothing beyond
+        the frame has arrived, the kernel's time of its last received data is the tail's."""
+        if size < PRECISE_END_BYTES or self._partial > size or _waiting_bytes(self._fd):
+            return now
+        idle = _kernel_idle_s(self._sock)
+        return now if idle is None else max(self._frame_began, now - idle)
 
     def _below_limits(self) -> bool:
         return (

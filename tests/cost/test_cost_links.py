@@ -60,3 +60,13 @@ def test_arrival_samples_are_pure_bandwidth() -> None:
     assert est.measured_mbps("q") is None
     est.observe_arrival("p", 100, 0.0)  # too small / no time: ignored
     assert est.estimate("p", LinkSpec(1.0, 1.0)).mbps == pytest.approx(100.0)
+
+
+def test_a_burst_moves_the_delivered_rate_by_its_seconds_not_its_rate() -> None:
+    est = LinkEstimator(alpha=0.3)
+    for _ in range(10):
+        est.observe_arrival("p", 1_250_000, 0.1)  # a steady 100 Mbit/s link
+    est.observe_arrival("p", 262_144, 0.002)  # one frame released in a burst: ~1000 Mbit/s
+    assert 100.0 < est.measured_mbps("p") < 115.0  # an EWMA of rates would read ~380
+    est.observe_arrival("p", 125_000, 0.1)  # the link slowed to 10 Mbit/s: followed, not ignored
+    assert est.measured_mbps("p") < 85.0

@@ -213,3 +213,34 @@ async def test_a_frame_that_trickles_in_is_timed_as_it_arrives() -> None:
         assert server_conn.last_arrival.rate_sample(min_bytes=1) is None
     finally:
         await close_pair(client, server_conn, server)
+
+
+async def test_a_frame_read_late_is_timed_by_when_its_tail_reached_the_kernel() -> None:
+    """A receiver paused by its CPU quota reads a frame's tail late; the frame's end is when
+    its last bytes reached the kernel (TCP_INFO), not the late read, so a paused receiver
+    does not read its link as slower than it is."""
+    import time
+
+    from wire_helpers import frame_bytes
+
+    from meshci.wire.connection import _kernel_idle_s
+
+    client, server_conn, server = await _pair(secret=None)
+    try:
+        if _kernel_idle_s(server_conn._proto._sock) is None:
+            pytest.skip("no TCP_INFO on this platform")
+        msg = Message(MsgType.TILE, 7, {}, (torch.arange(1 << 18, dtype=torch.float32),))
+        data = frame_bytes(msg)
+        step = len(data) // 10
+        chunks = [data[i:i + step] for i in range(0, len(data), step)]
+        for chunk in chunks[:-1]:
+            client._transport.write(chunk)
+            await asyncio.sleep(0.02)
+        client._transport.write(chunks[-1])  # the tail lands now...
+        time.sleep(0.3)  # ...while the receiver's process is paused
+        got = await asyncio.wait_for(server_conn.recv(), WAIT)
+        assert same_message(got, msg)
+        _, seconds = server_conn.last_arrival.rate_sample(min_bytes=1)
+        assert 0.1 <= seconds < 0.3, seconds  # the ~0.18 s it streamed, not the 0.48 s until read
+    finally:
+        await close_pair(client, server_conn, server)
