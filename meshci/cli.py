@@ -2,8 +2,9 @@
 
 Each sub-command lives in its own module under meshci/commands/ and exposes
 `add_parser(subparsers)` (which registers the sub-command and sets `func`) and the
-function it registers. This file only dispatches and turns MeshciError into one line
-on stderr with exit status 2.
+function it registers. This file only dispatches, sets the log level (-v/-q) and turns a
+MeshciError into one line on stderr: exit status 2 for a usage error, 1 for a runtime
+failure (`meshci.errors.RuntimeFailure`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 from meshci.errors import MeshciError
 
 # module name under meshci.commands, in the order `meshci --help` lists them
-COMMAND_MODULES = ["inspect", "plan", "simulate", "node", "infer", "demo"]
+COMMAND_MODULES = ["inspect", "plan", "simulate", "node", "infer", "peers", "secret", "demo"]
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -27,6 +28,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         description="Distributed CNN inference on a peer-to-peer mesh (EdgeCI: DPFL + AWAS).",
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    parser.add_argument("-q", "--quiet", action="count", default=0, help="errors only")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in [only] if only in COMMAND_MODULES else COMMAND_MODULES:
         try:
@@ -41,20 +43,27 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 def _command_of(argv: list[str]) -> str | None:
-    """The sub-command named in `argv` (after any -v flags), if any."""
+    """The sub-command named in `argv` (after any -v/-q flags), if any."""
     for arg in argv:
-        if arg.startswith("-") and set(arg[1:]) == {"v"} or arg == "--verbose":
+        if arg.startswith("-") and set(arg[1:]) <= {"v", "q"} or arg in ("--verbose", "--quiet"):
             continue
         return arg if arg in COMMAND_MODULES else None
     return None
+
+
+def log_level(verbose: int, quiet: int) -> int:
+    """WARNING by default; -v INFO, -vv DEBUG; -q ERROR only."""
+    if quiet:
+        return logging.ERROR
+    return logging.WARNING - 10 * min(verbose, 2)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(_command_of(argv))
     args = parser.parse_args(argv)  # argparse itself exits 2 on bad flags, with one line
-    level = logging.WARNING - 10 * min(args.verbose, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    logging.basicConfig(level=log_level(args.verbose, args.quiet),
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         via = Address.parse(args.via)
     except ValueError as exc:
         # not HOST:PORT: the user's typo, one line
-        raise MeshciError(str(exc)) from exc
+        raise MeshciError(f"--via: {exc}: give a node's HOST:PORT, e.g. pi4-a.local:7000") from exc
     if args.secret_file is None and not args.insecure:
         raise MeshciError("no cluster secret: give --secret-file F (or --insecure)")
     secret = load_secret(args.secret_file) if args.secret_file else None

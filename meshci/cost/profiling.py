@@ -46,9 +46,13 @@ Progress = Callable[[int, int, str], None]
 
 
 def default_data_dir() -> Path:
-    """``$MESHCI_DATA_DIR`` or ``~/.cache/meshci``."""
+    """``$MESHCI_DATA_DIR``, else ``$XDG_CACHE_HOME/meshci``, else ``~/.cache/meshci``: what
+    is kept there (profiles, heads, the node's id) is measured or made again when lost."""
     env = os.environ.get("MESHCI_DATA_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "meshci"
+    if env:
+        return Path(env)
+    cache = os.environ.get("XDG_CACHE_HOME")
+    return (Path(cache) if cache else Path.home() / ".cache") / "meshci"
 
 
 def cpu_model() -> str:

@@ -11,17 +11,46 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from meshci.errors import MeshciError
+from meshci.errors import RuntimeFailure
 from meshci.node.membership import Address
 from meshci.wire import Connection, Message, MsgType
-from meshci.wire.errors import WireError
+from meshci.wire.errors import AuthenticationError, HandshakeTimeout, RemoteProtocolError, WireError
 
 if TYPE_CHECKING:
     import torch
 
 
-class RequestError(MeshciError):
-    """The node answered with an ERROR, or could not be reached."""
+class RequestError(RuntimeFailure):
+    """The node answered with an ERROR, or could not be reached. Exit status 1, or 2 when
+    the node said the request itself was wrong (`usage`: unknown model, impossible size)."""
+
+    def __init__(self, message: str, *, usage: bool = False) -> None:
+        super().__init__(message)
+        self.usage = usage
+        self.exit_status = 2 if usage else 1
+
+
+OUT_OF_MEMORY_HINT = ("a device ran out of memory: use a smaller --size, the edgeci strategy "
+                      "(it spreads the model over the devices), or add devices")
+
+
+def connect_hint(address: Address, exc: WireError) -> str:
+    """One line for a failed connect: what went wrong and what to do about it."""
+    if isinstance(exc, (AuthenticationError, RemoteProtocolError)):
+        return (f"cannot connect to {address}: it did not accept our cluster secret ({exc}); "
+                "use the --secret-file the mesh's nodes were started with (or --insecure if they were)")
+    if isinstance(exc, HandshakeTimeout):
+        return (f"cannot connect to {address}: {exc}; check the address, and that the node's port "
+                "is open in its firewall")
+    return (f"cannot connect to {address}: {exc}; is a meshci node running there? "
+            "Check HOST:PORT (start one with `meshci node --listen HOST:PORT`)")
+
+
+def failure_hint(reason: str) -> str:
+    """A node's failure reason with what to do appended where we can tell."""
+    if "MemoryError" in reason or "out of memory" in reason.lower():
+        return f"{reason}; {OUT_OF_MEMORY_HINT}"
+    return reason
 
 
 async def ask(address: Address, msg: Message, *, secret: bytes | None, insecure: bool = False,
@@ -35,7 +64,7 @@ async def ask(address: Address, msg: Message, *, secret: bytes | None, insecure:
                                      name=f"client-{os.getpid()}", ssl=ssl_context, insecure=insecure)
     except WireError as exc:
         # unreachable node or failed authentication: one clear line for the user
-        raise RequestError(f"cannot connect to {address}: {exc}") from exc
+        raise RequestError(connect_hint(address, exc)) from exc
     connected = time.perf_counter()
     try:
         await conn.send(msg)
@@ -45,17 +74,20 @@ async def ask(address: Address, msg: Message, *, secret: bytes | None, insecure:
                 if reply.request_id != msg.request_id:
                     continue  # not ours (cannot happen on a client connection; be safe)
                 if reply.kind is MsgType.ERROR:
-                    raise RequestError(f"{conn.peer_name}: {reply.meta.get('reason', 'error')}")
+                    reason = failure_hint(str(reply.meta.get("reason", "error")))
+                    raise RequestError(f"{conn.peer_name}: {reason}", usage=reply.meta.get("usage") is True)
                 if timings is not None:
                     timings["connect_s"] = connected - began
                     timings["answer_s"] = time.perf_counter() - connected
                 return reply
     except WireError as exc:
         # the node hung up mid-request
-        raise RequestError(f"connection to {address} failed: {exc}") from exc
+        raise RequestError(f"connection to {address} failed: {exc}; the node may have stopped, "
+                           "retry or use another --via node") from exc
     except TimeoutError as exc:
         # the node accepted the request but never answered: the user's wait ends here
-        raise RequestError(f"no answer from {address} within {timeout:.0f} s") from exc
+        raise RequestError(f"no answer from {address} within {timeout:.0f} s; the mesh may be busy "
+                           "or a device hung: raise --timeout, or see `meshci peers`") from exc
     finally:
         await conn.close()
 

@@ -125,7 +125,7 @@ class Requester:
             # the request cannot be served (unknown model, bad size, a device failed):
             # the client gets the reason, the node keeps serving
             log.warning("request %d failed: %s", msg.request_id, exc)
-            await node.reply_error(conn, msg.request_id, str(exc))
+            await node.reply_error(conn, msg.request_id, str(exc), usage=_is_usage_error(exc))
             return
         except Exception as exc:  # noqa: BLE001
             # a bug in some part (planner, auction, model code) must not leave the client
@@ -153,7 +153,7 @@ class Requester:
         seed = int(meta.get("seed", 0))
         strategy = str(meta.get("strategy", "edgeci"))
         if strategy not in STRATEGIES:
-            raise RequestFailed(f"unknown strategy {strategy!r} (known: {', '.join(STRATEGIES)})")
+            raise PlanningError(f"unknown strategy {strategy!r} (known: {', '.join(STRATEGIES)})")
         check_model_allowed(model, node.config.allow_models)
         x = request_input(meta, msg.tensors)
         size = (int(x.shape[-2]), int(x.shape[-1]))
@@ -609,3 +609,10 @@ def _shares(flops: Callable[[int, int, Region], float], plan: Plan) -> dict[str,
 
 
 __all__ = ["Requester", "RequesterContext", "Standing"]
+
+
+def _is_usage_error(exc: Exception) -> bool:
+    """The request itself was wrong (unknown model, impossible size, malformed fields)."""
+    if isinstance(exc, MeshciError):
+        return exc.exit_status == 2
+    return isinstance(exc, (ValueError, TypeError, KeyError))

@@ -23,6 +23,7 @@ import os
 import ssl
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -32,7 +33,7 @@ from meshci.auction.errors import MessageFormatError
 from meshci.auction.messages import Award, CallForBids, Close, Outgoing
 from meshci.cost.cluster import LinkSpec
 from meshci.cost.links import LinkEstimator
-from meshci.errors import MeshciError
+from meshci.errors import MeshciError, RuntimeFailure
 from meshci.node.auction import AUCTION_KINDS, from_message, to_message
 from meshci.node.connections import Connections
 from meshci.node.gossip import Gossip
@@ -49,7 +50,7 @@ from meshci.wire.errors import WireError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HEARTBEAT_INTERVAL_S", "JoinRefused", "Node", "NodeConfig", "RequestFailed"]
+__all__ = ["HEARTBEAT_INTERVAL_S", "JoinFailed", "JoinRefused", "Node", "NodeConfig", "RequestFailed"]
 
 LOOPBACK_LINK = LinkSpec(mbps=1000.0, latency_ms=0.2)
 # Timeouts, one consistent chain: a worker that cannot build its model within
@@ -64,7 +65,11 @@ LEAVE_TIMEOUT_S = 2.0  # close() waits at most this for its LEAVE notices
 
 
 class JoinRefused(MeshciError):
-    """The mesh refused this node (duplicate name) or no --join peer could be reached."""
+    """The mesh refused this node (duplicate name): fix the command (exit status 2)."""
+
+
+class JoinFailed(RuntimeFailure):
+    """No --join peer could be reached before --join-timeout (exit status 1)."""
 
 
 class RequestFailed(Exception):
@@ -90,6 +95,7 @@ class NodeConfig:
     # models are always served. Anyone who can send a request names the model, so the default
     # is none: a request cannot make the node import arbitrary installed code
     allow_models: tuple[str, ...] = ()
+    data_dir: Path | None = None  # profile cache and heads (None: the default data dir)
 
 
 Handler = Callable[[Connection, Message], Awaitable[None]]
@@ -103,7 +109,8 @@ class Node:
     def __init__(self, config: NodeConfig, runtime: Runtime | None = None) -> None:
         self.config = config
         self.name = config.name
-        self.runtime = runtime or Runtime(config.threads, curves=config.measure_curves)
+        self.runtime = runtime or Runtime(config.threads, curves=config.measure_curves,
+                                          data_dir=config.data_dir)
         self.membership = Membership(config.name, config.listen, incarnation=time.time_ns(),
                                      advert=Advert(gflops=config.gflops))
         self.links = LinkEstimator()
@@ -197,9 +204,12 @@ class Node:
     async def send_quietly(self, conn: Connection, msg: Message) -> None:
         await self.connections.send_quietly(conn, msg)
 
-    async def reply_error(self, conn: Connection, request_id: int, reason: str) -> None:
+    async def reply_error(self, conn: Connection, request_id: int, reason: str, *, usage: bool = False) -> None:
+        """Answer a request with its failure; `usage`: the request itself was wrong (unknown
+        model, impossible size), so the client exits with status 2 rather than 1."""
         self.errors_replied += 1
-        await self.send_quietly(conn, Message(MsgType.ERROR, request_id, {"reason": reason}))
+        meta: dict[str, Any] = {"reason": reason, **({"usage": True} if usage else {})}
+        await self.send_quietly(conn, Message(MsgType.ERROR, request_id, meta))
 
     # ---- dispatch ------------------------------------------------------------------
     async def dispatch(self, conn: Connection, msg: Message) -> None:
