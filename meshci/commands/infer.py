@@ -8,14 +8,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from meshci.errors import MeshciError
+from meshci.images import PREPROCESSING, InputImageError, read_image, read_labels, top_labels
 from meshci.node.membership import Address
 
-
-class InputImageError(MeshciError):
-    """An --input file that cannot be read as an image tensor."""
+__all__ = ["InputImageError", "add_parser", "format_result", "read_image", "run"]
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -25,11 +22,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="vgg16, resnet34 or package.module:callable")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--input", type=Path, metavar="IMAGE",
-                     help="input image: .npy or .pt tensor (3,H,W)/(1,3,H,W), or a binary PPM/PGM")
+                     help="input picture (JPEG, PNG, BMP, WebP, ... or binary PPM/PGM), resized and "
+                          "centre-cropped to --size and preprocessed (--preprocess); or a .npy/.pt "
+                          "tensor (3,H,W)/(1,3,H,W) taken as it is")
     src.add_argument("--seed", type=int, default=0, help="random input made from this seed (default 0)")
     p.add_argument("--weights-seed", type=int, default=0, help="seed of the model's random weights")
     p.add_argument("--size", type=int, nargs=2, default=(224, 224), metavar=("H", "W"),
-                   help="input size for a seeded input (default 224 224)")
+                   help="input size of a seeded input or a picture (default 224 224)")
+    p.add_argument("--preprocess", choices=PREPROCESSING, default="imagenet",
+                   help="for a picture: imagenet (resize to cover --size/0.875, centre crop, scale to "
+                        "[0, 1], ImageNet mean/std; what torchvision's models expect; the default) or "
+                        "unit (no mean/std)")
+    p.add_argument("--labels", type=Path, metavar="FILE",
+                   help="class names, one per line, for a model that is not an ImageNet classifier "
+                        "(default: the ImageNet names for a model with 1000 outputs)")
     p.add_argument("--strategy", default="edgeci", help="local, modnn, deepthings, aofl or edgeci")
     p.add_argument("--check", action="store_true",
                    help="also run the whole model on the requester and report the difference")
@@ -39,68 +45,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     secret.add_argument("--insecure", action="store_true", help="the mesh runs without a secret")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the answer")
     p.set_defaults(func=run)
-
-
-def read_image(path: Path) -> np.ndarray:
-    """A (1, 3, H, W) float32 array from .npy, .pt, or binary PPM (P6) / PGM (P5). Only a
-    .pt file needs torch (imported then): the client otherwise starts without it."""
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".npy":
-            x = np.load(path, allow_pickle=False)
-        elif suffix == ".pt":
-            import torch
-
-            t = torch.load(path, weights_only=True, map_location="cpu")
-            if not isinstance(t, torch.Tensor):
-                raise InputImageError(f"{path} holds a {type(t).__name__}, not a tensor")
-            x = t.float().numpy()
-        elif suffix in (".ppm", ".pgm", ".pnm"):
-            x = _read_netpbm(path.read_bytes(), path)
-        else:
-            raise InputImageError(f"{path}: unsupported image type {suffix!r} (use .npy, .pt, .ppm, .pgm)")
-    except (OSError, ValueError, RuntimeError) as exc:
-        # unreadable or malformed file: one clear line for the user
-        raise InputImageError(f"cannot read {path}: {exc}") from exc
-    if not isinstance(x, np.ndarray) or x.dtype.kind not in "biuf":
-        raise InputImageError(f"{path}: expected a numeric array, got {getattr(x, 'dtype', type(x))}")
-    x = x.astype(np.float32, copy=False)
-    if x.ndim == 3:
-        x = x[None]
-    if x.ndim != 4 or x.shape[0] != 1 or x.shape[1] != 3:
-        raise InputImageError(f"{path}: expected a (3, H, W) image, got shape {tuple(x.shape)}")
-    return np.ascontiguousarray(x)
-
-
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32).reshape(1, 3, 1, 1)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32).reshape(1, 3, 1, 1)
-
-
-def _read_netpbm(data: bytes, path: Path) -> np.ndarray:
-    """Binary P6 (RGB) or P5 (grey) with maxval < 256, normalised as ImageNet expects."""
-    fields: list[bytes] = []
-    pos = 0
-    while len(fields) < 4:
-        while pos < len(data) and data[pos:pos + 1].isspace():
-            pos += 1
-        if data[pos:pos + 1] == b"#":
-            pos = data.index(b"\n", pos) + 1
-            continue
-        end = pos
-        while end < len(data) and not data[end:end + 1].isspace():
-            end += 1
-        if end == pos:
-            raise ValueError("truncated header")
-        fields.append(data[pos:end])
-        pos = end
-    magic, width, height, maxval = fields[0], int(fields[1]), int(fields[2]), int(fields[3])
-    if magic not in (b"P5", b"P6") or not 0 < maxval < 256:
-        raise ValueError(f"{path}: only binary 8-bit P5/P6 files are read")
-    channels = 3 if magic == b"P6" else 1
-    pixels = np.frombuffer(data, dtype=np.uint8, count=width * height * channels, offset=pos + 1)
-    x = pixels.astype(np.float32).reshape(height, width, channels).transpose(2, 0, 1)
-    x = np.broadcast_to(x / maxval, (3, height, width))[None]
-    return ((x - IMAGENET_MEAN) / IMAGENET_STD).astype(np.float32)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -115,11 +59,13 @@ def run(args: argparse.Namespace) -> int:
     if args.secret_file is None and not args.insecure:
         raise MeshciError("no cluster secret: give --secret-file F (or --insecure)")
     secret = load_secret(args.secret_file) if args.secret_file else None
-    image = read_image(args.input) if args.input is not None else None
-    meta, _logits = asyncio.run(infer(
+    labels = read_labels(args.labels) if args.labels is not None else None
+    image = read_image(args.input, tuple(args.size), args.preprocess) if args.input is not None else None
+    meta, logits = asyncio.run(infer(
         via, model=args.model, strategy=args.strategy, seed=args.weights_seed, size=tuple(args.size),
         image=image, input_seed=args.seed, check=args.check, details=args.json, secret=secret,
         insecure=args.insecure, timeout=args.timeout))
+    meta["top5_labels"] = top_labels(meta["top5"], int(logits.shape[-1]), labels)
     if args.json:
         print(json.dumps(meta, indent=1))
     else:
@@ -135,8 +81,13 @@ def format_result(meta: dict[str, Any]) -> str:
         f"({meta['routing']} routing): {meta['latency_s'] * 1000:.1f} ms",
         "  devices: " + ", ".join(f"{d} {meta['shares'].get(d, 0.0) * 100:.0f}%" for d in meta["devices"]),
         f"  auction rounds: {meta['auction_rounds']}   top-5: "
-        + ", ".join(f"{i} ({p:.3f})" for i, p in meta["top5"]),
+        + ", ".join(_entry(i, p, name) for (i, p), name in zip(meta["top5"], meta.get("top5_labels")
+                                                                   or [None] * len(meta["top5"]))),
     ]
     if "max_abs_diff" in meta:
         lines.append(f"  check: max |distributed - single device| = {meta['max_abs_diff']:.3g}")
     return "\n".join(lines)
+
+
+def _entry(index: int, probability: float, name: str | None) -> str:
+    return f"{name} [{index}] ({probability:.3f})" if name else f"{index} ({probability:.3f})"
