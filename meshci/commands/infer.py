@@ -27,6 +27,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                           "tensor (3,H,W)/(1,3,H,W) taken as it is")
     src.add_argument("--seed", type=int, default=0, help="random input made from this seed (default 0)")
     p.add_argument("--weights-seed", type=int, default=0, help="seed of the model's random weights")
+    p.add_argument("--weights", type=Path, metavar="FILE",
+                   help="use these trained weights (torchvision-format state_dict); every node "
+                        "must hold the same file (`meshci node --weights FILE`)")
     p.add_argument("--size", type=int, nargs=2, default=(224, 224), metavar=("H", "W"),
                    help="input size of a seeded input or a picture (default 224 224)")
     p.add_argument("--preprocess", choices=PREPROCESSING, default="imagenet",
@@ -59,10 +62,14 @@ def run(args: argparse.Namespace) -> int:
     if args.secret_file is None and not args.insecure:
         raise MeshciError("no cluster secret: give --secret-file F (or --insecure)")
     secret = load_secret(args.secret_file) if args.secret_file else None
+    model = args.model
+    if args.weights is not None:
+        from meshci.weights import weights_digest, with_weights
+        model = with_weights(model, weights_digest(args.weights))
     labels = read_labels(args.labels) if args.labels is not None else None
     image = read_image(args.input, tuple(args.size), args.preprocess) if args.input is not None else None
     meta, logits = asyncio.run(infer(
-        via, model=args.model, strategy=args.strategy, seed=args.weights_seed, size=tuple(args.size),
+        via, model=model, strategy=args.strategy, seed=args.weights_seed, size=tuple(args.size),
         image=image, input_seed=args.seed, check=args.check, details=args.json, secret=secret,
         insecure=args.insecure, timeout=args.timeout))
     meta["top5_labels"] = top_labels(meta["top5"], int(logits.shape[-1]), labels)

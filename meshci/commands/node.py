@@ -63,6 +63,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also serve this user model: an exact package.module:callable or a package "
                         "prefix pkg.* (repeatable; built-in models are always served, other user "
                         "models are refused because a request would make the node import them)")
+    p.add_argument("--weights", action="append", default=[], type=Path, metavar="FILE",
+                   help="trained weights (a torchvision-format state_dict) this node serves, "
+                        "repeatable; give every node the same file and ask with `meshci infer "
+                        "--weights FILE` (built-in models otherwise use random weights by seed)")
     p.add_argument("--tls-cert", help="this node's certificate (mutual TLS)")
     p.add_argument("--tls-key", help="this node's private key (mutual TLS)")
     p.add_argument("--tls-ca", help="CA that signs every node's certificate (mutual TLS)")
@@ -114,6 +118,8 @@ def run(given: argparse.Namespace) -> int:
     bad = [pattern for pattern in args.allow_model if not valid_allow_pattern(pattern)]
     if bad:
         raise MeshciError(f"bad --allow-model {bad[0]!r}: give package.module:callable or pkg.*")
+    from meshci.weights import hold
+    allow_models = tuple(args.allow_model) + tuple(f"@{hold(path)}" for path in args.weights)
     data_dir = args.data_dir or default_data_dir()
     name = args.name or node_name(data_dir)
     if not valid_name(name):
@@ -122,7 +128,7 @@ def run(given: argparse.Namespace) -> int:
     config = NodeConfig(name=name, listen=listen, join=join, secret=secret, insecure=args.insecure,
                         threads=args.threads, gflops=gflops, server_ssl=server_ssl,
                         client_ssl=client_ssl, discover=discover, join_timeout_s=args.join_timeout,
-                        allow_models=tuple(args.allow_model), measure_curves=args.gflops is None,
+                        allow_models=allow_models, measure_curves=args.gflops is None,
                         data_dir=data_dir)
     _install_uvloop()
     return asyncio.run(_serve(Node(config)))

@@ -37,6 +37,7 @@ from meshci.planning.plan import Plan
 from meshci.tiling import block_flops, block_input_region
 from meshci.trunk import Region, Trunk, extract_trunk
 from meshci.trunk.head import HeadCost, HeadSplit
+from meshci.weights import child_env
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +298,7 @@ def _build_in_child(name: str, seed: int, size: tuple[int, int], head_dir: str |
     cmd = [sys.executable, "-m", "meshci.node.model_cache", name, str(seed), str(size[0]), str(size[1])]
     if head_dir is not None:
         cmd.append(head_dir)
-    done = subprocess.run(cmd, capture_output=True, timeout=BUILD_TIMEOUT_S)
+    done = subprocess.run(cmd, capture_output=True, timeout=BUILD_TIMEOUT_S, env=child_env())
     if done.returncode != 0:
         lines = done.stderr.decode(errors="replace").strip().splitlines()
         raise BuildError(lines[-1] if lines else f"building {name} failed (exit {done.returncode})")

@@ -99,3 +99,35 @@ def test_an_unreadable_picture_is_one_line_exit_2(tmp_path: Path, name: str, con
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"meshci: error: cannot read {tmp_path / name}"), done.stderr
+
+
+async def test_trained_weights_are_named_by_digest_and_held_by_every_node(tmp_path: Path) -> None:
+    """`meshci node --weights FILE` / `meshci infer --weights FILE`: the mesh computes with
+    the file's weights (here those of seed 7, not the request's seed 0); a node that does
+    not hold the file refuses the request, as a usage error."""
+    from meshci.node.client import RequestError
+    from meshci.weights import hold, weights_digest, with_weights
+
+    path = tmp_path / "resnet18-trained.pth"
+    torch.save(build_model("resnet18", seed=7).state_dict(), path)
+    digest = hold(path)
+    assert digest == weights_digest(path) and len(digest) == 16
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    nodes = await start_mesh({"w1": 5.0, "w2": 0.05, "w3": 5.0}, SECRET, allow_models=(f"@{digest}",))
+    try:
+        meta, logits = await infer(nodes[1].address, model=with_weights("resnet18", digest), image=x,
+                                   secret=SECRET)
+    finally:
+        await asyncio.gather(*(n.close() for n in nodes))
+    with torch.no_grad():
+        direct = build_model("resnet18", seed=7)(torch.from_numpy(x))
+    assert len(meta["devices"]) >= 2
+    assert torch.allclose(torch.as_tensor(logits).reshape(direct.shape), direct, atol=1e-4, rtol=1e-4)
+
+    bare = await start_mesh({"bare": 1.0}, SECRET)
+    try:
+        with pytest.raises(RequestError, match=f"holds no weights {digest}") as refused:
+            await infer(bare[0].address, model=with_weights("resnet18", digest), image=x, secret=SECRET)
+        assert refused.value.exit_status == 2
+    finally:
+        await asyncio.gather(*(n.close() for n in bare))
