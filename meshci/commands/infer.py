@@ -8,9 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from meshci.errors import MeshciError
+from meshci.commands.common import add_client_arguments, client_target
 from meshci.images import PREPROCESSING, InputImageError, read_image, read_labels, top_labels
-from meshci.node.membership import Address
 
 __all__ = ["InputImageError", "add_parser", "format_result", "read_image", "run"]
 
@@ -18,7 +17,7 @@ __all__ = ["InputImageError", "add_parser", "format_result", "read_image", "run"
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("infer", help="run one inference on a mesh, via any node",
                               description="Send one inference request to a mesh node.")
-    p.add_argument("--via", required=True, metavar="HOST:PORT", help="any node of the mesh")
+    add_client_arguments(p)
     p.add_argument("--model", required=True, help="vgg16, resnet34 or package.module:callable")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--input", type=Path, metavar="IMAGE",
@@ -43,25 +42,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--check", action="store_true",
                    help="also run the whole model on the requester and report the difference")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    secret = p.add_mutually_exclusive_group()
-    secret.add_argument("--secret-file", metavar="F", help="cluster secret file")
-    secret.add_argument("--insecure", action="store_true", help="the mesh runs without a secret")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the answer")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from meshci.node.client import infer
-    from meshci.wire import load_secret
-
-    try:
-        via = Address.parse(args.via)
-    except ValueError as exc:
-        # not HOST:PORT: the user's typo, one line
-        raise MeshciError(f"--via: {exc}: give a node's HOST:PORT, e.g. pi4-a.local:7000") from exc
-    if args.secret_file is None and not args.insecure:
-        raise MeshciError("no cluster secret: give --secret-file F (or --insecure)")
-    secret = load_secret(args.secret_file) if args.secret_file else None
+    via, secret = client_target(args)
     model = args.model
     if args.weights is not None:
         from meshci.weights import weights_digest, with_weights

@@ -126,3 +126,15 @@ async def stats(address: Address, *, secret: bytes | None, insecure: bool = Fals
     reply = await ask(address, msg, secret=secret, insecure=insecure, ssl_context=ssl_context,
                       timeout=30.0)
     return reply.meta
+
+
+async def members(address: Address, *, secret: bytes | None, insecure: bool = False,
+                  ssl_context: ssl.SSLContext | None = None, timeout: float = 30.0) -> list[dict[str, Any]]:
+    """The mesh's members as the node at `address` sees them (`meshci.node.view`)."""
+    msg = Message(MsgType.STATE, random.getrandbits(62) | 1, {"op": "peers"})
+    reply = await ask(address, msg, secret=secret, insecure=insecure, ssl_context=ssl_context,
+                      timeout=timeout)
+    rows = reply.meta.get("members")
+    if not isinstance(rows, list):
+        raise RequestError(f"unexpected answer from {address}: no member list (an older meshci?)")
+    return rows

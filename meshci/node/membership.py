@@ -66,6 +66,7 @@ class Advert:
     links: tuple[tuple[str, float, float], ...] = ()
     curves: tuple[tuple[str, tuple[tuple[float, float], ...]], ...] = ()
     tile_ms: float = 0.0  # measured per-tile overhead beyond compute (a boundary's CPU here)
+    version: str = ""  # the meshci version the node runs ("": not stated)
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"gflops": self.gflops, "backlog_s": self.backlog_s,
@@ -74,6 +75,8 @@ class Advert:
             data["curves"] = _curves_json(self.curves)
         if self.tile_ms:
             data["tile_ms"] = self.tile_ms
+        if self.version:
+            data["version"] = self.version
         return data
 
     @classmethod
@@ -97,11 +100,15 @@ class Advert:
                 raise ValueError(f"bad advert curve for {key!r}: want 1..{MAX_CURVE_SEGMENTS} finite "
                                  "(a, b) >= 0")
             curves.append((str(key), pairs))
-        return cls(gflops, backlog, links, tuple(curves), float(tile_ms))
+        version = data.get("version", "")
+        if not isinstance(version, str) or len(version) > MAX_VERSION_CHARS or not version.isprintable():
+            raise ValueError(f"bad advert version: want at most {MAX_VERSION_CHARS} printable characters")
+        return cls(gflops, backlog, links, tuple(curves), float(tile_ms), version)
 
 
 MAX_ADVERT_CURVES = 8
 MAX_TILE_MS = 60_000.0
+MAX_VERSION_CHARS = 32
 MAX_CURVE_SEGMENTS = 256
 
 _CURVES_JSON: list[tuple[Any, dict[str, Any]]] = []  # (curves, their JSON form): the last one

@@ -22,13 +22,14 @@ import math
 import os
 import ssl
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import torch
 
+from meshci import __version__
 from meshci.auction.errors import MessageFormatError
 from meshci.auction.messages import Award, CallForBids, Close, Outgoing
 from meshci.cost.cluster import LinkSpec
@@ -43,6 +44,7 @@ from meshci.node.pieces import Piece, decode as decode_pieces, encode as encode_
 from meshci.node.request import Action, Compute, RequestStateError, RunHead, SendPiece, tensor_bytes
 from meshci.node.requester import Requester
 from meshci.node.runtime import Runtime
+from meshci.node.view import member_row, mesh_view
 from meshci.node.worker import Worker
 from meshci.trunk import Region
 from meshci.wire import Connection, Message, MsgType
@@ -176,6 +178,12 @@ class Node:
         except TimeoutError:
             # a stalled peer (full send buffer) must not hold up shutdown: it will notice silence
             log.info("some LEAVE notices were not sent within %.0f s", LEAVE_TIMEOUT_S)
+        await self.halt()
+
+    async def halt(self) -> None:
+        """Stop at once without a LEAVE (`close` sends it first): sockets reset, timers gone;
+        to its peers this looks like a killed process."""
+        self._stopped.set()
         if self._server is not None:
             self._server.close()
         self.gossip.close()
@@ -254,9 +262,14 @@ class Node:
             msg.request_id, conn.peer_name, pieces, _path(msg.meta, received_at), msg.meta)))
 
     async def _on_state(self, conn: Connection, msg: Message) -> None:
-        if msg.meta.get("op") != "stats":
-            raise ValueError("STATE is only answered for {'op': 'stats'}")
-        await self.connections.send(conn, Message(MsgType.STATE, msg.request_id, self.stats()))
+        op = msg.meta.get("op")
+        if op == "stats":
+            answer = self.stats()
+        elif op == "peers":
+            answer = {"members": self.members()}
+        else:
+            raise ValueError("STATE is only answered for {'op': 'stats'} and {'op': 'peers'}")
+        await self.connections.send(conn, Message(MsgType.STATE, msg.request_id, answer))
 
     async def _on_error(self, conn: Connection, msg: Message) -> None:
         rid = msg.request_id
@@ -422,8 +435,9 @@ class Node:
     # ---- what this node says about itself --------------------------------------------
     def advert(self) -> Advert:
         backlog = max(0.0, self.runtime.queued_s)
-        return self.runtime.advert(self.config.gflops, backlog, self.link_view(),
-                                   _sig3((self.boundary.handling_s or 0.0) * 1000.0))
+        advert = self.runtime.advert(self.config.gflops, backlog, self.link_view(),
+                                     _sig3((self.boundary.handling_s or 0.0) * 1000.0))
+        return replace(advert, version=__version__)
 
     def link_view(self) -> tuple[tuple[str, float, float], ...]:
         """(peer, Mbit/s, per-message ms) per measured link: bandwidth as delivered here
@@ -449,6 +463,13 @@ class Node:
         spec = self.links.estimate(peer, self.config.default_link)
         latency_ms = self.boundary.link_latency_ms(peer, spec.latency_ms)
         return LinkSpec(spec.mbps, latency_ms).transfer_s(n_bytes)
+
+    def members(self) -> list[dict[str, Any]]:
+        """The mesh as this node sees it: itself, then every member it believes up."""
+        own = member_row(self.name, str(self.address), "self", self.advert(), 0.0)
+        own["requests_in_flight"] = len(self.requester.contexts)
+        own["tiles_computed"] = self.runtime.tiles_computed
+        return mesh_view(own, self.membership.alive(), time.monotonic())
 
     def stats(self) -> dict[str, Any]:
         return {
