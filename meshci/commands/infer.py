@@ -5,11 +5,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from meshci.commands.common import add_client_arguments, client_target
+from meshci.errors import RuntimeFailure
 from meshci.images import PREPROCESSING, InputImageError, read_image, read_labels, top_labels
+
+if TYPE_CHECKING:
+    from meshci.node.membership import Address
+
+log = logging.getLogger(__name__)
 
 __all__ = ["InputImageError", "add_parser", "format_result", "read_image", "run"]
 
@@ -42,12 +49,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--check", action="store_true",
                    help="also run the whole model on the requester and report the difference")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--trace", type=Path, metavar="FILE",
+                   help="write the request's timeline to FILE as Chrome trace-event JSON (open it "
+                        "in ui.perfetto.dev or chrome://tracing): one track per device")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the answer")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from meshci.node.client import infer
     via, secret = client_target(args)
     model = args.model
     if args.weights is not None:
@@ -55,11 +64,10 @@ def run(args: argparse.Namespace) -> int:
         model = with_weights(model, weights_digest(args.weights))
     labels = read_labels(args.labels) if args.labels is not None else None
     image = read_image(args.input, tuple(args.size), args.preprocess) if args.input is not None else None
-    meta, logits = asyncio.run(infer(
-        via, model=model, strategy=args.strategy, seed=args.weights_seed, size=tuple(args.size),
-        image=image, input_seed=args.seed, check=args.check, details=args.json, secret=secret,
-        insecure=args.insecure, timeout=args.timeout))
+    meta, logits, trace = asyncio.run(_ask(args, via, secret, model, image))
     meta["top5_labels"] = top_labels(meta["top5"], int(logits.shape[-1]), labels)
+    if trace is not None:
+        _write_trace(args.trace, trace)
     if args.json:
         print(json.dumps(meta, indent=1))
     else:
@@ -67,6 +75,32 @@ def run(args: argparse.Namespace) -> int:
     if args.check and not meta.get("check_ok", False):
         return 1
     return 0
+
+
+async def _ask(args: argparse.Namespace, via: Address, secret: bytes | None, model: str,
+               image: Any) -> tuple[dict[str, Any], Any, dict[str, Any] | None]:
+    """The request, and with --trace its timeline, on one event loop."""
+    from meshci.node.client import collect_trace, infer
+
+    meta, logits = await infer(
+        via, model=model, strategy=args.strategy, seed=args.weights_seed, size=tuple(args.size),
+        image=image, input_seed=args.seed, check=args.check, details=args.json, secret=secret,
+        insecure=args.insecure, timeout=args.timeout)
+    trace = None
+    if args.trace is not None:
+        trace = await collect_trace(via, meta, secret=secret, insecure=args.insecure)
+    return meta, logits, trace
+
+
+def _write_trace(path: Path, trace: dict[str, Any]) -> None:
+    try:
+        path.write_text(json.dumps(trace))
+    except OSError as exc:
+        # the answer came; only the file could not be written: say so, in one line
+        raise RuntimeFailure(f"cannot write the trace to {path}: {exc.strerror}") from exc
+    missing = trace["otherData"].get("missing")
+    if missing:
+        log.warning("trace %s lacks %s: %s", path, ", ".join(missing), "; ".join(missing.values()))
 
 
 def format_result(meta: dict[str, Any]) -> str:

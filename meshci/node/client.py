@@ -138,3 +138,52 @@ async def members(address: Address, *, secret: bytes | None, insecure: bool = Fa
     if not isinstance(rows, list):
         raise RequestError(f"unexpected answer from {address}: no member list (an older meshci?)")
     return rows
+
+
+async def _spans(address: Address, trace_id: int, *, secret: bytes | None, insecure: bool,
+                 ssl_context: ssl.SSLContext | None) -> dict[str, Any]:
+    msg = Message(MsgType.STATE, random.getrandbits(62) | 1, {"op": "trace", "request": trace_id})
+    reply = await ask(address, msg, secret=secret, insecure=insecure, ssl_context=ssl_context, timeout=30.0)
+    return reply.meta
+
+
+async def collect_trace(via: Address, answer: dict[str, Any], *, secret: bytes | None, insecure: bool = False,
+                        ssl_context: ssl.SSLContext | None = None) -> dict[str, Any]:
+    """The timeline of the request `answer` came from, as Chrome trace-event JSON: the
+    requester's spans and clock offsets from `via`, each other device's spans from that
+    device (its address as the requester knows it). A device that cannot be asked is named
+    in `otherData.missing`, not an error: the inference itself succeeded."""
+    from meshci.node.trace import Span, chrome_trace
+
+    trace_id = answer.get("trace_id")
+    if not isinstance(trace_id, int):
+        raise RequestError(f"{via} did not name the request's trace (an older meshci?)")
+    own = await _spans(via, trace_id, secret=secret, insecure=insecure, ssl_context=ssl_context)
+    requester = str(own.get("name", answer.get("requester")))
+    raw: dict[str, Any] = {requester: own.get("spans", [])}
+    others = [d for d in answer.get("devices", []) if d != requester]
+    missing: dict[str, str] = {}
+    if others:
+        addresses = {row["name"]: row["address"] for row in await members(via, secret=secret, insecure=insecure,
+                                                                            ssl_context=ssl_context)}
+        for device in others:
+            try:
+                reply = await _spans(Address.parse(addresses[device]), trace_id, secret=secret,
+                                     insecure=insecure, ssl_context=ssl_context)
+            except (KeyError, ValueError, RequestError) as exc:
+                # gone since, or unreachable from here: the timeline lacks its track, says so
+                missing[device] = str(exc) or type(exc).__name__
+                continue
+            raw[device] = reply.get("spans", [])
+    devices: dict[str, list[Span]] = {}
+    for device, spans in raw.items():
+        try:
+            devices[device] = [Span.from_json(span) for span in spans]
+        except ValueError as exc:
+            # a malformed answer: leave that device out, say why
+            missing[device] = f"malformed spans: {exc}"
+    offsets = {d: float(o) for d, o in dict(own.get("clock_offsets") or {}).items()
+               if d in devices and isinstance(o, (int, float)) and not isinstance(o, bool)}
+    trace = chrome_trace(devices, offsets, requester)
+    trace["otherData"]["missing"] = missing
+    return trace

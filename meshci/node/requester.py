@@ -43,6 +43,7 @@ from meshci.node.latency import PlanCalibration, plan_hops
 from meshci.node.model_cache import LoadedModel
 from meshci.node.pieces import encode as encode_pieces
 from meshci.node.request import RequesterRun, RequestStateError, SendPiece, cluster_from_view, device_signature
+from meshci.node.trace import request_phases, wall_of
 from meshci.planning import STRATEGIES, Plan, make_plan
 from meshci.planning.evaluate import evaluate_plan
 from meshci.trunk import Region
@@ -232,6 +233,10 @@ class Requester:
                 result[name] = head[name]
         if meta.get("details"):
             result["plan"] = plan.to_json()
+        result["trace_id"] = rid  # `meshci infer --trace`: each device's spans of it
+        for span in request_phases(*(wall_of(t) for t in (began, loaded_at, planned_at, sent_at, done_at)),
+                                   result["auction"], plan.auction_rounds):
+            node.trace.record(rid, span)
 
         def learn() -> None:
             self._calibrate(model, seed, size, loaded.trunk, raw_cluster, plan, list(devices), done_at - sent_at)

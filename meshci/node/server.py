@@ -44,6 +44,7 @@ from meshci.node.pieces import Piece, decode as decode_pieces, encode as encode_
 from meshci.node.request import Action, Compute, RequestStateError, RunHead, SendPiece, tensor_bytes
 from meshci.node.requester import Requester
 from meshci.node.runtime import Runtime
+from meshci.node.trace import Span, TraceLog, wall_of
 from meshci.node.view import member_row, mesh_view
 from meshci.node.worker import Worker
 from meshci.trunk import Region
@@ -117,6 +118,7 @@ class Node:
                                      advert=Advert(gflops=config.gflops))
         self.links = LinkEstimator()
         self.boundary = BoundaryCosts()  # measured per-message delivery and per-tile handling
+        self.trace = TraceLog()  # what this node did for its recent requests (`meshci infer --trace`)
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopped = asyncio.Event()
@@ -247,6 +249,7 @@ class Node:
         received_at = time.time()
         pieces = decode_pieces(msg.meta, msg.tensors)
         arrival = conn.last_arrival
+        self._trace_receive(msg.request_id, conn.peer_name, arrival, received_at)
         if arrival is not None and (sample := arrival.rate_sample(self.links.min_bytes)) is not None:
             # bandwidth as delivered: bytes over the time they took to land here
             self.links.observe_arrival(conn.peer_name, *sample)
@@ -267,8 +270,10 @@ class Node:
             answer = self.stats()
         elif op == "peers":
             answer = {"members": self.members()}
+        elif op == "trace":
+            answer = self.trace_answer(msg.meta.get("request"))
         else:
-            raise ValueError("STATE is only answered for {'op': 'stats'} and {'op': 'peers'}")
+            raise ValueError("STATE is only answered for op stats, peers and trace")
         await self.connections.send(conn, Message(MsgType.STATE, msg.request_id, answer))
 
     async def _on_error(self, conn: Connection, msg: Message) -> None:
@@ -340,9 +345,13 @@ class Node:
             await self.take_pieces(rid, self.name, pieces, path_s, {})
             return
         listed, tensors = encode_pieces([(a.block, a.region, a.stage, a.tensor) for a in group])
-        msg = Message(MsgType.TILE, rid, {"pieces": listed, "path_s": path_s, "sent_at": time.time()}, tensors)
+        sent_at = time.time()
+        msg = Message(MsgType.TILE, rid, {"pieces": listed, "path_s": path_s, "sent_at": sent_at}, tensors)
         try:
             await self.send_to(dest, msg)
+            self.trace.record(rid, Span(f"send to {dest}", "send", sent_at, time.time() - sent_at,
+                                        {"to": dest, "pieces": len(group),
+                                         "bytes": sum(tensor_bytes(t) for t in tensors)}))
         except WireError as exc:
             # the next device is gone: the request cannot complete, its requester must know
             await self.fail_request(rid, self._requester_of(rid), f"cannot reach {dest}: {exc}")
@@ -464,6 +473,24 @@ class Node:
         latency_ms = self.boundary.link_latency_ms(peer, spec.latency_ms)
         return LinkSpec(spec.mbps, latency_ms).transfer_s(n_bytes)
 
+    def _trace_receive(self, rid: int, sender: str, arrival: Any, received_at: float) -> None:
+        """A TILE frame's arrival in the request's timeline: from its first byte read to its last."""
+        if arrival is None:
+            self.trace.record(rid, Span(f"receive from {sender}", "receive", received_at, 0.0, {"from": sender}))
+            return
+        start = wall_of(arrival.began)
+        self.trace.record(rid, Span(f"receive from {sender}", "receive", start, max(0.0, arrival.ended - arrival.began),
+                                    {"from": sender, "bytes": arrival.nbytes}))
+
+    def trace_answer(self, rid: Any) -> dict[str, Any]:
+        """This node's spans of request `rid`, and its clock offsets to its peers (their clock
+        minus ours, from heartbeat echoes) so a client can align every device's times."""
+        if isinstance(rid, bool) or not isinstance(rid, int):
+            raise ValueError("a trace request names its request id: {'op': 'trace', 'request': ID}")
+        offsets = {p.name: offset for p in self.membership.alive()
+                   if (offset := self.boundary.clock_offset(p.name)) is not None}
+        return {"name": self.name, "spans": [s.to_json() for s in self.trace.spans(rid)], "clock_offsets": offsets}
+
     def members(self) -> list[dict[str, Any]]:
         """The mesh as this node sees it: itself, then every member it believes up."""
         own = member_row(self.name, str(self.address), "self", self.advert(), 0.0)
@@ -532,3 +559,4 @@ def _rss_mb() -> float:
 def _peak_rss_mb() -> float:
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
