@@ -67,6 +67,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="trained weights (a torchvision-format state_dict) this node serves, "
                         "repeatable; give every node the same file and ask with `meshci infer "
                         "--weights FILE` (built-in models otherwise use random weights by seed)")
+    p.add_argument("--metrics-port", type=int, metavar="P",
+                   help="serve Prometheus metrics at http://HOST:P/metrics (requests, latency, bytes "
+                        "per peer, tiles, auctions, peer failures)")
+    p.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
+                   help="address of the metrics endpoint (default 127.0.0.1: this machine only)")
     p.add_argument("--tls-cert", help="this node's certificate (mutual TLS)")
     p.add_argument("--tls-key", help="this node's private key (mutual TLS)")
     p.add_argument("--tls-ca", help="CA that signs every node's certificate (mutual TLS)")
@@ -125,16 +130,19 @@ def run(given: argparse.Namespace) -> int:
     if not valid_name(name):
         raise MeshciError(f"bad node name {name!r}: 1-64 letters, digits or ._:@- , starting alphanumeric")
     gflops = args.gflops if args.gflops is not None else measure_gflops(args.threads)
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        raise MeshciError("--metrics-port must be a port number (0-65535)")
     config = NodeConfig(name=name, listen=listen, join=join, secret=secret, insecure=args.insecure,
                         threads=args.threads, gflops=gflops, server_ssl=server_ssl,
                         client_ssl=client_ssl, discover=discover, join_timeout_s=args.join_timeout,
                         allow_models=allow_models, measure_curves=args.gflops is None,
                         data_dir=data_dir)
     _install_uvloop()
-    return asyncio.run(_serve(Node(config)))
+    metrics = (args.metrics_host, args.metrics_port) if args.metrics_port is not None else None
+    return asyncio.run(_serve(Node(config), metrics))
 
 
-async def _serve(node: Node) -> int:
+async def _serve(node: Node, metrics: tuple[str, int] | None = None) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, node.stop)
@@ -153,9 +161,29 @@ async def _serve(node: Node) -> int:
         await node.close()
         raise
     print(f"meshci node {node.name} listening on {address}", flush=True)
-    await node.wait_closed()
+    scrapes = await _serve_metrics(node, *metrics) if metrics is not None else None
+    try:
+        await node.wait_closed()
+    finally:
+        if scrapes is not None:
+            scrapes.close()
     log.info("node %s stopped", node.name)
     return 0
+
+
+async def _serve_metrics(node: Node, host: str, port: int) -> asyncio.base_events.Server:
+    from meshci.node.metrics import serve_metrics
+
+    try:
+        server = await serve_metrics(node, host, port)
+    except OSError as exc:
+        # the metrics port is taken: the node is up, but say so in one line and stop it
+        await node.close()
+        raise RuntimeFailure(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}; "
+                             "pick another --metrics-port") from exc
+    bound = server.sockets[0].getsockname()
+    print(f"meshci node {node.name} metrics on http://{bound[0]}:{bound[1]}/metrics", flush=True)
+    return server
 
 
 def _profile_on_signals(loop: asyncio.AbstractEventLoop, path: Path) -> None:

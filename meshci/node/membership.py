@@ -31,6 +31,7 @@ HEARTBEAT_INTERVAL_S = 0.5
 SUSPECT_AFTER_S = 1.5
 DEAD_AFTER_S = 3.0
 TOMBSTONE_S = 60.0
+LEFT_THE_MESH = "left the mesh"  # the PeerDown reason of a clean LEAVE (not a failure)
 
 
 class PeerStatus(str, enum.Enum):
@@ -304,7 +305,7 @@ class Membership:
         if peer is None or peer.status is PeerStatus.DEAD:
             return []
         self._peers[name] = replace(peer, status=PeerStatus.DEAD, last_heard=now)
-        return [PeerDown(name, "left the mesh")] if peer.heard_directly else []
+        return [PeerDown(name, LEFT_THE_MESH)] if peer.heard_directly else []
 
     def touch(self, name: str, now: float) -> None:
         """A frame from a peer's own authenticated connection: it is alive (any frame, not

@@ -116,7 +116,8 @@ class Requester:
         self.requests_served = 0
 
     # ---- serving a client ------------------------------------------------------------
-    async def on_infer(self, conn: Connection, msg: Message) -> None:
+    async def on_infer(self, conn: Connection, msg: Message) -> bool:
+        """Serve one INFER; whether it was answered with a RESULT."""
         from meshci.node.server import RequestFailed
 
         node = self.node
@@ -127,22 +128,25 @@ class Requester:
             # the client gets the reason, the node keeps serving
             log.warning("request %d failed: %s", msg.request_id, exc)
             await node.reply_error(conn, msg.request_id, str(exc), usage=_is_usage_error(exc))
-            return
+            return False
         except Exception as exc:  # noqa: BLE001
             # a bug in some part (planner, auction, model code) must not leave the client
             # waiting or stop the node: log the traceback, answer with the reason
             log.exception("request %d failed with an internal error", msg.request_id)
             await node.reply_error(conn, msg.request_id, f"internal error: {type(exc).__name__}: {exc}")
-            return
+            return False
         self.requests_served += 1
         try:
             reply = Message(MsgType.RESULT, msg.request_id, meta, (logits,))
         except (TypeError, ValueError) as exc:
             # a result that cannot be framed (a non-finite figure): the client still hears why
             await node.reply_error(conn, msg.request_id, f"internal error: unencodable result: {exc}")
-            return
+            return False
         await node.send_quietly(conn, reply)
-        learn()  # after the answer: the client does not wait for it
+        # after the answer (the client does not wait for it), and after this returns (the
+        # node's request latency metric ends with the answer)
+        asyncio.get_running_loop().call_soon(learn)
+        return True
 
     async def infer(self, msg: Message) -> tuple[dict[str, Any], torch.Tensor, Callable[[], None]]:
         from meshci.node.server import REQUEST_TIMEOUT_S, RequestFailed

@@ -39,7 +39,8 @@ from meshci.node.auction import AUCTION_KINDS, from_message, to_message
 from meshci.node.connections import Connections
 from meshci.node.gossip import Gossip
 from meshci.node.latency import BoundaryCosts
-from meshci.node.membership import HEARTBEAT_INTERVAL_S, Address, Advert, Membership
+from meshci.node.membership import HEARTBEAT_INTERVAL_S, LEFT_THE_MESH, Address, Advert, Membership
+from meshci.node.metrics import NodeMetrics
 from meshci.node.pieces import Piece, decode as decode_pieces, encode as encode_pieces
 from meshci.node.request import Action, Compute, RequestStateError, RunHead, SendPiece, tensor_bytes
 from meshci.node.requester import Requester
@@ -118,6 +119,7 @@ class Node:
                                      advert=Advert(gflops=config.gflops))
         self.links = LinkEstimator()
         self.boundary = BoundaryCosts()  # measured per-message delivery and per-tile handling
+        self.metrics = NodeMetrics()  # served with --metrics-port (meshci/node/metrics.py)
         self.trace = TraceLog()  # what this node did for its recent requests (`meshci infer --trace`)
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -237,7 +239,12 @@ class Node:
             self.spawn(self.reply_error(conn, msg.request_id, f"bad {msg.kind.name}: {exc}"))
 
     async def _on_infer(self, conn: Connection, msg: Message) -> None:
-        self.spawn(self.requester.on_infer(conn, msg))
+        self.spawn(self._serve_infer(conn, msg))
+
+    async def _serve_infer(self, conn: Connection, msg: Message) -> None:
+        began = time.perf_counter()
+        ok = await self.requester.on_infer(conn, msg)
+        self.metrics.request_done(time.perf_counter() - began, ok)
 
     async def _on_plan(self, conn: Connection, msg: Message) -> None:
         if msg.meta.get("op") == "need_plan":
@@ -422,6 +429,8 @@ class Node:
             log.info("cannot tell %s about request %d: %s", name, msg.request_id, exc)
 
     def peer_down(self, name: str, reason: str) -> None:
+        if reason != LEFT_THE_MESH:
+            self.metrics.peer_failures += 1
         self.connections.drop(name)
         self.requester.device_down(name, reason)
         self.worker.requester_down(name, reason)

@@ -335,6 +335,8 @@ class Worker:
                 return []
             self.bid_auctions[message.auction_id] = (time.monotonic(), message.sender)
         out = self.bidder.receive(message, time.monotonic())
+        if isinstance(message, Close):
+            self.node.metrics.auction_ended(won=bool(message.item_ids))
         if isinstance(message, Close) and message.auction_id not in self.bidder.auctions():
             self.release_bid(message.auction_id)  # the auction is over and we won nothing
         return out
