@@ -51,18 +51,19 @@ def _command_of(argv: list[str]) -> str | None:
     return None
 
 
-def log_level(verbose: int, quiet: int) -> int:
-    """WARNING by default; -v INFO, -vv DEBUG; -q ERROR only."""
+def log_level(verbose: int, quiet: int, base: int = logging.WARNING) -> int:
+    """The command's `base` level (WARNING; INFO for `meshci node`, a service whose events
+    are its output), each -v one step more (down to DEBUG), -q errors only."""
     if quiet:
         return logging.ERROR
-    return logging.WARNING - 10 * min(verbose, 2)
+    return max(logging.DEBUG, base - 10 * verbose)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(_command_of(argv))
     args = parser.parse_args(argv)  # argparse itself exits 2 on bad flags, with one line
-    logging.basicConfig(level=log_level(args.verbose, args.quiet),
+    logging.basicConfig(level=log_level(args.verbose, args.quiet, getattr(args, "log_level", logging.WARNING)),
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     if not getattr(args, "func", None):
         parser.print_help()

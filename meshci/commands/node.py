@@ -35,7 +35,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="TOML file of settings (also MESHCI_CONFIG)")
     add_arguments(p)
     suppress_defaults(p)  # the defaults apply in `run`, under the file and the environment
-    p.set_defaults(func=run)
+    # a node's events (joined, peer down, model built) are what its operator watches
+    p.set_defaults(func=run, log_level=logging.INFO)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -127,10 +127,13 @@ def cache_path(trunk: Trunk, threads: int, data_dir: Path | None = None) -> Path
 
 
 def stderr_progress(done: int, total: int, label: str) -> None:
-    sys.stderr.write(f"\rprofiling {label}: segment {done}/{total}")
-    if done == total:
-        sys.stderr.write("\n")
-    sys.stderr.flush()
+    """Profiling progress: a line redrawn in place on a terminal; elsewhere (a service's
+    journal, a pipe) one log line when it starts and one when it is done."""
+    if sys.stderr.isatty() and log.isEnabledFor(logging.INFO):
+        sys.stderr.write(f"\rprofiling {label}: segment {done}/{total}" + ("\n" if done == total else ""))
+        sys.stderr.flush()
+    elif done == 1 or done == total:
+        log.info("profiling %s: segment %d/%d%s", label, done, total, " done" if done == total else "")
 
 
 def fit_line(rows: list[int], seconds: list[float]) -> tuple[float, float]:

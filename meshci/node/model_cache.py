@@ -199,6 +199,7 @@ class ModelCache:
                 self._entries.move_to_end(key)
                 return entry
             started = time.perf_counter()
+            log.info("building %s seed=%d %dx%d ...", name, seed, key[2], key[3])
             head_dir = str(self.head_dir) if self.head_dir is not None else None
             if self.isolate_builds:
                 trunk, source = _build_in_child(name, seed, (key[2], key[3]), head_dir)
@@ -315,7 +316,7 @@ def _child_main(argv: list[str]) -> int:
         data = _trunk_only_bytes(name, seed, (h, w), head_dir)
     except MeshciError as exc:
         # unknown model and the like: the parent reports this line as the reason
-        print(f"{exc}", file=sys.stderr)
+        sys.stderr.write(f"{exc}\n")
         return 2
     sys.stdout.buffer.write(data)
     sys.stdout.buffer.flush()

@@ -1,0 +1,38 @@
+"""-v/-q and the standard logging module; no bare prints in library code."""
+
+from __future__ import annotations
+
+import ast
+import logging
+from pathlib import Path
+
+import meshci
+from meshci.cli import build_parser, log_level
+
+# modules whose stdout is their interface: the command line, and the testbed's helper
+# processes, which report to their parent over stdout
+TALKERS = ("commands", "cli.py", "testbed", "__main__.py")
+
+
+def test_levels() -> None:
+    assert log_level(0, 0) == logging.WARNING
+    assert log_level(1, 0) == logging.INFO and log_level(5, 0) == logging.DEBUG
+    assert log_level(0, 1) == logging.ERROR and log_level(2, 1) == logging.ERROR
+    node = build_parser("node").parse_args(["node"])
+    assert log_level(0, 0, node.log_level) == logging.INFO  # a service: its events are its output
+    assert log_level(1, 0, node.log_level) == logging.DEBUG
+    infer = build_parser("infer").parse_args(["-q", "infer", "--via", "h:1", "--model", "m"])
+    assert log_level(infer.verbose, infer.quiet, getattr(infer, "log_level", logging.WARNING)) == logging.ERROR
+
+
+def test_library_code_has_no_bare_prints() -> None:
+    root = Path(meshci.__file__).parent
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        relative = path.relative_to(root).as_posix()
+        if relative.startswith(TALKERS):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print":
+                offenders.append(f"{relative}:{node.lineno}")
+    assert offenders == []
