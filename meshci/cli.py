@@ -17,7 +17,7 @@ import sys
 from meshci.errors import MeshciError
 
 # module name under meshci.commands, in the order `meshci --help` lists them
-COMMAND_MODULES = ["inspect", "plan", "simulate", "node", "infer", "peers", "secret", "demo"]
+COMMAND_MODULES = ["inspect", "plan", "simulate", "node", "infer", "peers", "status", "secret", "demo"]
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -39,6 +39,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                 continue
             raise
         module.add_parser(sub)
+    for command in sub.choices.values():
+        # -v/-q also after the command (`meshci node -q`); SUPPRESS keeps the count given before it
+        command.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        command.add_argument("-q", "--quiet", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 

@@ -21,6 +21,9 @@ def test_levels() -> None:
     node = build_parser("node").parse_args(["node"])
     assert log_level(0, 0, node.log_level) == logging.INFO  # a service: its events are its output
     assert log_level(1, 0, node.log_level) == logging.DEBUG
+    after = build_parser("node").parse_args(["node", "-q"])
+    assert log_level(after.verbose, after.quiet, after.log_level) == logging.ERROR
+    assert build_parser("node").parse_args(["-v", "node"]).verbose == 1
     infer = build_parser("infer").parse_args(["-q", "infer", "--via", "h:1", "--model", "m"])
     assert log_level(infer.verbose, infer.quiet, getattr(infer, "log_level", logging.WARNING)) == logging.ERROR
 

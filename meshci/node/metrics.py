@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 MAX_REQUEST_BYTES = 8192  # of an HTTP request head: a scraper's GET is a few hundred
 REQUEST_TIMEOUT_S = 5.0
+CLIENTS = "clients"  # the peer label of every connection that is not a mesh member
 
 
 @dataclass
@@ -78,7 +79,7 @@ def families(node: Node) -> list[Any]:
     sent = CounterMetricFamily("meshci_sent_bytes", "Bytes sent, by peer", labels=["peer"])
     received = CounterMetricFamily("meshci_received_bytes", "Bytes received, by peer", labels=["peer"])
     for family, table in ((sent, node.connections.peer_sent), (received, node.connections.peer_received)):
-        for peer, n in sorted(table.items()):
+        for peer, n in sorted(by_member(table, node).items()):
             family.add_metric([peer], n)
     tiles = CounterMetricFamily("meshci_tiles_computed", "Tiles this node computed")
     tiles.add_metric([], node.runtime.tiles_computed)
@@ -94,6 +95,16 @@ def families(node: Node) -> list[Any]:
     backlog = GaugeMetricFamily("meshci_backlog_seconds", "Seconds of tile work queued on this node")
     backlog.add_metric([], max(0.0, node.runtime.queued_s))
     return [requests, latency, sent, received, tiles, auctions, failures, peers, in_flight, backlog]
+
+
+def by_member(table: dict[str, int], node: Node) -> dict[str, int]:
+    """Bytes by mesh member; every other name (clients, each with its own) summed as
+    "clients", so a label per client run does not pile up in Prometheus."""
+    out: dict[str, int] = {}
+    for name, n in table.items():
+        label = name if node.membership.peer(name) is not None else CLIENTS
+        out[label] = out.get(label, 0) + n
+    return out
 
 
 def exposition(node: Node) -> bytes:

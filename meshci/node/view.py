@@ -49,3 +49,33 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line[:-1], widths)) + "  " + line[-1]
                      for line in lines)
+
+
+def with_activity(rows: list[dict[str, Any]], own: dict[str, dict[str, Any] | None]) -> list[dict[str, Any]]:
+    """The member rows with each member's own account of its activity (`own[name]`: the
+    first row of its own view, None when it did not answer): requests in flight, tiles."""
+    merged = []
+    for row in rows:
+        mine = own.get(row["name"])
+        merged.append({**row, "requests_in_flight": (mine or {}).get("requests_in_flight"),
+                       "tiles_computed": (mine or {}).get("tiles_computed")})
+    return merged
+
+
+STATUS_COLUMNS = ("NAME", "STATUS", "GFLOP/S", "LOAD", "IN FLIGHT", "TILES", "ADDRESS")
+
+
+def status_cells(rows: list[dict[str, Any]]) -> list[tuple[str, ...]]:
+    """One line of `meshci status` per member (`?` where a member did not answer)."""
+    def shown(value: Any) -> str:
+        return "?" if value is None else str(value)
+
+    return [(r["name"], r["status"], f"{r['gflops']:.3g}", f"{r['load_s']:.2f} s",
+             shown(r.get("requests_in_flight")), shown(r.get("tiles_computed")), r["address"]) for r in rows]
+
+
+def format_status(rows: list[dict[str, Any]]) -> str:
+    """`meshci status` as plain text (the view without rich)."""
+    lines = [STATUS_COLUMNS, *status_cells(rows)]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(STATUS_COLUMNS))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)

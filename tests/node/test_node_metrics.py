@@ -52,6 +52,7 @@ async def test_metrics_are_prometheus_text_and_count_requests() -> None:
         assert after[("meshci_request_latency_seconds_count", ())] == 2
         assert after[("meshci_request_latency_seconds_sum", ())] > 0
         assert after[("meshci_sent_bytes_total", (("peer", "m2"),))] > 0
+        assert after[("meshci_sent_bytes_total", (("peer", "clients"),))] > 0  # not a label per client
         assert ("meshci_auctions_total", (("outcome", "won"),)) in after
         assert (await _get(port, "/other"))[0] == "HTTP/1.1 404 Not Found"
     finally:

@@ -15,7 +15,7 @@ from inprocess import crash, start_mesh
 from meshci import __version__
 from meshci.node.client import members
 from meshci.node.membership import DEAD_AFTER_S, HEARTBEAT_INTERVAL_S, Advert
-from meshci.node.view import format_table
+from meshci.node.view import format_status, format_table, with_activity
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -46,6 +46,16 @@ async def test_peers_lists_the_members_and_drops_a_killed_one(tmp_path) -> None:
         assert rows[1]["address"] == str(nodes[1].address)
         assert set(rows[0]["links"]) == {"p2", "p3"}  # p1's link estimates to each peer
 
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "meshci", "status", "--via", str(nodes[1].address), "--secret-file",
+            str(secret_file), "--once", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out_b, err_b = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, err_b.decode()
+        lines = out_b.decode().splitlines()
+        assert lines[0].split()[:5] == ["NAME", "STATUS", "GFLOP/S", "LOAD", "IN"]
+        # every member answered for itself: requests in flight and tiles, no `?`
+        assert sorted(line.split()[0] for line in lines[1:]) == ["p1", "p2", "p3"] and "?" not in out_b.decode()
+
         await crash(nodes[2])
         killed = time.monotonic()
         while len(await members(nodes[0].address, secret=SECRET)) != 2:
@@ -74,3 +84,12 @@ def test_the_table_shows_each_member() -> None:
     assert lines[0].split()[:3] == ["NAME", "ADDRESS", "STATUS"]
     assert lines[1].split() == ["a", "h:1", "self", "2.5", "0.25", "s", "0.1.0", "b", "94.1/1.5"]
     assert lines[2].split() == ["b", "h:2", "suspect", "1", "0.00", "s", "?", "-"]
+
+
+def test_status_shows_what_each_member_says_of_itself() -> None:
+    rows = [{"name": "a", "address": "h:1", "status": "self", "gflops": 2.0, "load_s": 0.5, "links": {}},
+            {"name": "b", "address": "h:2", "status": "alive", "gflops": 1.0, "load_s": 0.0, "links": {}}]
+    merged = with_activity(rows, {"a": {"requests_in_flight": 2, "tiles_computed": 40}, "b": None})
+    lines = format_status(merged).splitlines()
+    assert lines[1].split() == ["a", "self", "2", "0.50", "s", "2", "40", "h:1"]
+    assert lines[2].split() == ["b", "alive", "1", "0.00", "s", "?", "?", "h:2"]  # b did not answer
