@@ -13,6 +13,7 @@ import argparse
 import importlib
 import logging
 import sys
+from typing import NoReturn
 
 from meshci.errors import MeshciError
 
@@ -20,10 +21,17 @@ from meshci.errors import MeshciError
 COMMAND_MODULES = ["inspect", "plan", "simulate", "node", "infer", "peers", "status", "secret", "demo"]
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line saying where to look (not the whole usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The parser of every sub-command, or of `only` (its module alone is imported: a
     command such as `meshci infer` then starts without importing torch)."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="meshci",
         description="Distributed CNN inference on a peer-to-peer mesh (EdgeCI: DPFL + AWAS).",
     )
@@ -66,7 +74,7 @@ def log_level(verbose: int, quiet: int, base: int = logging.WARNING) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(_command_of(argv))
-    args = parser.parse_args(argv)  # argparse itself exits 2 on bad flags, with one line
+    args = parser.parse_args(argv)  # a bad flag: one line, exit status 2 (OneLineParser)
     logging.basicConfig(level=log_level(args.verbose, args.quiet, getattr(args, "log_level", logging.WARNING)),
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     if not getattr(args, "func", None):

@@ -6,8 +6,10 @@ import ast
 import logging
 from pathlib import Path
 
+import pytest
+
 import meshci
-from meshci.cli import build_parser, log_level
+from meshci.cli import build_parser, log_level, main
 
 # modules whose stdout is their interface: the command line, and the testbed's helper
 # processes, which report to their parent over stdout
@@ -39,3 +41,12 @@ def test_library_code_has_no_bare_prints() -> None:
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print":
                 offenders.append(f"{relative}:{node.lineno}")
     assert offenders == []
+
+
+def test_a_bad_flag_is_one_line_exit_2(capsys) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["plan", "--model", "vgg16", "--strategy", "fastest"])
+    assert done.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("meshci plan: error: argument --strategy: invalid choice")
+    assert lines[0].endswith("(see `meshci plan --help`)")

@@ -24,7 +24,8 @@ def read_labels(path: Path) -> tuple[str, ...]:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         # a --labels file we cannot read: the user's to fix, one line
-        raise MeshciError(f"cannot read labels file {path}: {exc}") from exc
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise MeshciError(f"cannot read labels file {path}: {reason}") from exc
     return tuple(text.splitlines())
 
 
