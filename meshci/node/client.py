@@ -30,6 +30,8 @@ class RequestError(RuntimeFailure):
         self.exit_status = 2 if usage else 1
 
 
+# how torch and Python say a device ran out of memory (CPU allocator, CUDA, MemoryError)
+OUT_OF_MEMORY_WORDS = ("out of memory", "can't allocate memory", "not enough memory")
 OUT_OF_MEMORY_HINT = ("a device ran out of memory: use a smaller --size, the edgeci strategy "
                       "(it spreads the model over the devices), or add devices")
 
@@ -48,7 +50,8 @@ def connect_hint(address: Address, exc: WireError) -> str:
 
 def failure_hint(reason: str) -> str:
     """A node's failure reason with what to do appended where we can tell."""
-    if "MemoryError" in reason or "out of memory" in reason.lower():
+    lowered = reason.lower()
+    if "MemoryError" in reason or any(words in lowered for words in OUT_OF_MEMORY_WORDS):
         return f"{reason}; {OUT_OF_MEMORY_HINT}"
     return reason
 

@@ -63,6 +63,8 @@ async def test_nobody_listening_is_a_runtime_failure() -> None:
 def test_out_of_memory_says_what_to_do() -> None:
     hint = failure_hint("error on pi3-b: MemoryError: ")
     assert hint.startswith("error on pi3-b: MemoryError") and "smaller --size" in hint
+    cpu = failure_hint("pi3-b failed a tile: DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 GB")
+    assert "a device ran out of memory" in cpu
     assert failure_hint("request timed out after 300 s") == "request timed out after 300 s"
 
 
