@@ -92,3 +92,16 @@ def test_secret_new_writes_a_private_file(tmp_path: Path, capsys) -> None:
     assert len(load_secret(path)) == 32
     assert main(["secret", "new", str(path)]) == 2  # never overwrites a secret
     assert "cannot create secret file" in capsys.readouterr().err
+
+
+def test_data_lives_under_the_xdg_cache_by_default(tmp_path: Path, monkeypatch) -> None:
+    from meshci.cost.profiling import default_data_dir
+
+    monkeypatch.delenv("MESHCI_DATA_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert default_data_dir() == tmp_path / "cache" / "meshci"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert default_data_dir() == tmp_path / ".cache" / "meshci"
+    monkeypatch.setenv("MESHCI_DATA_DIR", str(tmp_path / "here"))  # also what --data-dir's variable sets
+    assert default_data_dir() == tmp_path / "here"
