@@ -256,7 +256,6 @@ class Node:
         received_at = time.time()
         pieces = decode_pieces(msg.meta, msg.tensors)
         arrival = conn.last_arrival
-        self._trace_receive(msg.request_id, conn.peer_name, arrival, received_at)
         if arrival is not None and (sample := arrival.rate_sample(self.links.min_bytes)) is not None:
             # bandwidth as delivered: bytes over the time they took to land here
             self.links.observe_arrival(conn.peer_name, *sample)
@@ -266,6 +265,7 @@ class Node:
             wire_s = sum(tensor_bytes(t) for t in msg.tensors) * 8.0 / (mbps * 1e6)
             self.boundary.observe_delivery(conn.peer_name, float(sent_at), received_at, wire_s,
                                            self.runtime.loop_free_wall)
+        self._trace_receive(msg.request_id, conn.peer_name, arrival, received_at)
         # handled in a task: forwarding pieces must not stall reading this connection
         # (other peers' heartbeats and tiles arrive behind it)
         self.spawn(self.guarded(msg.request_id, self.take_pieces(
