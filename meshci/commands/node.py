@@ -92,10 +92,6 @@ def effective_settings(given: argparse.Namespace, env: Mapping[str, str]) -> arg
 
 
 def run(given: argparse.Namespace) -> int:
-    from meshci.cost.profiling import default_data_dir
-    from meshci.node.identity import node_name
-    from meshci.node.runtime import measure_gflops
-    from meshci.node.server import Node, NodeConfig
     from meshci.wire import client_tls_context, load_secret, server_tls_context, valid_name
 
     args = effective_settings(given, os.environ)
@@ -120,6 +116,13 @@ def run(given: argparse.Namespace) -> int:
         raise MeshciError("--threads must be at least 1")
     if args.gflops is not None and not args.gflops > 0:
         raise MeshciError("--gflops must be positive")
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        raise MeshciError("--metrics-port must be a port number (0-65535)")
+    # the checks above need no torch: a mistyped flag is refused at once
+    from meshci.cost.profiling import default_data_dir
+    from meshci.node.identity import node_name
+    from meshci.node.runtime import measure_gflops
+    from meshci.node.server import Node, NodeConfig
     from meshci.models.registry import valid_allow_pattern
     bad = [pattern for pattern in args.allow_model if not valid_allow_pattern(pattern)]
     if bad:
@@ -131,8 +134,6 @@ def run(given: argparse.Namespace) -> int:
     if not valid_name(name):
         raise MeshciError(f"bad node name {name!r}: 1-64 letters, digits or ._:@- , starting alphanumeric")
     gflops = args.gflops if args.gflops is not None else measure_gflops(args.threads)
-    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
-        raise MeshciError("--metrics-port must be a port number (0-65535)")
     config = NodeConfig(name=name, listen=listen, join=join, secret=secret, insecure=args.insecure,
                         threads=args.threads, gflops=gflops, server_ssl=server_ssl,
                         client_ssl=client_ssl, discover=discover, join_timeout_s=args.join_timeout,
