@@ -43,7 +43,7 @@ from meshci.node.latency import PlanCalibration, plan_hops
 from meshci.node.model_cache import LoadedModel
 from meshci.node.pieces import encode as encode_pieces
 from meshci.node.request import RequesterRun, RequestStateError, SendPiece, cluster_from_view, device_signature
-from meshci.node.trace import request_phases, wall_of
+from meshci.node.trace import Span, request_phases, wall_of
 from meshci.planning import STRATEGIES, Plan, make_plan
 from meshci.planning.evaluate import evaluate_plan
 from meshci.trunk import Region
@@ -283,7 +283,10 @@ class Requester:
                 await self.node.worker.on_plan(self.name, Message(MsgType.PLAN, rid, meta, tensors))
                 continue
             ctx.messages[device] = Message(MsgType.PLAN, rid, meta, tensors)
+            began = time.time()
             await self.node.send_to(device, ctx.messages[device])
+            self.node.trace.record(rid, Span(f"plan and input to {device}", "send", began, time.time() - began,
+                                             {"to": device, "pieces": len(pieces)}))
             self._sent(device, digest)
 
     def _mirror(self, device: str) -> OrderedDict[str, None]:

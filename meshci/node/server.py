@@ -250,6 +250,7 @@ class Node:
         if msg.meta.get("op") == "need_plan":
             self.spawn(self.requester.on_need_plan(conn.peer_name, msg))
             return
+        self._trace_receive(msg.request_id, conn.peer_name, conn.last_arrival, time.time())
         self.spawn(self.guarded(msg.request_id, self.worker.on_plan(conn.peer_name, msg)))
 
     async def _on_tile(self, conn: Connection, msg: Message) -> None:
@@ -483,7 +484,8 @@ class Node:
         return LinkSpec(spec.mbps, latency_ms).transfer_s(n_bytes)
 
     def _trace_receive(self, rid: int, sender: str, arrival: Any, received_at: float) -> None:
-        """A TILE frame's arrival in the request's timeline: from its first byte read to its last."""
+        """A PLAN or TILE frame's arrival in the request's timeline: from its first byte read
+        to its last."""
         if arrival is None:
             self.trace.record(rid, Span(f"receive from {sender}", "receive", received_at, 0.0, {"from": sender}))
             return

@@ -51,6 +51,11 @@ async def test_a_three_node_trace_parses_with_every_device_and_tiles_inside_the_
         assert request["ts"] - SKEW_S * 1e6 <= e["ts"], e
         assert e["ts"] + e["dur"] <= request["ts"] + request["dur"] + SKEW_S * 1e6, e
     assert any(e["cat"] == "send" for e in spans) and any(e["cat"] == "receive" for e in spans)
+    # the requester scattered the input: a send to each worker, which each received
+    scatter = {e["args"]["to"] for e in spans if e["name"].startswith("plan and input to")}
+    assert scatter >= {"t1", "t3"}
+    receivers = {names[e["pid"]].split()[0] for e in spans if e["cat"] == "receive" and e["args"]["from"] == "t2"}
+    assert receivers >= {"t1", "t3"}
     assert any(e["cat"] == "head" for e in spans)
     assert trace["otherData"]["missing"] == {}
 
