@@ -1,12 +1,24 @@
-"""Errors that reach a user as one clear line (exit status 2), never a stack trace."""
+"""Errors that reach a user as one clear line, never a stack trace.
+
+Exit statuses: 2 for a usage error (bad flags, unknown model, bad input file: the command
+as given cannot work), 1 for a runtime failure (a peer unreachable, a port taken, a device
+out of memory: the same command may work later or elsewhere). Each message says what to
+do about it.
+"""
 
 from __future__ import annotations
 
 
 class MeshciError(Exception):
-    """A user-facing error: bad input, unknown model, bad flags, bad cluster file."""
+    """A user-facing usage error: bad input, unknown model, bad flags, bad cluster file."""
 
     exit_status = 2
+
+
+class RuntimeFailure(MeshciError):
+    """A user-facing runtime failure (exit status 1): the request was fine, the world was not."""
+
+    exit_status = 1
 
 
 class UnknownModelError(MeshciError):

@@ -5,121 +5,69 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+from meshci.commands.common import add_client_arguments, client_target
+from meshci.errors import RuntimeFailure
+from meshci.images import PREPROCESSING, InputImageError, read_image, read_labels, top_labels
 
-from meshci.errors import MeshciError
-from meshci.node.membership import Address
+if TYPE_CHECKING:
+    from meshci.node.membership import Address
 
+log = logging.getLogger(__name__)
 
-class InputImageError(MeshciError):
-    """An --input file that cannot be read as an image tensor."""
+__all__ = ["InputImageError", "add_parser", "format_result", "read_image", "run"]
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("infer", help="run one inference on a mesh, via any node",
                               description="Send one inference request to a mesh node.")
-    p.add_argument("--via", required=True, metavar="HOST:PORT", help="any node of the mesh")
+    add_client_arguments(p)
     p.add_argument("--model", required=True, help="vgg16, resnet34 or package.module:callable")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--input", type=Path, metavar="IMAGE",
-                     help="input image: .npy or .pt tensor (3,H,W)/(1,3,H,W), or a binary PPM/PGM")
+                     help="input picture (JPEG, PNG, BMP, WebP, ... or binary PPM/PGM), resized and "
+                          "centre-cropped to --size and preprocessed (--preprocess); or a .npy/.pt "
+                          "tensor (3,H,W)/(1,3,H,W) taken as it is")
     src.add_argument("--seed", type=int, default=0, help="random input made from this seed (default 0)")
     p.add_argument("--weights-seed", type=int, default=0, help="seed of the model's random weights")
+    p.add_argument("--weights", type=Path, metavar="FILE",
+                   help="use these trained weights (torchvision-format state_dict); every node "
+                        "must hold the same file (`meshci node --weights FILE`)")
     p.add_argument("--size", type=int, nargs=2, default=(224, 224), metavar=("H", "W"),
-                   help="input size for a seeded input (default 224 224)")
+                   help="input size of a seeded input or a picture (default 224 224)")
+    p.add_argument("--preprocess", choices=PREPROCESSING, default="imagenet",
+                   help="for a picture: imagenet (resize to cover --size/0.875, centre crop, scale to "
+                        "[0, 1], ImageNet mean/std; what torchvision's models expect; the default) or "
+                        "unit (no mean/std)")
+    p.add_argument("--labels", type=Path, metavar="FILE",
+                   help="class names, one per line, for a model that is not an ImageNet classifier "
+                        "(default: the ImageNet names for a model with 1000 outputs)")
     p.add_argument("--strategy", default="edgeci", help="local, modnn, deepthings, aofl or edgeci")
     p.add_argument("--check", action="store_true",
                    help="also run the whole model on the requester and report the difference")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    secret = p.add_mutually_exclusive_group()
-    secret.add_argument("--secret-file", metavar="F", help="cluster secret file")
-    secret.add_argument("--insecure", action="store_true", help="the mesh runs without a secret")
+    p.add_argument("--trace", type=Path, metavar="FILE",
+                   help="write the request's timeline to FILE as Chrome trace-event JSON (open it "
+                        "in ui.perfetto.dev or chrome://tracing): one track per device")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the answer")
     p.set_defaults(func=run)
 
 
-def read_image(path: Path) -> np.ndarray:
-    """A (1, 3, H, W) float32 array from .npy, .pt, or binary PPM (P6) / PGM (P5). Only a
-    .pt file needs torch (imported then): the client otherwise starts without it."""
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".npy":
-            x = np.load(path, allow_pickle=False)
-        elif suffix == ".pt":
-            import torch
-
-            t = torch.load(path, weights_only=True, map_location="cpu")
-            if not isinstance(t, torch.Tensor):
-                raise InputImageError(f"{path} holds a {type(t).__name__}, not a tensor")
-            x = t.float().numpy()
-        elif suffix in (".ppm", ".pgm", ".pnm"):
-            x = _read_netpbm(path.read_bytes(), path)
-        else:
-            raise InputImageError(f"{path}: unsupported image type {suffix!r} (use .npy, .pt, .ppm, .pgm)")
-    except (OSError, ValueError, RuntimeError) as exc:
-        # unreadable or malformed file: one clear line for the user
-        raise InputImageError(f"cannot read {path}: {exc}") from exc
-    if not isinstance(x, np.ndarray) or x.dtype.kind not in "biuf":
-        raise InputImageError(f"{path}: expected a numeric array, got {getattr(x, 'dtype', type(x))}")
-    x = x.astype(np.float32, copy=False)
-    if x.ndim == 3:
-        x = x[None]
-    if x.ndim != 4 or x.shape[0] != 1 or x.shape[1] != 3:
-        raise InputImageError(f"{path}: expected a (3, H, W) image, got shape {tuple(x.shape)}")
-    return np.ascontiguousarray(x)
-
-
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32).reshape(1, 3, 1, 1)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32).reshape(1, 3, 1, 1)
-
-
-def _read_netpbm(data: bytes, path: Path) -> np.ndarray:
-    """Binary P6 (RGB) or P5 (grey) with maxval < 256, normalised as ImageNet expects."""
-    fields: list[bytes] = []
-    pos = 0
-    while len(fields) < 4:
-        while pos < len(data) and data[pos:pos + 1].isspace():
-            pos += 1
-        if data[pos:pos + 1] == b"#":
-            pos = data.index(b"\n", pos) + 1
-            continue
-        end = pos
-        while end < len(data) and not data[end:end + 1].isspace():
-            end += 1
-        if end == pos:
-            raise ValueError("truncated header")
-        fields.append(data[pos:end])
-        pos = end
-    magic, width, height, maxval = fields[0], int(fields[1]), int(fields[2]), int(fields[3])
-    if magic not in (b"P5", b"P6") or not 0 < maxval < 256:
-        raise ValueError(f"{path}: only binary 8-bit P5/P6 files are read")
-    channels = 3 if magic == b"P6" else 1
-    pixels = np.frombuffer(data, dtype=np.uint8, count=width * height * channels, offset=pos + 1)
-    x = pixels.astype(np.float32).reshape(height, width, channels).transpose(2, 0, 1)
-    x = np.broadcast_to(x / maxval, (3, height, width))[None]
-    return ((x - IMAGENET_MEAN) / IMAGENET_STD).astype(np.float32)
-
-
 def run(args: argparse.Namespace) -> int:
-    from meshci.node.client import infer
-    from meshci.wire import load_secret
-
-    try:
-        via = Address.parse(args.via)
-    except ValueError as exc:
-        # not HOST:PORT: the user's typo, one line
-        raise MeshciError(str(exc)) from exc
-    if args.secret_file is None and not args.insecure:
-        raise MeshciError("no cluster secret: give --secret-file F (or --insecure)")
-    secret = load_secret(args.secret_file) if args.secret_file else None
-    image = read_image(args.input) if args.input is not None else None
-    meta, _logits = asyncio.run(infer(
-        via, model=args.model, strategy=args.strategy, seed=args.weights_seed, size=tuple(args.size),
-        image=image, input_seed=args.seed, check=args.check, details=args.json, secret=secret,
-        insecure=args.insecure, timeout=args.timeout))
+    via, secret = client_target(args)
+    model = args.model
+    if args.weights is not None:
+        from meshci.weights import weights_digest, with_weights
+        model = with_weights(model, weights_digest(args.weights))
+    labels = read_labels(args.labels) if args.labels is not None else None
+    image = read_image(args.input, tuple(args.size), args.preprocess) if args.input is not None else None
+    meta, logits, trace = asyncio.run(_ask(args, via, secret, model, image))
+    meta["top5_labels"] = top_labels(meta["top5"], int(logits.shape[-1]), labels)
+    if trace is not None:
+        _write_trace(args.trace, trace)
     if args.json:
         print(json.dumps(meta, indent=1))
     else:
@@ -129,14 +77,45 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _ask(args: argparse.Namespace, via: Address, secret: bytes | None, model: str,
+               image: Any) -> tuple[dict[str, Any], Any, dict[str, Any] | None]:
+    """The request, and with --trace its timeline, on one event loop."""
+    from meshci.node.client import collect_trace, infer
+
+    meta, logits = await infer(
+        via, model=model, strategy=args.strategy, seed=args.weights_seed, size=tuple(args.size),
+        image=image, input_seed=args.seed, check=args.check, details=args.json, secret=secret,
+        insecure=args.insecure, timeout=args.timeout)
+    trace = None
+    if args.trace is not None:
+        trace = await collect_trace(via, meta, secret=secret, insecure=args.insecure)
+    return meta, logits, trace
+
+
+def _write_trace(path: Path, trace: dict[str, Any]) -> None:
+    try:
+        path.write_text(json.dumps(trace))
+    except OSError as exc:
+        # the answer came; only the file could not be written: say so, in one line
+        raise RuntimeFailure(f"cannot write the trace to {path}: {exc.strerror}") from exc
+    missing = trace["otherData"].get("missing")
+    if missing:
+        log.warning("trace %s lacks %s: %s", path, ", ".join(missing), "; ".join(missing.values()))
+
+
 def format_result(meta: dict[str, Any]) -> str:
     lines = [
         f"{meta['model']} via {meta['requester']}, strategy {meta['strategy']} "
         f"({meta['routing']} routing): {meta['latency_s'] * 1000:.1f} ms",
         "  devices: " + ", ".join(f"{d} {meta['shares'].get(d, 0.0) * 100:.0f}%" for d in meta["devices"]),
         f"  auction rounds: {meta['auction_rounds']}   top-5: "
-        + ", ".join(f"{i} ({p:.3f})" for i, p in meta["top5"]),
+        + ", ".join(_entry(i, p, name) for (i, p), name in zip(meta["top5"], meta.get("top5_labels")
+                                                                   or [None] * len(meta["top5"]))),
     ]
     if "max_abs_diff" in meta:
         lines.append(f"  check: max |distributed - single device| = {meta['max_abs_diff']:.3g}")
     return "\n".join(lines)
+
+
+def _entry(index: int, probability: float, name: str | None) -> str:
+    return f"{name} [{index}] ({probability:.3f})" if name else f"{index} ({probability:.3f})"

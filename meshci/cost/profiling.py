@@ -46,9 +46,13 @@ Progress = Callable[[int, int, str], None]
 
 
 def default_data_dir() -> Path:
-    """``$MESHCI_DATA_DIR`` or ``~/.cache/meshci``."""
+    """``$MESHCI_DATA_DIR``, else ``$XDG_CACHE_HOME/meshci``, else ``~/.cache/meshci``: what
+    is kept there (profiles, heads, the node's id) is measured or made again when lost."""
     env = os.environ.get("MESHCI_DATA_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "meshci"
+    if env:
+        return Path(env)
+    cache = os.environ.get("XDG_CACHE_HOME")
+    return (Path(cache) if cache else Path.home() / ".cache") / "meshci"
 
 
 def cpu_model() -> str:
@@ -123,10 +127,13 @@ def cache_path(trunk: Trunk, threads: int, data_dir: Path | None = None) -> Path
 
 
 def stderr_progress(done: int, total: int, label: str) -> None:
-    sys.stderr.write(f"\rprofiling {label}: segment {done}/{total}")
-    if done == total:
-        sys.stderr.write("\n")
-    sys.stderr.flush()
+    """Profiling progress: a line redrawn in place on a terminal; elsewhere (a service's
+    journal, a pipe) one log line when it starts and one when it is done."""
+    if sys.stderr.isatty() and log.isEnabledFor(logging.INFO):
+        sys.stderr.write(f"\rprofiling {label}: segment {done}/{total}" + ("\n" if done == total else ""))
+        sys.stderr.flush()
+    elif done == 1 or done == total:
+        log.info("profiling %s: segment %d/%d%s", label, done, total, " done" if done == total else "")
 
 
 def fit_line(rows: list[int], seconds: list[float]) -> tuple[float, float]:

@@ -12,6 +12,7 @@ from torch import nn
 
 from meshci.errors import MeshciError, UnknownModelError
 from meshci.models import resnet, vgg
+from meshci.weights import held_file, split_model_name
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,11 @@ def valid_allow_pattern(pattern: str) -> bool:
 
 def model_allowed(name: str, patterns: Sequence[str]) -> bool:
     """Built-in models always; a user model only when a pattern names it exactly or
-    `pkg.*` covers its module (`pkg` itself or any module below it)."""
+    `pkg.*` covers its module (`pkg` itself or any module below it); `MODEL@DIGEST` (trained
+    weights) only when the patterns hold `@DIGEST` too (the node holds that file)."""
+    base, digest = split_model_name(name)
+    if digest is not None:
+        return f"@{digest}" in patterns and model_allowed(base, patterns)
     if name in BUILDERS:
         return True
     module = name.partition(":")[0]
@@ -65,6 +70,12 @@ def check_model_allowed(name: str, patterns: Sequence[str]) -> None:
     """Raise ModelNotAllowedError unless `model_allowed(name, patterns)`; nothing is imported."""
     if model_allowed(name, patterns):
         return
+    base, digest = split_model_name(name)
+    if digest is not None and f"@{digest}" not in patterns:
+        raise UnknownModelError(f"this node holds no weights {digest} for {base!r}: start every node with "
+                                "--weights FILE, the same file as the client's")
+    if digest is not None:
+        name = base
     if ":" not in name:
         raise UnknownModelError(f"unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}")
     raise ModelNotAllowedError(f"model {name!r} is not allowed on this node (built-in models: "
@@ -96,8 +107,15 @@ def _resolve(name: str) -> Callable[[], nn.Module]:
 def build_model(name: str, *, seed: int = 0, weights: str | Path | None = None) -> nn.Module:
     """The named model in eval mode, initialised deterministically from `seed`.
 
-    `weights` names a file holding a state_dict (torch.save) that is loaded strictly.
+    `weights` names a file holding a state_dict (torch.save) that is loaded strictly;
+    `MODEL@DIGEST` loads the weights file this process holds under that digest
+    (`meshci.weights`).
     """
+    name, digest = split_model_name(name)
+    if digest is not None and weights is None:
+        weights = held_file(digest)
+        if weights is None:
+            raise WeightsError(f"no weights file with digest {digest} here: start the node with --weights FILE")
     builder = _resolve(name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -11,17 +11,49 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from meshci.errors import MeshciError
+from meshci.errors import RuntimeFailure
 from meshci.node.membership import Address
 from meshci.wire import Connection, Message, MsgType
-from meshci.wire.errors import WireError
+from meshci.wire.errors import AuthenticationError, HandshakeTimeout, RemoteProtocolError, WireError
 
 if TYPE_CHECKING:
     import torch
 
 
-class RequestError(MeshciError):
-    """The node answered with an ERROR, or could not be reached."""
+class RequestError(RuntimeFailure):
+    """The node answered with an ERROR, or could not be reached. Exit status 1, or 2 when
+    the node said the request itself was wrong (`usage`: unknown model, impossible size)."""
+
+    def __init__(self, message: str, *, usage: bool = False) -> None:
+        super().__init__(message)
+        self.usage = usage
+        self.exit_status = 2 if usage else 1
+
+
+# how torch and Python say a device ran out of memory (CPU allocator, CUDA, MemoryError)
+OUT_OF_MEMORY_WORDS = ("out of memory", "can't allocate memory", "not enough memory")
+OUT_OF_MEMORY_HINT = ("a device ran out of memory: use a smaller --size, the edgeci strategy "
+                      "(it spreads the model over the devices), or add devices")
+
+
+def connect_hint(address: Address, exc: WireError) -> str:
+    """One line for a failed connect: what went wrong and what to do about it."""
+    if isinstance(exc, (AuthenticationError, RemoteProtocolError)):
+        return (f"cannot connect to {address}: it did not accept our cluster secret ({exc}); "
+                "use the --secret-file the mesh's nodes were started with (or --insecure if they were)")
+    if isinstance(exc, HandshakeTimeout):
+        return (f"cannot connect to {address}: {exc}; check the address, and that the node's port "
+                "is open in its firewall")
+    return (f"cannot connect to {address}: {exc}; is a meshci node running there? "
+            "Check HOST:PORT (start one with `meshci node --listen HOST:PORT`)")
+
+
+def failure_hint(reason: str) -> str:
+    """A node's failure reason with what to do appended where we can tell."""
+    lowered = reason.lower()
+    if "MemoryError" in reason or any(words in lowered for words in OUT_OF_MEMORY_WORDS):
+        return f"{reason}; {OUT_OF_MEMORY_HINT}"
+    return reason
 
 
 async def ask(address: Address, msg: Message, *, secret: bytes | None, insecure: bool = False,
@@ -35,7 +67,7 @@ async def ask(address: Address, msg: Message, *, secret: bytes | None, insecure:
                                      name=f"client-{os.getpid()}", ssl=ssl_context, insecure=insecure)
     except WireError as exc:
         # unreachable node or failed authentication: one clear line for the user
-        raise RequestError(f"cannot connect to {address}: {exc}") from exc
+        raise RequestError(connect_hint(address, exc)) from exc
     connected = time.perf_counter()
     try:
         await conn.send(msg)
@@ -45,17 +77,20 @@ async def ask(address: Address, msg: Message, *, secret: bytes | None, insecure:
                 if reply.request_id != msg.request_id:
                     continue  # not ours (cannot happen on a client connection; be safe)
                 if reply.kind is MsgType.ERROR:
-                    raise RequestError(f"{conn.peer_name}: {reply.meta.get('reason', 'error')}")
+                    reason = failure_hint(str(reply.meta.get("reason", "error")))
+                    raise RequestError(f"{conn.peer_name}: {reason}", usage=reply.meta.get("usage") is True)
                 if timings is not None:
                     timings["connect_s"] = connected - began
                     timings["answer_s"] = time.perf_counter() - connected
                 return reply
     except WireError as exc:
         # the node hung up mid-request
-        raise RequestError(f"connection to {address} failed: {exc}") from exc
+        raise RequestError(f"connection to {address} failed: {exc}; the node may have stopped, "
+                           "retry or use another --via node") from exc
     except TimeoutError as exc:
         # the node accepted the request but never answered: the user's wait ends here
-        raise RequestError(f"no answer from {address} within {timeout:.0f} s") from exc
+        raise RequestError(f"no answer from {address} within {timeout:.0f} s; the mesh may be busy "
+                           "or a device hung: raise --timeout, or see `meshci peers`") from exc
     finally:
         await conn.close()
 
@@ -94,3 +129,64 @@ async def stats(address: Address, *, secret: bytes | None, insecure: bool = Fals
     reply = await ask(address, msg, secret=secret, insecure=insecure, ssl_context=ssl_context,
                       timeout=30.0)
     return reply.meta
+
+
+async def members(address: Address, *, secret: bytes | None, insecure: bool = False,
+                  ssl_context: ssl.SSLContext | None = None, timeout: float = 30.0) -> list[dict[str, Any]]:
+    """The mesh's members as the node at `address` sees them (`meshci.node.view`)."""
+    msg = Message(MsgType.STATE, random.getrandbits(62) | 1, {"op": "peers"})
+    reply = await ask(address, msg, secret=secret, insecure=insecure, ssl_context=ssl_context,
+                      timeout=timeout)
+    rows = reply.meta.get("members")
+    if not isinstance(rows, list):
+        raise RequestError(f"unexpected answer from {address}: no member list (an older meshci?)")
+    return rows
+
+
+async def _spans(address: Address, trace_id: int, *, secret: bytes | None, insecure: bool,
+                 ssl_context: ssl.SSLContext | None) -> dict[str, Any]:
+    msg = Message(MsgType.STATE, random.getrandbits(62) | 1, {"op": "trace", "request": trace_id})
+    reply = await ask(address, msg, secret=secret, insecure=insecure, ssl_context=ssl_context, timeout=30.0)
+    return reply.meta
+
+
+async def collect_trace(via: Address, answer: dict[str, Any], *, secret: bytes | None, insecure: bool = False,
+                        ssl_context: ssl.SSLContext | None = None) -> dict[str, Any]:
+    """The timeline of the request `answer` came from, as Chrome trace-event JSON: the
+    requester's spans and clock offsets from `via`, each other device's spans from that
+    device (its address as the requester knows it). A device that cannot be asked is named
+    in `otherData.missing`, not an error: the inference itself succeeded."""
+    from meshci.node.trace import Span, chrome_trace
+
+    trace_id = answer.get("trace_id")
+    if not isinstance(trace_id, int):
+        raise RequestError(f"{via} did not name the request's trace (an older meshci?)")
+    own = await _spans(via, trace_id, secret=secret, insecure=insecure, ssl_context=ssl_context)
+    requester = str(own.get("name", answer.get("requester")))
+    raw: dict[str, Any] = {requester: own.get("spans", [])}
+    others = [d for d in answer.get("devices", []) if d != requester]
+    missing: dict[str, str] = {}
+    if others:
+        addresses = {row["name"]: row["address"] for row in await members(via, secret=secret, insecure=insecure,
+                                                                            ssl_context=ssl_context)}
+        for device in others:
+            try:
+                reply = await _spans(Address.parse(addresses[device]), trace_id, secret=secret,
+                                     insecure=insecure, ssl_context=ssl_context)
+            except (KeyError, ValueError, RequestError) as exc:
+                # gone since, or unreachable from here: the timeline lacks its track, says so
+                missing[device] = str(exc) or type(exc).__name__
+                continue
+            raw[device] = reply.get("spans", [])
+    devices: dict[str, list[Span]] = {}
+    for device, spans in raw.items():
+        try:
+            devices[device] = [Span.from_json(span) for span in spans]
+        except ValueError as exc:
+            # a malformed answer: leave that device out, say why
+            missing[device] = f"malformed spans: {exc}"
+    offsets = {d: float(o) for d, o in dict(own.get("clock_offsets") or {}).items()
+               if d in devices and isinstance(o, (int, float)) and not isinstance(o, bool)}
+    trace = chrome_trace(devices, offsets, requester)
+    trace["otherData"]["missing"] = missing
+    return trace

@@ -49,6 +49,9 @@ class Connections:
         self._dialing: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.sent_bytes: dict[str, int] = defaultdict(int)
         self.received_bytes: dict[str, int] = defaultdict(int)
+        # bytes by peer name (metrics); bounded: names past MAX_COUNTED_PEERS count as "other"
+        self.peer_sent: dict[str, int] = defaultdict(int)
+        self.peer_received: dict[str, int] = defaultdict(int)
 
     # ---- opening -------------------------------------------------------------------
     async def open(self, address: Address) -> Connection:
@@ -111,6 +114,7 @@ class Connections:
                     self._on_lost(conn.peer_name)
                 return
             self.received_bytes[msg.kind.name] += conn.bytes_received - before
+            _count(self.peer_received, conn.peer_name, conn.bytes_received - before)
             await self._dispatch(conn, msg)
 
     async def send(self, conn: Connection, msg: Message) -> None:
@@ -119,6 +123,7 @@ class Connections:
             await conn.send(msg)
         finally:
             self.sent_bytes[msg.kind.name] += conn.bytes_sent - before
+            _count(self.peer_sent, conn.peer_name, conn.bytes_sent - before)
 
     async def send_quietly(self, conn: Connection, msg: Message) -> None:
         try:
@@ -141,3 +146,14 @@ class Connections:
     def abort_all(self) -> None:
         for conn in list(self.outbound.values()) + list(self.inbound):
             conn.abort()
+
+
+MAX_COUNTED_PEERS = 256
+
+
+def _count(table: dict[str, int], name: str, n: int) -> None:
+    """Add `n` bytes to `name`'s count; a name past the first MAX_COUNTED_PEERS is "other"
+    (clients each have their own name: the table must not grow with them)."""
+    if name not in table and len(table) >= MAX_COUNTED_PEERS:
+        name = "other"
+    table[name] += n

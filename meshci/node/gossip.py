@@ -48,7 +48,7 @@ class Gossip:
     # ---- joining -------------------------------------------------------------------
     async def join(self) -> None:
         """Join through the --join peers: the first that accepts wins; a refusal is fatal."""
-        from meshci.node.server import JoinRefused
+        from meshci.node.server import JoinFailed, JoinRefused
 
         node = self.node
         deadline = time.monotonic() + node.config.join_timeout_s
@@ -73,7 +73,8 @@ class Gossip:
                 log.info("joined the mesh through %s (%s)", conn.peer_name, address)
                 return
             await asyncio.sleep(0.3)
-        raise JoinRefused(f"could not join the mesh: {last_error}")
+        raise JoinFailed(f"could not join the mesh within {node.config.join_timeout_s:g} s ({last_error}): "
+                         "start a node at a --join address first, or check its port and firewall")
 
     def greeting(self) -> Message:
         """The JOIN a node sends first on every new outbound connection."""

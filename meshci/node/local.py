@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from meshci.errors import MeshciError
+from meshci.errors import RuntimeFailure
 from meshci.node.membership import Address
 from meshci.wire import generate_secret, write_secret
 
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 READY = re.compile(r"^meshci node (\S+) listening on (\S+):(\d+)$")
 
 
-class NodeStartError(MeshciError):
+class NodeStartError(RuntimeFailure):
     """A node process exited or stayed silent instead of reporting that it listens."""
 
 

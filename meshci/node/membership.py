@@ -31,6 +31,7 @@ HEARTBEAT_INTERVAL_S = 0.5
 SUSPECT_AFTER_S = 1.5
 DEAD_AFTER_S = 3.0
 TOMBSTONE_S = 60.0
+LEFT_THE_MESH = "left the mesh"  # the PeerDown reason of a clean LEAVE (not a failure)
 
 
 class PeerStatus(str, enum.Enum):
@@ -66,6 +67,7 @@ class Advert:
     links: tuple[tuple[str, float, float], ...] = ()
     curves: tuple[tuple[str, tuple[tuple[float, float], ...]], ...] = ()
     tile_ms: float = 0.0  # measured per-tile overhead beyond compute (a boundary's CPU here)
+    version: str = ""  # the meshci version the node runs ("": not stated)
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"gflops": self.gflops, "backlog_s": self.backlog_s,
@@ -74,6 +76,8 @@ class Advert:
             data["curves"] = _curves_json(self.curves)
         if self.tile_ms:
             data["tile_ms"] = self.tile_ms
+        if self.version:
+            data["version"] = self.version
         return data
 
     @classmethod
@@ -97,11 +101,15 @@ class Advert:
                 raise ValueError(f"bad advert curve for {key!r}: want 1..{MAX_CURVE_SEGMENTS} finite "
                                  "(a, b) >= 0")
             curves.append((str(key), pairs))
-        return cls(gflops, backlog, links, tuple(curves), float(tile_ms))
+        version = data.get("version", "")
+        if not isinstance(version, str) or len(version) > MAX_VERSION_CHARS or not version.isprintable():
+            raise ValueError(f"bad advert version: want at most {MAX_VERSION_CHARS} printable characters")
+        return cls(gflops, backlog, links, tuple(curves), float(tile_ms), version)
 
 
 MAX_ADVERT_CURVES = 8
 MAX_TILE_MS = 60_000.0
+MAX_VERSION_CHARS = 32
 MAX_CURVE_SEGMENTS = 256
 
 _CURVES_JSON: list[tuple[Any, dict[str, Any]]] = []  # (curves, their JSON form): the last one
@@ -297,7 +305,7 @@ class Membership:
         if peer is None or peer.status is PeerStatus.DEAD:
             return []
         self._peers[name] = replace(peer, status=PeerStatus.DEAD, last_heard=now)
-        return [PeerDown(name, "left the mesh")] if peer.heard_directly else []
+        return [PeerDown(name, LEFT_THE_MESH)] if peer.heard_directly else []
 
     def touch(self, name: str, now: float) -> None:
         """A frame from a peer's own authenticated connection: it is alive (any frame, not

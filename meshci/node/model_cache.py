@@ -37,6 +37,7 @@ from meshci.planning.plan import Plan
 from meshci.tiling import block_flops, block_input_region
 from meshci.trunk import Region, Trunk, extract_trunk
 from meshci.trunk.head import HeadCost, HeadSplit
+from meshci.weights import child_env
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +199,7 @@ class ModelCache:
                 self._entries.move_to_end(key)
                 return entry
             started = time.perf_counter()
+            log.info("building %s seed=%d %dx%d ...", name, seed, key[2], key[3])
             head_dir = str(self.head_dir) if self.head_dir is not None else None
             if self.isolate_builds:
                 trunk, source = _build_in_child(name, seed, (key[2], key[3]), head_dir)
@@ -297,7 +299,7 @@ def _build_in_child(name: str, seed: int, size: tuple[int, int], head_dir: str |
     cmd = [sys.executable, "-m", "meshci.node.model_cache", name, str(seed), str(size[0]), str(size[1])]
     if head_dir is not None:
         cmd.append(head_dir)
-    done = subprocess.run(cmd, capture_output=True, timeout=BUILD_TIMEOUT_S)
+    done = subprocess.run(cmd, capture_output=True, timeout=BUILD_TIMEOUT_S, env=child_env())
     if done.returncode != 0:
         lines = done.stderr.decode(errors="replace").strip().splitlines()
         raise BuildError(lines[-1] if lines else f"building {name} failed (exit {done.returncode})")
@@ -314,7 +316,7 @@ def _child_main(argv: list[str]) -> int:
         data = _trunk_only_bytes(name, seed, (h, w), head_dir)
     except MeshciError as exc:
         # unknown model and the like: the parent reports this line as the reason
-        print(f"{exc}", file=sys.stderr)
+        sys.stderr.write(f"{exc}\n")
         return 2
     sys.stdout.buffer.write(data)
     sys.stdout.buffer.flush()

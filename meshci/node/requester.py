@@ -43,6 +43,7 @@ from meshci.node.latency import PlanCalibration, plan_hops
 from meshci.node.model_cache import LoadedModel
 from meshci.node.pieces import encode as encode_pieces
 from meshci.node.request import RequesterRun, RequestStateError, SendPiece, cluster_from_view, device_signature
+from meshci.node.trace import Span, request_phases, wall_of
 from meshci.planning import STRATEGIES, Plan, make_plan
 from meshci.planning.evaluate import evaluate_plan
 from meshci.trunk import Region
@@ -115,7 +116,8 @@ class Requester:
         self.requests_served = 0
 
     # ---- serving a client ------------------------------------------------------------
-    async def on_infer(self, conn: Connection, msg: Message) -> None:
+    async def on_infer(self, conn: Connection, msg: Message) -> bool:
+        """Serve one INFER; whether it was answered with a RESULT."""
         from meshci.node.server import RequestFailed
 
         node = self.node
@@ -125,23 +127,26 @@ class Requester:
             # the request cannot be served (unknown model, bad size, a device failed):
             # the client gets the reason, the node keeps serving
             log.warning("request %d failed: %s", msg.request_id, exc)
-            await node.reply_error(conn, msg.request_id, str(exc))
-            return
+            await node.reply_error(conn, msg.request_id, str(exc), usage=_is_usage_error(exc))
+            return False
         except Exception as exc:  # noqa: BLE001
             # a bug in some part (planner, auction, model code) must not leave the client
             # waiting or stop the node: log the traceback, answer with the reason
             log.exception("request %d failed with an internal error", msg.request_id)
             await node.reply_error(conn, msg.request_id, f"internal error: {type(exc).__name__}: {exc}")
-            return
+            return False
         self.requests_served += 1
         try:
             reply = Message(MsgType.RESULT, msg.request_id, meta, (logits,))
         except (TypeError, ValueError) as exc:
             # a result that cannot be framed (a non-finite figure): the client still hears why
             await node.reply_error(conn, msg.request_id, f"internal error: unencodable result: {exc}")
-            return
+            return False
         await node.send_quietly(conn, reply)
-        learn()  # after the answer: the client does not wait for it
+        # after the answer (the client does not wait for it), and after this returns (the
+        # node's request latency metric ends with the answer)
+        asyncio.get_running_loop().call_soon(learn)
+        return True
 
     async def infer(self, msg: Message) -> tuple[dict[str, Any], torch.Tensor, Callable[[], None]]:
         from meshci.node.server import REQUEST_TIMEOUT_S, RequestFailed
@@ -153,7 +158,7 @@ class Requester:
         seed = int(meta.get("seed", 0))
         strategy = str(meta.get("strategy", "edgeci"))
         if strategy not in STRATEGIES:
-            raise RequestFailed(f"unknown strategy {strategy!r} (known: {', '.join(STRATEGIES)})")
+            raise PlanningError(f"unknown strategy {strategy!r} (known: {', '.join(STRATEGIES)})")
         check_model_allowed(model, node.config.allow_models)
         x = request_input(meta, msg.tensors)
         size = (int(x.shape[-2]), int(x.shape[-1]))
@@ -232,6 +237,10 @@ class Requester:
                 result[name] = head[name]
         if meta.get("details"):
             result["plan"] = plan.to_json()
+        result["trace_id"] = rid  # `meshci infer --trace`: each device's spans of it
+        for span in request_phases(*(wall_of(t) for t in (began, loaded_at, planned_at, sent_at, done_at)),
+                                   result["auction"], plan.auction_rounds):
+            node.trace.record(rid, span)
 
         def learn() -> None:
             self._calibrate(model, seed, size, loaded.trunk, raw_cluster, plan, list(devices), done_at - sent_at)
@@ -274,7 +283,10 @@ class Requester:
                 await self.node.worker.on_plan(self.name, Message(MsgType.PLAN, rid, meta, tensors))
                 continue
             ctx.messages[device] = Message(MsgType.PLAN, rid, meta, tensors)
+            began = time.time()
             await self.node.send_to(device, ctx.messages[device])
+            self.node.trace.record(rid, Span(f"plan and input to {device}", "send", began, time.time() - began,
+                                             {"to": device, "pieces": len(pieces)}))
             self._sent(device, digest)
 
     def _mirror(self, device: str) -> OrderedDict[str, None]:
@@ -609,3 +621,10 @@ def _shares(flops: Callable[[int, int, Region], float], plan: Plan) -> dict[str,
 
 
 __all__ = ["Requester", "RequesterContext", "Standing"]
+
+
+def _is_usage_error(exc: Exception) -> bool:
+    """The request itself was wrong (unknown model, impossible size, malformed fields)."""
+    if isinstance(exc, MeshciError):
+        return exc.exit_status == 2
+    return isinstance(exc, (ValueError, TypeError, KeyError))

@@ -22,26 +22,31 @@ import math
 import os
 import ssl
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import torch
 
+from meshci import __version__
 from meshci.auction.errors import MessageFormatError
 from meshci.auction.messages import Award, CallForBids, Close, Outgoing
 from meshci.cost.cluster import LinkSpec
 from meshci.cost.links import LinkEstimator
-from meshci.errors import MeshciError
+from meshci.errors import MeshciError, RuntimeFailure
 from meshci.node.auction import AUCTION_KINDS, from_message, to_message
 from meshci.node.connections import Connections
 from meshci.node.gossip import Gossip
 from meshci.node.latency import BoundaryCosts
-from meshci.node.membership import HEARTBEAT_INTERVAL_S, Address, Advert, Membership
+from meshci.node.membership import HEARTBEAT_INTERVAL_S, LEFT_THE_MESH, Address, Advert, Membership
+from meshci.node.metrics import NodeMetrics
 from meshci.node.pieces import Piece, decode as decode_pieces, encode as encode_pieces
 from meshci.node.request import Action, Compute, RequestStateError, RunHead, SendPiece, tensor_bytes
 from meshci.node.requester import Requester
 from meshci.node.runtime import Runtime
+from meshci.node.trace import Span, TraceLog, wall_of
+from meshci.node.view import member_row, mesh_view
 from meshci.node.worker import Worker
 from meshci.trunk import Region
 from meshci.wire import Connection, Message, MsgType
@@ -49,7 +54,7 @@ from meshci.wire.errors import WireError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HEARTBEAT_INTERVAL_S", "JoinRefused", "Node", "NodeConfig", "RequestFailed"]
+__all__ = ["HEARTBEAT_INTERVAL_S", "JoinFailed", "JoinRefused", "Node", "NodeConfig", "RequestFailed"]
 
 LOOPBACK_LINK = LinkSpec(mbps=1000.0, latency_ms=0.2)
 # Timeouts, one consistent chain: a worker that cannot build its model within
@@ -64,7 +69,11 @@ LEAVE_TIMEOUT_S = 2.0  # close() waits at most this for its LEAVE notices
 
 
 class JoinRefused(MeshciError):
-    """The mesh refused this node (duplicate name) or no --join peer could be reached."""
+    """The mesh refused this node (duplicate name): fix the command (exit status 2)."""
+
+
+class JoinFailed(RuntimeFailure):
+    """No --join peer could be reached before --join-timeout (exit status 1)."""
 
 
 class RequestFailed(Exception):
@@ -90,6 +99,7 @@ class NodeConfig:
     # models are always served. Anyone who can send a request names the model, so the default
     # is none: a request cannot make the node import arbitrary installed code
     allow_models: tuple[str, ...] = ()
+    data_dir: Path | None = None  # profile cache and heads (None: the default data dir)
 
 
 Handler = Callable[[Connection, Message], Awaitable[None]]
@@ -103,11 +113,14 @@ class Node:
     def __init__(self, config: NodeConfig, runtime: Runtime | None = None) -> None:
         self.config = config
         self.name = config.name
-        self.runtime = runtime or Runtime(config.threads, curves=config.measure_curves)
+        self.runtime = runtime or Runtime(config.threads, curves=config.measure_curves,
+                                          data_dir=config.data_dir)
         self.membership = Membership(config.name, config.listen, incarnation=time.time_ns(),
                                      advert=Advert(gflops=config.gflops))
         self.links = LinkEstimator()
         self.boundary = BoundaryCosts()  # measured per-message delivery and per-tile handling
+        self.metrics = NodeMetrics()  # served with --metrics-port (meshci/node/metrics.py)
+        self.trace = TraceLog()  # what this node did for its recent requests (`meshci infer --trace`)
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopped = asyncio.Event()
@@ -169,6 +182,12 @@ class Node:
         except TimeoutError:
             # a stalled peer (full send buffer) must not hold up shutdown: it will notice silence
             log.info("some LEAVE notices were not sent within %.0f s", LEAVE_TIMEOUT_S)
+        await self.halt()
+
+    async def halt(self) -> None:
+        """Stop at once without a LEAVE (`close` sends it first): sockets reset, timers gone;
+        to its peers this looks like a killed process."""
+        self._stopped.set()
         if self._server is not None:
             self._server.close()
         self.gossip.close()
@@ -197,9 +216,12 @@ class Node:
     async def send_quietly(self, conn: Connection, msg: Message) -> None:
         await self.connections.send_quietly(conn, msg)
 
-    async def reply_error(self, conn: Connection, request_id: int, reason: str) -> None:
+    async def reply_error(self, conn: Connection, request_id: int, reason: str, *, usage: bool = False) -> None:
+        """Answer a request with its failure; `usage`: the request itself was wrong (unknown
+        model, impossible size), so the client exits with status 2 rather than 1."""
         self.errors_replied += 1
-        await self.send_quietly(conn, Message(MsgType.ERROR, request_id, {"reason": reason}))
+        meta: dict[str, Any] = {"reason": reason, **({"usage": True} if usage else {})}
+        await self.send_quietly(conn, Message(MsgType.ERROR, request_id, meta))
 
     # ---- dispatch ------------------------------------------------------------------
     async def dispatch(self, conn: Connection, msg: Message) -> None:
@@ -217,12 +239,18 @@ class Node:
             self.spawn(self.reply_error(conn, msg.request_id, f"bad {msg.kind.name}: {exc}"))
 
     async def _on_infer(self, conn: Connection, msg: Message) -> None:
-        self.spawn(self.requester.on_infer(conn, msg))
+        self.spawn(self._serve_infer(conn, msg))
+
+    async def _serve_infer(self, conn: Connection, msg: Message) -> None:
+        began = time.perf_counter()
+        ok = await self.requester.on_infer(conn, msg)
+        self.metrics.request_done(time.perf_counter() - began, ok)
 
     async def _on_plan(self, conn: Connection, msg: Message) -> None:
         if msg.meta.get("op") == "need_plan":
             self.spawn(self.requester.on_need_plan(conn.peer_name, msg))
             return
+        self._trace_receive(msg.request_id, conn.peer_name, conn.last_arrival, time.time())
         self.spawn(self.guarded(msg.request_id, self.worker.on_plan(conn.peer_name, msg)))
 
     async def _on_tile(self, conn: Connection, msg: Message) -> None:
@@ -238,15 +266,23 @@ class Node:
             wire_s = sum(tensor_bytes(t) for t in msg.tensors) * 8.0 / (mbps * 1e6)
             self.boundary.observe_delivery(conn.peer_name, float(sent_at), received_at, wire_s,
                                            self.runtime.loop_free_wall)
+        self._trace_receive(msg.request_id, conn.peer_name, arrival, received_at)
         # handled in a task: forwarding pieces must not stall reading this connection
         # (other peers' heartbeats and tiles arrive behind it)
         self.spawn(self.guarded(msg.request_id, self.take_pieces(
             msg.request_id, conn.peer_name, pieces, _path(msg.meta, received_at), msg.meta)))
 
     async def _on_state(self, conn: Connection, msg: Message) -> None:
-        if msg.meta.get("op") != "stats":
-            raise ValueError("STATE is only answered for {'op': 'stats'}")
-        await self.connections.send(conn, Message(MsgType.STATE, msg.request_id, self.stats()))
+        op = msg.meta.get("op")
+        if op == "stats":
+            answer = self.stats()
+        elif op == "peers":
+            answer = {"members": self.members()}
+        elif op == "trace":
+            answer = self.trace_answer(msg.meta.get("request"))
+        else:
+            raise ValueError("STATE is only answered for op stats, peers and trace")
+        await self.connections.send(conn, Message(MsgType.STATE, msg.request_id, answer))
 
     async def _on_error(self, conn: Connection, msg: Message) -> None:
         rid = msg.request_id
@@ -317,9 +353,13 @@ class Node:
             await self.take_pieces(rid, self.name, pieces, path_s, {})
             return
         listed, tensors = encode_pieces([(a.block, a.region, a.stage, a.tensor) for a in group])
-        msg = Message(MsgType.TILE, rid, {"pieces": listed, "path_s": path_s, "sent_at": time.time()}, tensors)
+        sent_at = time.time()
+        msg = Message(MsgType.TILE, rid, {"pieces": listed, "path_s": path_s, "sent_at": sent_at}, tensors)
         try:
             await self.send_to(dest, msg)
+            self.trace.record(rid, Span(f"send to {dest}", "send", sent_at, time.time() - sent_at,
+                                        {"to": dest, "pieces": len(group),
+                                         "bytes": sum(tensor_bytes(t) for t in tensors)}))
         except WireError as exc:
             # the next device is gone: the request cannot complete, its requester must know
             await self.fail_request(rid, self._requester_of(rid), f"cannot reach {dest}: {exc}")
@@ -390,6 +430,8 @@ class Node:
             log.info("cannot tell %s about request %d: %s", name, msg.request_id, exc)
 
     def peer_down(self, name: str, reason: str) -> None:
+        if reason != LEFT_THE_MESH:
+            self.metrics.peer_failures += 1
         self.connections.drop(name)
         self.requester.device_down(name, reason)
         self.worker.requester_down(name, reason)
@@ -412,8 +454,9 @@ class Node:
     # ---- what this node says about itself --------------------------------------------
     def advert(self) -> Advert:
         backlog = max(0.0, self.runtime.queued_s)
-        return self.runtime.advert(self.config.gflops, backlog, self.link_view(),
-                                   _sig3((self.boundary.handling_s or 0.0) * 1000.0))
+        advert = self.runtime.advert(self.config.gflops, backlog, self.link_view(),
+                                     _sig3((self.boundary.handling_s or 0.0) * 1000.0))
+        return replace(advert, version=__version__)
 
     def link_view(self) -> tuple[tuple[str, float, float], ...]:
         """(peer, Mbit/s, per-message ms) per measured link: bandwidth as delivered here
@@ -439,6 +482,32 @@ class Node:
         spec = self.links.estimate(peer, self.config.default_link)
         latency_ms = self.boundary.link_latency_ms(peer, spec.latency_ms)
         return LinkSpec(spec.mbps, latency_ms).transfer_s(n_bytes)
+
+    def _trace_receive(self, rid: int, sender: str, arrival: Any, received_at: float) -> None:
+        """A PLAN or TILE frame's arrival in the request's timeline: from its first byte read
+        to its last."""
+        if arrival is None:
+            self.trace.record(rid, Span(f"receive from {sender}", "receive", received_at, 0.0, {"from": sender}))
+            return
+        start = wall_of(arrival.began)
+        self.trace.record(rid, Span(f"receive from {sender}", "receive", start, max(0.0, arrival.ended - arrival.began),
+                                    {"from": sender, "bytes": arrival.nbytes}))
+
+    def trace_answer(self, rid: Any) -> dict[str, Any]:
+        """This node's spans of request `rid`, and its clock offsets to its peers (their clock
+        minus ours, from heartbeat echoes) so a client can align every device's times."""
+        if isinstance(rid, bool) or not isinstance(rid, int):
+            raise ValueError("a trace request names its request id: {'op': 'trace', 'request': ID}")
+        offsets = {p.name: offset for p in self.membership.alive()
+                   if (offset := self.boundary.clock_offset(p.name)) is not None}
+        return {"name": self.name, "spans": [s.to_json() for s in self.trace.spans(rid)], "clock_offsets": offsets}
+
+    def members(self) -> list[dict[str, Any]]:
+        """The mesh as this node sees it: itself, then every member it believes up."""
+        own = member_row(self.name, str(self.address), "self", self.advert(), 0.0)
+        own["requests_in_flight"] = len(self.requester.contexts)
+        own["tiles_computed"] = self.runtime.tiles_computed
+        return mesh_view(own, self.membership.alive(), time.monotonic())
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -507,3 +576,4 @@ def _rss_mb() -> float:
 def _peak_rss_mb() -> float:
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+

@@ -29,6 +29,7 @@ from meshci.models.registry import check_model_allowed
 from meshci.node.model_cache import LoadedModel
 from meshci.node.pieces import Piece, PieceFormatError, decode
 from meshci.node.request import Compute, HeadRun, RequestStateError, RunHead, WorkerRun
+from meshci.node.trace import Span
 from meshci.planning import Plan
 from meshci.wire import Message, MsgType
 
@@ -276,6 +277,9 @@ class Worker:
         # per-tile handling: inline, the wait for the loop to start the task; on the thread,
         # the hand-off there and back
         self.node.boundary.observe_handling(time.perf_counter() - issued - seconds if inline else handoff)
+        self.node.trace.record(rid, Span(f"block {action.block} tile {action.tile}", "compute",
+                                         time.time() - seconds, seconds,
+                                         {"block": action.block, "tile": action.tile, "rows": [action.out.r0, action.out.r1]}))
         if self.contexts.get(rid) is not ctx:
             return  # the request was cancelled while this tile computed: nobody wants it
         actions = ctx.run.on_computed(action.block, action.tile, y)
@@ -300,6 +304,7 @@ class Worker:
         else:
             logits = await self.runtime.call(head.run, action.input)
         head_s = time.perf_counter() - began
+        self.node.trace.record(rid, Span("head", "head", time.time() - head_s, head_s, {"split": action.split}))
         check: dict[str, Any] = {}
         if ctx.check_input is not None:
             name, seed, h, w = ctx.loaded.key
@@ -330,6 +335,8 @@ class Worker:
                 return []
             self.bid_auctions[message.auction_id] = (time.monotonic(), message.sender)
         out = self.bidder.receive(message, time.monotonic())
+        if isinstance(message, Close):
+            self.node.metrics.auction_ended(won=bool(message.item_ids))
         if isinstance(message, Close) and message.auction_id not in self.bidder.auctions():
             self.release_bid(message.auction_id)  # the auction is over and we won nothing
         return out

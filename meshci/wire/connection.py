@@ -506,7 +506,9 @@ class Connection:
             transport.abort()
             raise HandshakeTimeout(f"handshake with {address} timed out after {timeout} s") from exc
         except RemoteProtocolError as exc:  # bad bytes or failed proof: refuse, say why, close
-            log.warning("handshake with %s rejected: %s; closing", address, exc)
+            # a node logs who failed to authenticate to it; a dialler's caller reports it
+            level = logging.WARNING if handshake.role is Role.SERVER else logging.INFO
+            log.log(level, "handshake with %s rejected: %s; closing", address, exc)
             _refuse(transport, "handshake failed")
             raise
         except ConnectionClosed as exc:  # the peer hung up mid-handshake

@@ -53,7 +53,11 @@ def test_the_client_path_does_not_import_torch() -> None:
         "import sys\n"
         "from meshci.cli import build_parser, _command_of\n"
         "build_parser(_command_of(['-v', 'infer', '--via', 'h:1']))\n"
-        "import meshci.node.client\n"
+        "build_parser(_command_of(['-q', 'peers', '--via', 'h:1']))\n"
+        "build_parser(_command_of(['secret', 'new', 'f']))\n"
+        "import meshci.node.client, meshci.images, meshci.weights, meshci.node.view, meshci.node.trace\n"
+        "import numpy as np\n"
+        "assert meshci.images.preprocess(np.zeros((9, 7, 3), np.uint8), (4, 4)).shape == (1, 3, 4, 4)\n"
         "import numpy as np\n"
         "from meshci.wire.frames import FrameDecoder, encode\n"
         "from meshci.wire.messages import Message, MsgType\n"
@@ -86,17 +90,20 @@ def test_wrong_image_shape(tmp_path: Path) -> None:
         read_image(tmp_path / "x.npy")
 
 
-@pytest.mark.parametrize("args,message", [
-    (["node", "--listen", "127.0.0.1:0"], "no cluster secret"),
-    (["node", "--insecure", "--listen", "nowhere"], "is not HOST:PORT"),
-    (["node", "--insecure", "--threads", "0"], "--threads must be at least 1"),
-    (["node", "--insecure", "--name", "bad name!", "--gflops", "1"], "bad node name"),
-    (["node", "--insecure", "--tls-cert", "c.pem"], "mutual TLS needs"),
-    (["infer", "--via", "127.0.0.1:1", "--model", "vgg16"], "no cluster secret"),
-    (["infer", "--via", "127.0.0.1:1", "--model", "vgg16", "--insecure"], "cannot connect"),
+@pytest.mark.parametrize("args,message,status", [
+    (["node", "--listen", "127.0.0.1:0"], "no cluster secret", 2),
+    (["node", "--insecure", "--listen", "nowhere"], "is not HOST:PORT", 2),
+    (["node", "--insecure", "--threads", "0"], "--threads must be at least 1", 2),
+    (["node", "--insecure", "--name", "bad name!", "--gflops", "1"], "bad node name", 2),
+    (["node", "--insecure", "--tls-cert", "c.pem"], "mutual TLS needs", 2),
+    (["infer", "--via", "127.0.0.1:1", "--model", "vgg16"], "no cluster secret", 2),
+    (["infer", "--via", "127.0.0.1:1", "--model", "vgg16", "--secret-file", "/nonexistent/mesh.key"],
+     "cannot read secret file /nonexistent/mesh.key", 2),
+    # nobody there: a runtime failure (exit 1), with what to check
+    (["infer", "--via", "127.0.0.1:1", "--model", "vgg16", "--insecure"], "is a meshci node running there?", 1),
 ])
-def test_cli_refusals_are_one_line(args: list[str], message: str) -> None:
+def test_cli_refusals_are_one_line(args: list[str], message: str, status: int) -> None:
     done = subprocess.run([sys.executable, "-m", "meshci", *args], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2
+    assert done.returncode == status
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], done.stderr

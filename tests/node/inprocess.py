@@ -1,0 +1,36 @@
+"""An in-process mesh over real loopback sockets, for tests of the user surface."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from meshci.node.membership import Address
+from meshci.node.runtime import Runtime
+from meshci.node.server import Node, NodeConfig
+
+
+async def start_mesh(speeds: dict[str, float], secret: bytes, **config: Any) -> list[Node]:
+    """Nodes named and sped as `speeds` says, each joined through the first, once every node
+    sees all the others alive."""
+    nodes: list[Node] = []
+    try:
+        for name, gflops in speeds.items():
+            join = (nodes[0].address,) if nodes else ()
+            node = Node(NodeConfig(name, Address("127.0.0.1", 0), join=join, secret=secret, gflops=gflops,
+                                   **config), Runtime(1, isolate_builds=False))
+            await node.start()
+            nodes.append(node)
+        async with asyncio.timeout(30):
+            while not all(len(n.membership.alive()) == len(nodes) - 1 for n in nodes):
+                await asyncio.sleep(0.05)
+    except BaseException:
+        await asyncio.gather(*(n.close() for n in nodes))
+        raise
+    return nodes
+
+
+
+async def crash(node: Node) -> None:
+    """Stop `node` as a killed process would: no LEAVE, its sockets reset, its timers gone."""
+    await node.halt()
