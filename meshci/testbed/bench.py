@@ -22,7 +22,9 @@ Outputs in ``--out`` (default ``bench-results/`` under the working directory, wh
 ignores): ``results.csv`` (one row per timed request), ``results.md`` (per scenario and
 model: median and spread per strategy, speed-up over the fastest device alone, edgeci's gain
 over the best other, the ideal bound and the share of it reached, predicted vs measured),
-``results.json`` and, where matplotlib is installed, ``latency.png`` and ``simulated.png``.
+``results.json``, ``trace-SCENARIO-MODEL.json`` (one edgeci request's timeline, Chrome
+trace-event format) and, where matplotlib is installed, ``latency.png``, ``simulated.png``
+and ``timeline.png``.
 
 The ideal bound is the trunk's FLOPs over the cluster's total measured speed plus the input
 that must leave the requester (the share of the work its speed cannot do, over its link).
@@ -88,7 +90,7 @@ class _Run:
 
 
 def run_scenario(name: str, models: list[str], strategies: list[str], repeat: int, size: tuple[int, int],
-                 alone_repeat: int, tick: Any) -> dict[str, Any]:
+                 alone_repeat: int, tick: Any, trace_dir: Path | None = None) -> dict[str, Any]:
     from meshci.testbed import bed
     from meshci.testbed.spec import load_spec
 
@@ -128,11 +130,18 @@ def run_scenario(name: str, models: list[str], strategies: list[str], repeat: in
             busy = _busy(run, requester, second, model_args, repeat, tick, name)
             for i, r in enumerate(busy.pop("results")):
                 rows.append(_row(name, r, i, checked))
+        traces = {}
+        if "edgeci" in strategies and trace_dir is not None:
+            tick(f"{name}: one edgeci request's timeline")
+            for model in models:
+                path = trace_dir / f"trace-{name}-{model}.json"
+                run.drive(requester, [requester], [f"--model={model}", "--strategy=edgeci", "--trace", str(path)])
+                traces[model] = str(path)
         return {"scenario": name, "cluster": cluster, "requester": requester, "alone_s": alone_s,
                 "gflops": {d: s["gflops"] for d, s in stats.items()}, "rows": rows, "busy": busy,
                 "checked": {f"{m}/{s}": {"max_abs_diff": r.get("max_abs_diff"), "check_ok": r.get("check_ok")}
                             for (m, s), r in checked.items()},
-                "size": list(size), "shaping": bed.status(bed_name)["delay_note"]}
+                "size": list(size), "shaping": bed.status(bed_name)["delay_note"], "traces": traces}
     finally:
         bed.down(bed_name)
 
@@ -233,7 +242,33 @@ def plot(results: list[dict[str, Any]], out: Path, models: list[str]) -> list[st
     fig.savefig(out / "latency.png")
     written.append(str(out / "latency.png"))
     written.append(_plot_simulated(plt, out, models))
+    traced = [(res["scenario"], m, p) for res in results for m, p in res.get("traces", {}).items()]
+    if traced:
+        written.append(_plot_timeline(plt, out, traced[0]))
     return written
+
+
+def _plot_timeline(plt: Any, out: Path, traced: tuple[str, str, str]) -> str:
+    """timeline.png: one edgeci request, a row per device, a bar per span (its Chrome trace)."""
+    scenario, model, path = traced
+    events = json.loads(Path(path).read_text())["traceEvents"]
+    names = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e["name"] == "process_name"}
+    colours = {"compute": "tab:blue", "receive": "tab:orange", "send": "tab:green", "head": "tab:red"}
+    fig, ax = plt.subplots(figsize=(10, 1 + 0.6 * len(names)))
+    for e in events:
+        if e.get("ph") == "X" and e["pid"] in names and e.get("cat") != "request":  # phases span everything
+            ax.barh(e["pid"], e["dur"] / 1000, left=e["ts"] / 1000, height=0.6,
+                    color=colours.get(e.get("cat"), "tab:gray"), edgecolor="black", linewidth=0.3)
+    ax.set_yticks(list(names), [names[p] for p in names])
+    ax.invert_yaxis()
+    ax.set_xlabel("ms from the request's start (clocks aligned by heartbeat offsets)")
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color=c, label=k) for k, c in colours.items()], loc="upper right", fontsize="small")
+    ax.set_title(f"one edgeci request: {scenario} {model}")
+    fig.tight_layout()
+    fig.savefig(out / "timeline.png")
+    return str(out / "timeline.png")
 
 
 def _plot_simulated(plt: Any, out: Path, models: list[str]) -> str:
@@ -304,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = []
     try:
         for name in scenarios:
-            results.append(run_scenario(name, models, strategies, repeat, size, alone_repeat, tick))
+            results.append(run_scenario(name, models, strategies, repeat, size, alone_repeat, tick, args.out))
     except KeyboardInterrupt:
         print("\nbench: interrupted (the testbed was removed)", file=sys.stderr)
         return 130

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 
 async def _drive(args: argparse.Namespace) -> int:
-    from meshci.node.client import infer, stats
+    from meshci.node.client import collect_trace, infer, stats
     from meshci.node.membership import Address
     from meshci.wire import load_secret
 
@@ -44,6 +44,11 @@ async def _drive(args: argparse.Namespace) -> int:
                         meta = {"error": f"{type(exc).__name__}: {exc}"}
                     meta.update(via=via, model=model, strategy=strategy, run=run,
                                 client_s=time.perf_counter() - began)
+                    if args.trace and "error" not in meta:
+                        # the last request's timeline (each device's spans, clocks aligned)
+                        trace = await collect_trace(Address.parse(via), meta, secret=secret)
+                        with open(args.trace, "w") as f:
+                            json.dump(trace, f)
                     print(json.dumps(meta), flush=True)
     return 1 if failures else 0
 
@@ -60,6 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true")
     parser.add_argument("--stats", action="store_true", help="print each --via node's stats instead")
     parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument("--trace", help="write the last request's timeline here (Chrome trace-event JSON)")
     args = parser.parse_args(argv)
     return asyncio.run(_drive(args))
 

@@ -4,6 +4,7 @@ writes what it promises. It checks the bench works, not a speed: no figure is as
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +36,9 @@ def test_quick_bench_writes_its_table_rows_and_plots(tmp_path):
         assert float(r["max_abs_diff"]) < 1e-3, r
     table = (tmp_path / "results.md").read_text()
     assert "| edgeci |" in table and "ideal bound" in table and "edgeci vs the best other" in table
-    for plot in ("latency.png", "simulated.png"):
+    trace = json.loads((tmp_path / "trace-hetero4-100-resnet34.json").read_text())
+    tracks = {e["args"]["name"] for e in trace["traceEvents"] if e.get("name") == "process_name"}
+    assert any("(requester)" in t for t in tracks)
+    for plot in ("latency.png", "simulated.png", "timeline.png"):
         assert (tmp_path / plot).read_bytes()[:4] == b"\x89PNG"
     print("\n" + table)
