@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import logging
 import os
 import platform
@@ -30,7 +31,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -278,3 +279,44 @@ class SpeedProfile:
         fixed = sum(a for a, _ in self.curve[start:end])
         rows = sum(b * h for (_, b), h in zip(self.curve[start:end], self.heights[start:end]))
         return fixed + share * rows
+
+
+@dataclass
+class SpeedCorrection:
+    """How much slower (> 1) or faster (< 1) than its measured curves a device really
+    computes, per curve key: an EWMA of measured over predicted tile compute time.
+
+    Curves are measured once (and cached on disk); a device that was busy while measuring,
+    or that is throttled now, computes at another speed. Every tile it computes is a
+    sample; the device advertises and bids with its curves times `factor`, which moves in
+    steps of `step` only (each step re-plans the mesh's standing plans)."""
+
+    alpha: float = 0.2
+    step: float = 1.15
+    min_predicted_s: float = 0.002  # tiles shorter than this are noise, not speed
+    ratios: dict[str, float] = field(default_factory=dict)
+    samples: dict[str, int] = field(default_factory=dict)
+
+    def observe(self, key: str, predicted_s: float, measured_s: float) -> bool:
+        """A tile predicted at `predicted_s` (uncorrected curves) took `measured_s`; True
+        when this moved the advertised factor by a step."""
+        if not (math.isfinite(predicted_s) and math.isfinite(measured_s)) or predicted_s < self.min_predicted_s \
+                or measured_s <= 0:
+            return False
+        before = self.factor(key)
+        sample = min(10.0, max(0.1, measured_s / predicted_s))
+        old = self.ratios.get(key)
+        self.ratios[key] = sample if old is None else (1.0 - self.alpha) * old + self.alpha * sample
+        self.samples[key] = self.samples.get(key, 0) + 1
+        return self.factor(key) != before
+
+    def factor(self, key: str) -> float:
+        ratio = self.ratios.get(key)
+        if ratio is None:
+            return 1.0
+        return self.step ** round(math.log(ratio) / math.log(self.step))
+
+    def curve(self, key: str, curve: SegmentCurve) -> SegmentCurve:
+        """`curve` as this device computes now."""
+        f = self.factor(key)
+        return curve if f == 1.0 else tuple((a * f, b * f) for a, b in curve)

@@ -63,6 +63,7 @@ REPLAN_MIN_S = 10.0  # ... at most this often: planning competes with tiles for 
 # a standing award is auctioned again at most this often: an auction costs every bidder
 # CPU, and the load it reacts to is mostly the requests it serves
 AUCTION_MIN_S = 10.0
+CALIBRATE_MIN_S = 2.0  # a plan's prediction is computed again for a moved view at most this often
 BACKLOG_STEP = 0.25  # a bidder's backlog moves a step per this share of the plan's latency
 PLANS_PER_PEER = 32  # plans a peer keeps from us (mirrors `worker.PLANS_PER_REQUESTER`)
 
@@ -113,6 +114,8 @@ class Requester:
         self.calibration = PlanCalibration()  # learned from this node's own completed requests
         self._warm: set[tuple[str, str, int, tuple[int, int]]] = set()  # (device, model, seed, size) built
         self._predicted: dict[tuple[str, Any], tuple[float, float]] = {}  # calibration predictions
+        self._curves_seen: dict[str, int] = {}  # device -> hash of the curves last planned with
+        self._evaluated_at: dict[str, float] = {}  # plan digest -> when its prediction was last computed
         self.requests_served = 0
 
     # ---- serving a client ------------------------------------------------------------
@@ -166,8 +169,11 @@ class Requester:
         loaded_at = time.perf_counter()
 
         raw_cluster, cluster = self._clusters(model, size)
-        key = (model, seed, size, strategy, device_signature(raw_cluster))
-        links = _link_signature(cluster) + _ratio_signature(self.calibration.compute_ratio)
+        # by the devices present: a plan never names a device that is gone; what the devices
+        # are (speed, curves) and the links cost re-plan in the background (`_refresh`)
+        key = (model, seed, size, strategy, frozenset(d.name for d in raw_cluster.devices))
+        links = (device_signature(raw_cluster) + _link_signature(cluster)
+                 + _ratio_signature(self.calibration.compute_ratio))
         standing = self.standing.get(key)
         if standing is None:
             # the first request of this kind waits for its plan; later ones never do
@@ -257,6 +263,13 @@ class Requester:
         ages = {p.name: now - heard[p.name] for p in peers if p.name in heard}
         raw = cluster_from_view(self.name, node.advert(), peers, node.config.default_link,
                                 model=model, size=size, advert_age_s=ages)
+        for device in raw.devices:
+            # a device that corrected its own curves (it computes at another speed than it
+            # measured): what this node learned of its compute ratio was against the old ones
+            seen = hash(device.curves)
+            if self._curves_seen.get(device.name, seen) != seen:
+                self.calibration.compute_ratio.pop(device.name, None)
+            self._curves_seen[device.name] = seen
         return raw, self.calibration.apply(raw)
 
     async def _start(self, rid: int, ctx: RequesterContext, plan: Plan, x: torch.Tensor, model: str,
@@ -527,6 +540,15 @@ class Requester:
                 _ratio_signature(self.calibration.compute_ratio))
         predicted = self._predicted.get(view)
         if predicted is None:
+            now = time.monotonic()
+            if now - self._evaluated_at.get(view[0], -math.inf) < CALIBRATE_MIN_S:
+                # the view moved since the last evaluation (a backlog, a learned ratio): learn
+                # from this plan again later, rather than spend the CPU of two plan evaluations
+                # on every request of a busy mesh
+                return
+            if len(self._evaluated_at) > 64:
+                self._evaluated_at.clear()
+            self._evaluated_at[view[0]] = now
             try:
                 raw, _ = evaluate_plan(trunk, raw_cluster, plan)
                 scaled, _ = evaluate_plan(trunk, self.calibration.scaled(raw_cluster), plan)

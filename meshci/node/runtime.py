@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 
-from meshci.cost.profiling import Progress, SpeedProfile, default_data_dir, load_or_measure, stderr_progress
+from meshci.cost.profiling import (Progress, SpeedCorrection, SpeedProfile, default_data_dir, load_or_measure,
+                                   stderr_progress)
 from meshci.models.registry import build_model
 from meshci.node.membership import MAX_ADVERT_CURVES, Advert, curve_key
 from meshci.node.model_cache import _BUILD_LOCK, LoadedModel, ModelCache, PlanGeometry
@@ -61,6 +62,7 @@ class Runtime:
         self.progress = progress
         self.profiles: OrderedDict[str, SpeedProfile] = OrderedDict()  # curve_key -> profile
         self._curves: tuple[tuple[str, tuple[tuple[float, float], ...]], ...] = ()
+        self.speed = SpeedCorrection()  # how this device computes now against its curves
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshci-compute",
                                            initializer=torch.set_num_threads,
                                            initargs=(self.threads,))
@@ -119,7 +121,7 @@ class Runtime:
 
     def curves(self) -> tuple[tuple[str, tuple[tuple[float, float], ...]], ...]:
         """The curves to advertise, by `curve_key` (the same object until they change)."""
-        curves = tuple((key, profile.curve) for key, profile in self.profiles.items())
+        curves = tuple((key, self.speed.curve(key, profile.curve)) for key, profile in self.profiles.items())
         if curves != self._curves:
             self._curves = curves
         return self._curves
@@ -136,17 +138,31 @@ class Runtime:
         profile = self.profiles.get(item.model) if item.model else None
         start, end = item.segments
         if profile is not None and 0 <= start < end <= len(profile.curve):
-            return profile.strip_s(start, end, float(item.flops))
+            return profile.strip_s(start, end, float(item.flops)) * self.speed.factor(item.model)
         return float(item.flops) / (gflops * 1e9)
 
     def tile_s(self, loaded: LoadedModel, start: int, end: int, out: Region, gflops: float) -> float:
         """Predicted compute time of a tile (queue estimates, inline decisions): by the
         curves of its model where this device has them, else by `gflops`."""
+        key = curve_key(loaded.key[0], (loaded.key[2], loaded.key[3]))
+        return self._curve_tile_s(loaded, start, end, out, gflops) * self.speed.factor(key)
+
+    def _curve_tile_s(self, loaded: LoadedModel, start: int, end: int, out: Region, gflops: float) -> float:
         flops = loaded.flops(start, end, out)
         profile = self.profiles.get(curve_key(loaded.key[0], (loaded.key[2], loaded.key[3])))
         if profile is not None and 0 <= start < end <= len(profile.curve):
             return profile.strip_s(start, end, flops)
         return flops / (gflops * 1e9)
+
+    def observe_tile(self, loaded: LoadedModel, start: int, end: int, out: Region, seconds: float) -> None:
+        """A tile of `loaded` took `seconds` to compute here: a sample of how this device
+        computes against its measured curves (only where it has curves for the model)."""
+        key = curve_key(loaded.key[0], (loaded.key[2], loaded.key[3]))
+        profile = self.profiles.get(key)
+        if profile is None or not 0 <= start < end <= len(profile.curve):
+            return
+        if self.speed.observe(key, profile.strip_s(start, end, loaded.flops(start, end, out)), seconds):
+            log.info("%s computes at %.2fx its measured curves now: advertising that", key, self.speed.factor(key))
 
     async def run_block(self, trunk: Trunk, start: int, end: int, x: torch.Tensor,
                         have: Region, out: Region, *, inline: bool = False,

@@ -274,6 +274,8 @@ class Worker:
             return
         finally:
             self.runtime.queued_s -= estimate
+        if then is None:  # the time of the tile alone: a sample of this device's speed
+            self.runtime.observe_tile(ctx.loaded, action.start, action.end, action.out, seconds)
         # per-tile handling: inline, the wait for the loop to start the task; on the thread,
         # the hand-off there and back
         self.node.boundary.observe_handling(time.perf_counter() - issued - seconds if inline else handoff)
