@@ -20,6 +20,7 @@ from meshci.planning import (
     make_plan,
     plan_from_assignment,
 )
+from meshci.planning.modnn import layer_steps
 from meshci.trunk import extract_trunk
 from meshci.trunk.region import Region
 
@@ -107,7 +108,8 @@ def test_routing_per_strategy(small_models):
     routing = {s: make_plan(trunk, cluster, s).routing for s in STRATEGIES}
     assert routing == {"local": "p2p", "modnn": "requester", "deepthings": "p2p", "aofl": "requester", "edgeci": "p2p"}
     modnn = make_plan(trunk, cluster, "modnn")
-    assert all(b.end - b.start == 1 for b in modnn.blocks)  # layer by layer
+    # layer by layer, each conv with the pools after it
+    assert [(b.start, b.end) for b in modnn.blocks] == layer_steps([seg.kind for seg in trunk.segments])
     deep = make_plan(trunk, cluster, "deepthings")
     assert deep.blocks[0].start == 0 and all(b.devices == (cluster.requester,) for b in deep.blocks[1:])
 
