@@ -4,12 +4,14 @@ single-device forward pass."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from meshci.cost import load_cluster
+from meshci.cost import CostModel, load_cluster
 from meshci.cost.cluster import Cluster, Device, LinkSpec
 from meshci.planning import execute_plan, make_plan
+from meshci.planning.aofl import degree_layouts
 from meshci.planning.modnn import layer_steps
 
 RTOL, ATOL = 1e-4, 1e-5
@@ -21,10 +23,10 @@ def _exact(trunk, plan) -> None:
         torch.testing.assert_close(execute_plan(trunk, plan, x), trunk.forward(x), rtol=RTOL, atol=ATOL)
 
 
-def _cluster(speeds, mbps=100.0, backlog=None, medium="switched") -> Cluster:
+def _cluster(speeds, mbps=100.0, backlog=None, medium="switched", latency_ms=2.0) -> Cluster:
     backlog = backlog or [0.0] * len(speeds)
     devices = tuple(Device(f"d{i}", g, 2048, b) for i, (g, b) in enumerate(zip(speeds, backlog)))
-    return Cluster(devices, LinkSpec(mbps, 2.0), {}, medium, devices[0].name)
+    return Cluster(devices, LinkSpec(mbps, latency_ms), {}, medium, devices[0].name)
 
 
 def test_layer_steps_put_pools_with_their_conv():
@@ -47,4 +49,61 @@ def test_modnn_one_round_per_conv_and_its_pool(small_models, name):
     pools = sum(kind == "pool" for kind in kinds)
     assert len(plan.blocks) == len(kinds) - pools
     assert plan.routing == "requester" and len(plan.blocks[0].devices) > 1
+    _exact(trunk, plan)
+
+
+def test_aofl_degrees_span_the_requester_alone_to_every_device(models_64):
+    trunk = models_64["vgg16"]
+    cluster = _cluster([4.0, 8.0, 2.0, 6.0, 6.0])
+    model = CostModel(trunk, cluster)
+    height = model.tables.heights[4]
+    layouts = degree_layouts(model, 0, 4)
+    assert layouts[0].devices.tolist() == [model.requester] and layouts[0].key == "requester"
+    sizes = sorted(lay.devices.size for lay in layouts[1:])
+    assert sizes == [1, 2, 3, 4, 5]
+    speed = np.array([d.gflops for d in cluster.devices])
+    for lay in layouts:
+        rows = lay.r1 - lay.r0
+        assert lay.r0[0] == 0 and lay.r1[-1] == height and (lay.r0[1:] == lay.r1[:-1]).all()
+        # in proportion to speed (to a row)
+        want = height * speed[lay.devices] / speed[lay.devices].sum()
+        assert np.abs(rows - want).max() < 1.0
+    # the single device is the fastest one, not necessarily the requester
+    assert [lay.devices.tolist() for lay in layouts[1:] if lay.devices.size == 1] == [[1]]
+
+
+def test_aofl_chooses_the_degree_from_the_network(models_64):
+    trunk = models_64["resnet34"]
+    fast = make_plan(trunk, _cluster([4.0] * 4, mbps=1000.0), "aofl")
+    slow = make_plan(trunk, _cluster([4.0] * 4, mbps=0.5), "aofl")
+    assert max(len(b.devices) for b in fast.blocks) == 4
+    # a link too slow to pay for itself: everything stays on the requester
+    assert {b.devices for b in slow.blocks} == {("d0",)}
+    assert slow.predicted_latency_s <= make_plan(trunk, _cluster([4.0] * 4, mbps=0.5), "local").predicted_latency_s
+
+
+def test_aofl_leaves_out_slow_and_loaded_devices(models_64):
+    trunk = models_64["vgg16"]
+    idle = make_plan(trunk, _cluster([4.0, 4.0, 4.0, 4.0]), "aofl")
+    assert any("d3" in b.devices for b in idle.blocks)
+    # a device busy for a minute gets nothing: AOFL sees the load
+    busy = make_plan(trunk, _cluster([4.0, 4.0, 4.0, 4.0], backlog=[0.0, 0.0, 0.0, 60.0]), "aofl")
+    assert all("d3" not in b.devices for b in busy.blocks)
+    assert any(len(b.devices) == 3 for b in busy.blocks)
+    # a device 1000x slower than the rest gets nothing either
+    crawl = make_plan(trunk, _cluster([4.0, 4.0, 4.0, 0.004]), "aofl")
+    assert all("d3" not in b.devices for b in crawl.blocks)
+
+
+@pytest.mark.parametrize(("name", "mbps", "latency_ms"), [("vgg16", 100.0, 2.0), ("resnet34", 1000.0, 0.01)])
+def test_aofl_mixed_degrees_are_exact(small_models, name, mbps, latency_ms):
+    trunk = small_models[name]
+    # a fast requester and slower helpers: the degree varies from block to block
+    plan = make_plan(trunk, _cluster([6.0, 3.0, 3.0, 1.0], mbps=mbps, latency_ms=latency_ms), "aofl")
+    assert plan.routing == "requester"
+    degrees = [len(b.devices) for b in plan.blocks]
+    assert len(set(degrees)) >= 2 and 1 in degrees and max(degrees) >= 2, degrees
+    # blocks on the requester alone are never split needlessly
+    alone = [b.devices == ("d0",) for b in plan.blocks]
+    assert not any(a and b for a, b in zip(alone, alone[1:]))
     _exact(trunk, plan)
