@@ -12,6 +12,7 @@ from meshci.cost import CostModel, load_cluster
 from meshci.cost.cluster import Cluster, Device, LinkSpec
 from meshci.planning import execute_plan, make_plan
 from meshci.planning.aofl import degree_layouts
+from meshci.planning.deepthings import grids, max_grid
 from meshci.planning.modnn import layer_steps
 
 RTOL, ATOL = 1e-4, 1e-5
@@ -106,4 +107,33 @@ def test_aofl_mixed_degrees_are_exact(small_models, name, mbps, latency_ms):
     # blocks on the requester alone are never split needlessly
     alone = [b.devices == ("d0",) for b in plan.blocks]
     assert not any(a and b for a, b in zip(alone, alone[1:]))
+    _exact(trunk, plan)
+
+
+def test_deepthings_grids_reach_the_papers_5x5_and_grow_with_the_cluster():
+    assert [max_grid(n) for n in (1, 4, 12, 13, 16, 64)] == [5, 5, 5, 6, 6, 12]
+    paper = [g for side in range(1, 6) for g in grids(100, 100, side)]
+    assert sorted(paper) == [(n, m) for n in range(1, 6) for m in range(1, 6)]
+    assert grids(100, 100, 8) == [(8, 8), (8, 7), (7, 8)]
+    assert grids(7, 100, 8) == [(7, 8)]  # at most one tile per row
+    assert grids(3, 3, 5) == []
+
+
+def _grid(block) -> tuple[int, int]:
+    return len({t.region.r0 for t in block.tiles}), len({t.region.c0 for t in block.tiles})
+
+
+@pytest.mark.parametrize(("n_devices", "want"), [(25, (5, 5)), (36, (6, 7))])
+def test_deepthings_picks_large_grids_when_they_pay(models_64, n_devices, want):
+    # equal devices on a fast network: one tile per device is the best grid
+    trunk = models_64["resnet34"]
+    plan = make_plan(trunk, _cluster([1.0] * n_devices, mbps=10000.0, latency_ms=0.01), "deepthings")
+    assert _grid(plan.blocks[0]) == want
+    assert len(plan.blocks[0].devices) == n_devices
+
+
+def test_deepthings_5x5_is_exact(small_models):
+    trunk = small_models["vgg16"]
+    plan = make_plan(trunk, _cluster([1.0] * 25, mbps=10000.0, latency_ms=0.01), "deepthings")
+    assert _grid(plan.blocks[0]) == (5, 5)
     _exact(trunk, plan)
