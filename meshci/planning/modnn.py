@@ -7,8 +7,8 @@ scatters the next layer's inputs, halo rows included.
 
 A pooling layer belongs to its convolution's layer step, as in the paper: a device pools
 the conv rows it just computed before returning them, so each conv (+ its pools) is one
-gather-and-scatter round and only the pooled map travels (`layer_steps`). A pool with no
-convolution before it (a trunk that starts with one) is a step of its own.
+gather-and-scatter round and only the pooled map travels (`layer_steps`). Pools at the
+very start of a trunk (no convolution before them) form a step of their own.
 
 Simplifications: a layer here is a trunk segment (conv+activation or a residual block,
 with the pool segments after it); MoDNN's sparse fully-connected partitioning (MSCC) is
