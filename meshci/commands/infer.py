@@ -45,7 +45,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--labels", type=Path, metavar="FILE",
                    help="class names, one per line, for a model that is not an ImageNet classifier "
                         "(default: the ImageNet names for a model with 1000 outputs)")
-    p.add_argument("--strategy", default="edgeci", help="local, modnn, deepthings, aofl or edgeci")
+    p.add_argument("--strategy", default="edgeci",
+                   help="local, modnn, deepthings, aofl, edgeci, or the ablations edgeci-dp and edgeci-gather")
     p.add_argument("--check", action="store_true",
                    help="also run the whole model on the requester and report the difference")
     p.add_argument("--json", action="store_true", help="print the result as JSON")

@@ -48,10 +48,10 @@ def run(args: argparse.Namespace) -> int:
         f"{trunk.name} {trunk.input_shape[1]}x{trunk.input_shape[2]} on {len(cluster.devices)} devices, "
         f"{cluster.medium} medium, requester {cluster.requester}"
     )
-    print(f"{'strategy':<11} {'simulated ms':>12} {'predicted ms':>12} {'speedup':>8} {'messages':>8} {'MB moved':>9}")
+    print(f"{'strategy':<13} {'simulated ms':>12} {'predicted ms':>12} {'speedup':>8} {'messages':>8} {'MB moved':>9}")
     for result, _ in results:
         print(
-            f"{result.strategy:<11} {result.latency_s * 1e3:>12.1f} {result.predicted_latency_s * 1e3:>12.1f} "
+            f"{result.strategy:<13} {result.latency_s * 1e3:>12.1f} {result.predicted_latency_s * 1e3:>12.1f} "
             f"{local.latency_s / result.latency_s:>8.2f} {result.messages:>8} {result.bytes_moved / 1e6:>9.2f}"
         )
     return 0

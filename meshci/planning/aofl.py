@@ -1,67 +1,84 @@
-"""``aofl``: Adaptive Optimal Fused Layers (Zhou, Wang, Ji, Zhang, SEC 2019).
+"""``aofl``: Adaptive Optimal Fused Layers (Zhou, Samavatian, Bacha, Majumdar, Teodorescu,
+"Adaptive parallel execution of deep neural networks on heterogeneous edge devices",
+SEC 2019).
 
-AOFL fuses consecutive layers into blocks chosen by a dynamic programme and splits each
-block's output into row strips in proportion to the devices' speeds; the requester
-gathers each block's output and scatters the next block's inputs (with their halo).
+AOFL fuses consecutive layers into blocks and, per block, chooses its *degree of
+parallelism*: how many devices (1 to n, the requester alone included) share it, from
+the devices' computing resources and the network, and splits the block's output into row
+strips in proportion to the chosen devices' speeds. The requester gathers each block's
+output and scatters the next block's inputs (with their halo). Fusing more layers saves
+rounds through the requester but costs halo work; more devices share the compute but
+each pays a round trip: the programme weighs both.
 
-As in the paper the programme is recursive: ``best(s) = min over e > s of block(s, e) +
-best(e)``, memoised, top-down. Its block cost is the cost model's time of a
-requester-routed block of speed-proportional strips over all devices, started at time 0
-with no backlog (AOFL plans from static speeds and knows nothing of other requests); the
-plan it picks is then judged by the full cost model like every other.
+Candidates of a block [s, e) (`degree_layouts`): the requester alone, and for each degree
+k = 1..n the k devices that would finish a 1/k share soonest: what is still queued on
+them (their backlog: AOFL sees the devices' load), their input from the requester, their
+compute and their output back. The cuts and degrees are then chosen by the programme
+over cut positions (`meshci.planning.dpfl` under requester routing, where every block's
+input comes from the requester, so one state per boundary suffices: the same optimum as
+the paper's recursion ``best(s) = min over e > s, k of block(s, e, k) + best(e)``, with
+each block timed from its start under the full cost model, backlog included).
 
 Simplification: devices that would get no row (more devices than rows) sit out.
 """
 
 from __future__ import annotations
 
-import sys
-from functools import lru_cache
-
 import numpy as np
 
-from meshci.cost.cluster import Cluster, Device
 from meshci.cost.model import CostModel
-from meshci.planning.splits import proportional_layout
+from meshci.planning.dpfl import StripLayout, dpfl, requester_layout
+from meshci.planning.splits import layout_from_rows, per_row_seconds, round_rows
 from meshci.trunk.region import Region
 
 
-def _static(cluster: Cluster) -> Cluster:
-    devices = tuple(Device(d.name, d.gflops, d.memory_mb, 0.0, d.curves, d.tile_overhead_s) for d in cluster.devices)
-    return Cluster(devices, cluster.default_link, cluster.links, cluster.medium, cluster.requester)
+def degree_layouts(model: CostModel, start: int, end: int) -> list[StripLayout]:
+    """The requester alone, and per degree k = 1..n speed-proportional strips over the k
+    devices that would finish a 1/k share of the block first (distinct layouts only)."""
+    tables = model.tables
+    height = tables.heights[end]
+    layouts = [requester_layout(model, height)]
+    n = model.n_devices
+    if n == 1:
+        return layouts
+    req = model.requester
+    rate = per_row_seconds(model, tables.block(start, end))
+    remote = np.arange(n) != req
+    bytes_in = float(tables.row_bytes[start] * tables.heights[start])
+    bytes_out = float(tables.row_bytes[end] * height)
+    seen = {layouts[0].signature}
+    for k in range(1, min(n, height) + 1):
+        share = height / k
+        t_in = np.where(remote, model.latency[req] + bytes_in / k * model.sec_per_byte[req], 0.0)
+        t_out = np.where(remote, model.latency[:, req] + bytes_out / k * model.sec_per_byte[:, req], 0.0)
+        score = np.maximum(model.backlog, t_in) + rate * share + t_out
+        chosen = np.sort(np.argsort(score, kind="stable")[:k])
+        layout = layout_from_rows(chosen, round_rows(height, 1.0 / rate[chosen]))
+        if layout.signature not in seen:
+            seen.add(layout.signature)
+            layouts.append(layout)
+    return layouts
 
 
 def plan_aofl(model: CostModel) -> list[tuple[int, int, list[tuple[int, Region]]]]:
-    static = CostModel(model.trunk, _static(model.cluster))
-    n_seg = static.n_segments
-    devices = np.arange(static.n_devices)
+    cache: dict[tuple[int, int], list[StripLayout]] = {}
 
-    def block_cost(s: int, e: int) -> float:
-        lay = proportional_layout(static, s, e, devices)
-        _, t = static.strip_block(0.0, s, e, lay.devices, lay.r0, lay.r1, None, True)
-        return t
+    def candidates(s: int, e: int) -> list[StripLayout]:
+        hit = cache.get((s, e))
+        if hit is None:
+            hit = cache[(s, e)] = degree_layouts(model, s, e)
+        return hit
 
-    @lru_cache(maxsize=None)
-    def best(s: int) -> tuple[float, tuple[int, ...]]:
-        if s == n_seg:
-            return 0.0, ()
-        options = []
-        for e in range(s + 1, n_seg + 1):
-            rest, ends = best(e)
-            options.append((block_cost(s, e) + rest, (e, *ends)))
-        return min(options)
-
-    limit = sys.getrecursionlimit()
-    sys.setrecursionlimit(max(limit, 4 * n_seg + 100))
-    try:
-        _, ends = best(0)
-    finally:
-        sys.setrecursionlimit(limit)
-    blocks = []
-    s = 0
-    for e in ends:
-        lay = proportional_layout(model, s, e, devices)
+    result = dpfl(model, candidates, routing="requester")
+    blocks: list[tuple[int, int, list[tuple[int, Region]]]] = []
+    alone = False  # the block before ran on the requester alone
+    for s, e, layout in result.blocks:
         w = model.tables.widths[e]
-        blocks.append((s, e, [(d, Region(a, b, 0, w)) for d, a, b in lay.as_tiles()]))
-        s = e
+        if layout.key == "requester" and alone:
+            # consecutive blocks on the requester alone are one block: no transfer between
+            # them either way, and one tile's overhead instead of several
+            blocks[-1] = (blocks[-1][0], e, [(model.requester, Region.full(model.tables.heights[e], w))])
+        else:
+            blocks.append((s, e, [(d, Region(a, b, 0, w)) for d, a, b in layout.as_tiles()]))
+        alone = layout.key == "requester"
     return blocks

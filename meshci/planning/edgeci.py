@@ -131,6 +131,22 @@ def _candidates_at(
     return [[requester_layout(model, height), *layouts[a:b]] for a, b in kept]
 
 
+def block_candidates(model: CostModel) -> Callable[[int, int], list[StripLayout]]:
+    """``candidates(s, e)`` for `dpfl`: `degree_candidates` of block [s, e), built for all
+    blocks ending at e at once on first use and kept."""
+    cands: dict[tuple[int, int], list[StripLayout]] = {}
+
+    def candidates(s: int, e: int) -> list[StripLayout]:
+        hit = cands.get((s, e))
+        if hit is None:  # all blocks ending at e at once
+            for start, found in enumerate(_candidates_at(model, e, range(e))):
+                cands[(start, e)] = found
+            hit = cands[(s, e)]
+        return hit
+
+    return candidates
+
+
 def _rows_key(n: int, device: int, height: int) -> bytes:
     rows = np.zeros(n, dtype=np.int64)
     rows[device] = height
@@ -154,11 +170,14 @@ def _strip_seconds(model: CostModel, start: int, end: int, device: int, a: int, 
     return float(model.strip_compute(block, np.array([a]), np.array([b]))[device, 0])
 
 
-def _bids(model: CostModel, start: int, end: int, n_items: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _bids(
+    model: CostModel, start: int, end: int, n_items: int, gather: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Item strips of a block and each simulated bidder's cost for each: compute incl.
     halo, plus receiving its input (the whole input region from the requester for the
     first block, the halo rows from a neighbour after), plus sending the output to the
-    requester after the last block."""
+    requester after the last block (``gather``: requester routing, so every block's whole
+    input comes from the requester and its output goes back)."""
     tables = model.tables
     block = tables.block(start, end)
     h = block.height
@@ -166,7 +185,7 @@ def _bids(model: CostModel, start: int, end: int, n_items: int) -> tuple[np.ndar
     bounds = np.linspace(0, h, k + 1).round().astype(np.int64)
     r0, r1 = bounds[:-1], bounds[1:]
     cost = model.strip_compute(block, r0, r1)
-    cost = cost + _transfer_estimate(model, start, end, r0, r1)
+    cost = cost + _transfer_estimate(model, start, end, r0, r1, gather)
     return r0, r1, cost
 
 
@@ -177,26 +196,34 @@ def _halo_rows(block: BlockTable) -> int:
     return int(block.in_hi[1] - block.in_lo[0])
 
 
-def _transfer_estimate(model: CostModel, start: int, end: int, r0: np.ndarray, r1: np.ndarray) -> np.ndarray:
+def _transfer_estimate(
+    model: CostModel, start: int, end: int, r0: np.ndarray, r1: np.ndarray, gather: bool = False
+) -> np.ndarray:
     """Seconds per (device, strip) to receive the strip's input (and send its output after
-    the last block), from and to the requester as the auction's bidders see it."""
+    the last block, or after every block when ``gather``), from and to the requester as
+    the auction's bidders see it."""
     tables = model.tables
     block = tables.block(start, end)
     rows = block.in_hi[r1] - block.in_lo[r0]
-    if start > 0:  # p2p: a strip's own rows are (mostly) on its device already
+    if start > 0 and not gather:  # p2p: a strip's own rows are (mostly) on its device already
         rows = np.minimum(rows, _halo_rows(block))
     n_bytes = (rows * tables.row_bytes[start]).astype(np.float64)
     if end == tables.n_segments:  # the output (or the head's part) to the head device
         n_bytes = n_bytes + (model.final_bytes if model.head_split else (r1 - r0) * tables.row_bytes[end])
+    elif gather:  # the output back to the requester
+        n_bytes = n_bytes + (r1 - r0) * tables.row_bytes[end]
     req = model.requester
     t = model.latency[req][:, None] + n_bytes[None, :] * model.sec_per_byte[req][:, None]
     t[req, :] = 0.0
     return np.where(n_bytes[None, :] > 0, t, 0.0)
 
 
-def _strip_timer(model: CostModel, start: int, end: int, left: np.ndarray) -> Callable[[str, int, int], float]:
+def _strip_timer(
+    model: CostModel, start: int, end: int, left: np.ndarray, gather: bool = False
+) -> Callable[[str, int, int], float]:
     """``strip_time(device, a, b)`` for `balance_strips`: remaining backlog + compute +
-    transfer estimate of rows [a, b), in plain floats (it is called hundreds of times)."""
+    transfer estimate of rows [a, b) (`_transfer_estimate`), in plain floats (it is called
+    hundreds of times)."""
     tables = model.tables
     block = tables.block(start, end)
     names = {name: i for i, name in enumerate(model.cluster.names)}
@@ -206,7 +233,7 @@ def _strip_timer(model: CostModel, start: int, end: int, left: np.ndarray) -> Ca
             d = names[name]
             ra, rb = np.array([a]), np.array([b])
             comp = model.strip_compute(block, ra, rb)[d, 0]
-            return float(left[d] + comp + _transfer_estimate(model, start, end, ra, rb)[d, 0])
+            return float(left[d] + comp + _transfer_estimate(model, start, end, ra, rb, gather)[d, 0])
 
         return timed
     fl_up, fl_down, const = block.fl_up.tolist(), block.fl_down.tolist(), block.fl_const
@@ -223,9 +250,13 @@ def _strip_timer(model: CostModel, start: int, end: int, left: np.ndarray) -> Ca
         d = names[name]
         t = left_l[d] + (fl_up[b] + fl_down[a] + const) / speed[d]
         rows = in_hi[b] - in_lo[a]
-        if start > 0:
+        if start > 0 and not gather:
             rows = min(rows, halo)
-        n_bytes = rows * in_bytes + ((final_bytes or (b - a) * out_bytes) if last else 0)
+        n_bytes = rows * in_bytes
+        if last:
+            n_bytes += final_bytes or (b - a) * out_bytes
+        elif gather:
+            n_bytes += (b - a) * out_bytes
         if d != req and n_bytes > 0:
             t += lat[d] + n_bytes * spb[d]
         return t
@@ -234,7 +265,7 @@ def _strip_timer(model: CostModel, start: int, end: int, left: np.ndarray) -> Ca
 
 
 def auction_layouts(
-    model: CostModel, chosen: list[tuple[int, int, float]]
+    model: CostModel, chosen: list[tuple[int, int, float]], gather: bool = False
 ) -> tuple[list[StripLayout | None], int]:
     """Strips per chosen block (start, end, start time) from AWAS, and the auction's rounds.
 
@@ -244,20 +275,21 @@ def auction_layouts(
     the auctioneer does); the winners, in the order of the rows they won, then get
     contiguous levelled strips from `balance_strips`. Simulated bidders always answer and
     never decline, so on the network this is one bid round and one award round.
+    ``gather``: the plan routes every boundary through the requester (bidders price it).
     """
     if model.n_devices == 1:
         return [None] * len(chosen), 0
     names = model.cluster.names
     layouts: list[StripLayout | None] = []
     for s, e, t_start in chosen:
-        r0, r1, cost = _bids(model, s, e, ITEMS_PER_DEVICE * model.n_devices)
+        r0, r1, cost = _bids(model, s, e, ITEMS_PER_DEVICE * model.n_devices, gather)
         left = np.maximum(model.backlog - t_start, 0.0)
         result = assign(cost, left)
         won = [np.flatnonzero(result.owner == d) for d in range(model.n_devices)]
         bidders = [d for d in range(model.n_devices) if won[d].size]
         order = sorted(bidders, key=lambda d: (float(r0[won[d]].mean()), d))
         block = model.tables.block(s, e)
-        strip_time = _strip_timer(model, s, e, left)
+        strip_time = _strip_timer(model, s, e, left, gather)
         strips = balance_strips(block.height, [names[d] for d in order], strip_time)
         layouts.append(
             StripLayout(
@@ -270,30 +302,21 @@ def auction_layouts(
     return layouts, BID_ROUNDS * 2
 
 
-def plan_edgeci(model: CostModel) -> tuple[DPResult, int]:
+def plan_edgeci(model: CostModel, routing: str = "p2p") -> tuple[DPResult, int]:
     """DPFL, then AWAS on the chosen blocks, then the better strips per block (the two DP
-    passes share one memo of per-layout costs, `new_memo`)."""
-    cands: dict[tuple[int, int], list[StripLayout]] = {}
-
-    def candidates(s: int, e: int) -> list[StripLayout]:
-        hit = cands.get((s, e))
-        if hit is None:  # all blocks ending at e at once
-            for start, found in enumerate(_candidates_at(model, e, range(e))):
-                cands[(start, e)] = found
-            hit = cands[(s, e)]
-        return hit
-
+    passes share one memo of per-layout costs, `new_memo`). ``routing="requester"``: the
+    ``edgeci-gather`` ablation, every boundary through the requester."""
     memo = new_memo(model)
-    first = dpfl(model, candidates, routing="p2p", memo=memo)
+    first = dpfl(model, block_candidates(model), routing=routing, memo=memo)
     distributed = [(s, e, t) for s, e, lay, t in _with_start_times(first) if lay.key != "requester"]
     if not distributed:
         return first, 0
-    auctioned, rounds = auction_layouts(model, distributed)
+    auctioned, rounds = auction_layouts(model, distributed, gather=routing == "requester")
     options: dict[tuple[int, int], list[StripLayout]] = {(s, e): [lay] for s, e, lay in first.blocks}
     for (s, e, _), lay in zip(distributed, auctioned):
         if lay is not None:
             options[(s, e)].append(lay)
-    return dpfl(model, lambda s, e: options.get((s, e), []), routing="p2p", memo=memo), rounds
+    return dpfl(model, lambda s, e: options.get((s, e), []), routing=routing, memo=memo), rounds
 
 
 def _with_start_times(result: DPResult) -> list[tuple[int, int, StripLayout, float]]:

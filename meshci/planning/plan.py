@@ -24,7 +24,8 @@ from typing import Any
 from meshci.errors import PlanningError
 from meshci.trunk.region import Region
 
-STRATEGIES = ("local", "modnn", "deepthings", "aofl", "edgeci")
+CLASSIC = ("local", "modnn", "deepthings", "aofl", "edgeci")  # EdgeCI and the schemes it is compared with
+STRATEGIES = (*CLASSIC, "edgeci-dp", "edgeci-gather")  # and the ablations (`meshci.planning.ablations`)
 ROUTINGS = ("p2p", "requester")
 
 

@@ -9,6 +9,7 @@ from meshci.cost.cluster import Cluster, Device, LinkSpec
 from meshci.cost.geometry import BYTES_PER_VALUE
 from meshci.cost.model import CostModel, head_cost
 from meshci.errors import PlanningError
+from meshci.planning.ablations import plan_edgeci_dp, plan_edgeci_gather
 from meshci.planning.aofl import plan_aofl
 from meshci.planning.deepthings import plan_deepthings
 from meshci.planning.dpfl import DPResult
@@ -27,6 +28,13 @@ _BASELINES: dict[str, tuple[Callable[[CostModel], BlockTiles], str]] = {
     "modnn": (plan_modnn, "requester"),
     "deepthings": (plan_deepthings, "p2p"),
     "aofl": (plan_aofl, "requester"),
+}
+
+# EdgeCI and its ablations: a DPFL result and its auction rounds, the routing, the head placed
+_EDGECI: dict[str, tuple[Callable[[CostModel], tuple[DPResult, int]], str]] = {
+    "edgeci": (plan_edgeci, "p2p"),
+    "edgeci-dp": (lambda model: (plan_edgeci_dp(model), 0), "p2p"),
+    "edgeci-gather": (plan_edgeci_gather, "requester"),
 }
 
 
@@ -56,20 +64,21 @@ def choose_head(trunk: Trunk, cluster: Cluster) -> HeadPlan:
 def make_plan(trunk: Trunk, cluster: Cluster, strategy: str, model: CostModel | None = None) -> Plan:
     """The plan of ``strategy`` for ``trunk`` on ``cluster``, with predicted finish times
     and latency under the cost model (`meshci.cost.model`) and the planning time. The
-    baselines run the head on the requester, as their authors do; edgeci places it
-    (`choose_head`)."""
+    baselines run the head on the requester, as their authors do; edgeci and its
+    ablations (`meshci.planning.ablations`) place it (`choose_head`)."""
     if strategy not in STRATEGIES:
         raise PlanningError(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
     t0 = time.perf_counter()
-    if strategy == "edgeci":
+    if strategy in _EDGECI:
         head = choose_head(trunk, cluster)
         if model is None or model.cluster is not cluster or model.head_device != cluster.index(head.device):
             model = CostModel(trunk, cluster, head.device, head.split)
-        result, rounds = plan_edgeci(model)
+        planner, routing = _EDGECI[strategy]
+        result, rounds = planner(model)
         blocks = _dp_blocks(model, result)
         per_block = [rounds if lay.key != "requester" else 0 for _, _, lay in result.blocks]
         planning_ms = (time.perf_counter() - t0) * 1e3
-        plan = build_plan(trunk, cluster, strategy, blocks, "p2p", planning_ms, model, per_block, head)
+        plan = build_plan(trunk, cluster, strategy, blocks, routing, planning_ms, model, per_block, head)
         return _with_rounds(plan, rounds)
     if model is None or model.cluster is not cluster or model.head_device != model.requester:
         model = CostModel(trunk, cluster)

@@ -44,7 +44,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-STRATEGIES = ("local", "modnn", "deepthings", "aofl", "edgeci")
+STRATEGIES = ("local", "modnn", "deepthings", "aofl", "edgeci")  # the default comparison
+ABLATIONS = ("edgeci-dp", "edgeci-gather")  # on request (--strategy): what each part of edgeci adds
 MODELS = ("vgg16", "resnet34")
 SCENARIOS = {  # name: (cluster file, second requester for a busy mesh)
     "homo4-100": ("homo4-100", None),
@@ -304,7 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tools/bench", description=__doc__.splitlines()[0])
     parser.add_argument("--scenario", action="append", choices=sorted(SCENARIOS))
     parser.add_argument("--model", action="append", choices=MODELS)
-    parser.add_argument("--strategy", action="append", choices=STRATEGIES)
+    parser.add_argument("--strategy", action="append", choices=(*STRATEGIES, *ABLATIONS),
+                        help="a strategy (repeatable; default the five classic ones, not the ablations)")
     parser.add_argument("--repeat", type=int, default=5, help="timed rounds after warm-up (default 5)")
     parser.add_argument("--size", type=int, nargs=2, default=(224, 224), metavar=("H", "W"))
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
