@@ -215,16 +215,19 @@ async def _requests(mesh: Any, nodes: list[Any], args: argparse.Namespace, strat
             _print_result(meta, out)
     _print_summary(results, strategies, out)
     links: dict[str, dict[str, float]] = {}
+    peak_rss: dict[str, float] = {}
     for n in nodes:
         view = await stats(n.address, secret=secret)
+        peak_rss[n.name] = view["peak_rss_mb"]
         links[n.name] = {peer: spec["latency_ms"] for peer, spec in view["planned_links"].items()}
         print(f"  {n.name} measured links (per-message delivery, bandwidth as received; "
               f"tile overhead {view['advert'].get('tile_ms', 0.0):.1f} ms): "
               + ", ".join(f"{peer} {spec['latency_ms']:.1f} ms "
                           + (f"{spec['mbps']:.0f} Mbit/s" if spec["mbps"] > 0 else "(rate not measured)")
                           for peer, spec in sorted(view["planned_links"].items())), file=out)
+    print("  peak resident memory: " + ", ".join(f"{name} {mb:.0f} MB" for name, mb in peak_rss.items()), file=out)
     return {"results": results, "alone_s": alone, "gflops": speeds, "fastest_device": fastest,
-            "planned_link_ms": links}
+            "planned_link_ms": links, "peak_rss_mb": peak_rss}
 
 
 def _print_result(meta: dict[str, Any], out: Any) -> None:

@@ -17,6 +17,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -257,12 +258,19 @@ class Worker:
         predicted = self.runtime.tile_s(ctx.loaded, action.start, action.end, action.out, gflops)
         estimate = predicted if str(rid) not in self.bidder.auctions() else 0.0
         inline = predicted <= INLINE_COMPUTE_S
-        then = None
+        then: Callable[[torch.Tensor], torch.Tensor] | None = None
+        head_s = [0.0]  # of the seconds below, the split head's partial sums (not the tile's speed)
         if action.partial:
             split = (await self.runtime.head(ctx.loaded)).split
             if split is None:
                 raise RequestStateError(f"the plan splits the head of {ctx.loaded.trunk.name}, which cannot be split")
-            then = lambda y: split.partial(action.out, y)  # noqa: E731 - runs with the tile
+
+            def partial(y: torch.Tensor) -> torch.Tensor:  # runs with the tile, timed apart from it
+                began = time.perf_counter()
+                out = split.partial(action.out, y)
+                head_s[0] = time.perf_counter() - began
+                return out
+            then = partial
         self.runtime.queued_s += estimate
         try:
             y, seconds, handoff = await self.runtime.run_block(
@@ -274,8 +282,8 @@ class Worker:
             return
         finally:
             self.runtime.queued_s -= estimate
-        if then is None:  # the time of the tile alone: a sample of this device's speed
-            self.runtime.observe_tile(ctx.loaded, action.start, action.end, action.out, seconds)
+        # the time of the tile alone: a sample of this device's speed
+        self.runtime.observe_tile(ctx.loaded, action.start, action.end, action.out, seconds - head_s[0])
         # per-tile handling: inline, the wait for the loop to start the task; on the thread,
         # the hand-off there and back
         self.node.boundary.observe_handling(time.perf_counter() - issued - seconds if inline else handoff)
