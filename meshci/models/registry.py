@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from meshci.errors import MeshciError, UnknownModelError
-from meshci.models import resnet, vgg
+from meshci.models import densenet, googlenet, resnet, squeezenet, vgg
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +23,9 @@ BUILDERS: dict[str, Callable[[], nn.Module]] = {
     "resnet18": resnet.resnet18,
     "resnet34": resnet.resnet34,
     "resnet50": resnet.resnet50,
+    "squeezenet1_1": squeezenet.squeezenet1_1,
+    "googlenet": googlenet.googlenet,
+    "densenet121": densenet.densenet121,
 }
 MODEL_NAMES: tuple[str, ...] = tuple(BUILDERS)
 
