@@ -1,4 +1,4 @@
-"""A model split into a spatially local trunk (a list of segments) and a head."""
+"""A model split into a spatially local trunk (a list of segments: chains, residual and branch blocks) and a head."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ from torch import Tensor, nn
 
 from meshci.trunk.ops import Shape
 from meshci.trunk.region import Region
+from meshci.trunk.block import BranchSegment
 from meshci.trunk.segment import Segment
+
+AnySegment = Segment | BranchSegment
 
 
 class Trunk:
@@ -22,10 +25,11 @@ class Trunk:
         self,
         name: str,
         input_shape: Shape,
-        segments: list[Segment],
+        segments: list[AnySegment],
         head: nn.Module,
         reference: nn.Module,
         head_start: str,
+        stop_reason: str = "",
     ) -> None:
         if not segments:
             raise ValueError("a trunk needs at least one segment")
@@ -35,6 +39,7 @@ class Trunk:
         self.head = head
         self.reference = reference
         self.head_start = head_start  # the first node of the model that is not spatially local
+        self.stop_reason = stop_reason  # one line: which node ends the trunk, and why
 
     def __len__(self) -> int:
         return len(self.segments)
