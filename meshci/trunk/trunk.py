@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from meshci.trunk.ops import Shape
 from meshci.trunk.region import Region
@@ -75,3 +76,17 @@ class Trunk:
     @property
     def flops(self) -> float:
         return sum(seg.flops for seg in self.segments)
+
+    @torch.no_grad()
+    def counted_flops(self, batch: int = 1) -> tuple[float, float]:
+        """(trunk, head) FLOPs of one forward pass as torch's FlopCounterMode counts them
+        (convolutions and matrix products, 2 per multiply-add), independently of the
+        segments' own FLOPs model."""
+        params = list(self.reference.parameters()) or list(self.head.parameters())
+        dtype = params[0].dtype if params else torch.float32
+        x = torch.zeros((batch, *self.input_shape), dtype=dtype)
+        with FlopCounterMode(display=False) as trunk_count:
+            y = self.forward_boundaries(x)[-1]
+        with FlopCounterMode(display=False) as head_count:
+            self.head(y)
+        return float(trunk_count.get_total_flops()), float(head_count.get_total_flops())
