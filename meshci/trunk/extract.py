@@ -154,6 +154,12 @@ def _next_step(cur: fx.Node, modules: dict[str, nn.Module]) -> _Step | DagStep |
         if item is None or item.kind not in ("bn", "pointwise"):
             break
         items.append(item)
+    if all(it.kind == "pointwise" and it.op.cost == 0 for it in items):  # type: ignore[union-attr]
+        # identities only (eval-mode dropout): no segment of their own, which would cost nothing
+        # and give the planner a block without work; they join a convolution or pooling after them
+        after = _next_step(items[-1].node, modules)
+        if isinstance(after, _Step) and after.kind in ("conv", "pool"):
+            return _Step(after.kind, items + after.main)
     return _Step("pointwise", items)
 
 
@@ -195,7 +201,7 @@ def _residual_step(cur: fx.Node, modules: dict[str, nn.Module]) -> _Step | None:
 
 def _segment_name(step: _Step | DagStep) -> str:
     if isinstance(step, _Step) and step.kind != "residual":
-        node = step.main[0].node
+        node = next((it.node for it in step.main if it.kind in ("conv", "pool")), step.main[0].node)
         return str(node.target) if node.op == "call_module" else node.name
     paths = [str(n.target).split(".") for n in step.nodes if n.op == "call_module"]
     if not paths:

@@ -120,6 +120,9 @@ def test_family_structure(families):
     assert len(layers) == 6 + 12 + 24 + 16  # one segment per dense layer
     assert layers[0] == "features.denseblock1.denselayer1" and layers[-1] == "features.denseblock4.denselayer16"
     assert dense.segments[-1].out_shape == (1024, 2, 2) and "adaptive_avg_pool2d" in dense.head_start
+    for trunk in (squeeze, google, dense):  # eval-mode dropout joins the conv after it: no block without work
+        assert all(seg.flops > 0 for seg in trunk.segments)
+    assert squeeze.segments[-1].name == "classifier.1" and squeeze.segments[-1].kind == "conv"
 
 
 @torch.no_grad()
