@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from meshci.errors import MeshciError, UnknownModelError
-from meshci.models import densenet, googlenet, resnet, squeezenet, vgg
+from meshci.models import convnext, densenet, googlenet, resnet, squeezenet, vgg
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,7 @@ BUILDERS: dict[str, Callable[[], nn.Module]] = {
     "squeezenet1_1": squeezenet.squeezenet1_1,
     "googlenet": googlenet.googlenet,
     "densenet121": densenet.densenet121,
+    "convnext_tiny": convnext.convnext_tiny,
 }
 MODEL_NAMES: tuple[str, ...] = tuple(BUILDERS)
 

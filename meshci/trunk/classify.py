@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-from meshci.trunk.ops import INPUT, BatchNorm, ConvOp, ElementwiseCall, Op, PointwiseOp, PoolOp, Window
+from meshci.trunk.ops import INPUT, BatchNorm, ConvOp, ElementwiseCall, Op, PerPixel, PointwiseOp, PoolOp, Window
 
 # leaf modules that act elementwise in eval mode
 ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
@@ -67,12 +67,14 @@ def node_inputs(node: fx.Node) -> list[fx.Node]:
     return found
 
 
-def _bind_input(node: fx.Node, method: bool = False) -> ElementwiseCall:
-    """The node's call with its one tensor input left open (in-place variants made out-of-place)."""
+def _bind_input(node: fx.Node, method: bool = False, constants: dict[fx.Node, Any] | None = None) -> ElementwiseCall:
+    """The node's call with its one tensor input left open (in-place variants made out-of-place)
+    and its `constants` (parameters, buffers) bound."""
     kwargs = dict(node.kwargs)
     if "inplace" in kwargs:
         kwargs["inplace"] = False  # tiles may be views of a shared input
-    args, kwargs = fx.node.map_arg((node.args, kwargs), lambda n: INPUT)  # type: ignore[misc]
+    known = constants or {}
+    args, kwargs = fx.node.map_arg((node.args, kwargs), lambda n: known.get(n, INPUT))  # type: ignore[misc]
     return ElementwiseCall(node.target, tuple(args), tuple(kwargs.items()), method)  # type: ignore[arg-type]
 
 
@@ -114,9 +116,21 @@ def classify(node: fx.Node, prev: fx.Node, modules: dict[str, nn.Module]) -> Ite
     """The node as a local op reading only `prev`, or None when it is not one."""
     if node.op not in ("call_module", "call_function", "call_method"):
         return None
-    inputs = node_inputs(node)
+    found = node_inputs(node)
+    inputs = [n for n in found if n.op != "get_attr"]
     if len(inputs) != 1 or inputs[0] is not prev:
         return None
+    constants = {n: attr_value(modules, n) for n in found if n.op == "get_attr"}
+    if constants:  # a parameter or buffer: only as a per-channel operand of elementwise arithmetic
+        per_channel = all(isinstance(v, Tensor) and _per_channel(v) for v in constants.values())
+        if not per_channel or node.op == "call_module" or (
+            node.target not in ELEMENTWISE_FUNCTIONS and node.target not in ELEMENTWISE_METHODS
+        ):
+            return None
+        if node.op == "call_method" and node.args[0] is not prev:
+            return None
+        op = PointwiseOp(_bind_input(node, node.op == "call_method", constants), f"{_name(node)}(constant)")
+        return Item("pointwise", node, op=op)
     if node.op == "call_module":
         return _classify_module(node, modules[str(node.target)])
     if node.op == "call_function":
@@ -163,6 +177,8 @@ def _classify_module(node: fx.Node, m: nn.Module) -> Item | None:
         op = _pool_op("avg", m.kernel_size, m.stride, m.padding, 1, m.ceil_mode, m.count_include_pad,
                       m.divisor_override)  # fmt: skip
         return Item("pool", node, module=m, op=op)
+    if isinstance(m, PerPixel):
+        return Item("pointwise", node, module=m, op=PointwiseOp(m, m.text, m.flops_per_channel))
     if isinstance(m, ELEMENTWISE_MODULES):
         if isinstance(m, IDENTITY_MODULES):
             return Item("pointwise", node, module=m, op=PointwiseOp(_identity, type(m).__name__, 0.0))
@@ -240,7 +256,9 @@ def join(node: fx.Node) -> tuple[str, list[fx.Node]] | None:
         if (node.op == "call_function" and node.target in functions) or (
             node.op == "call_method" and node.target in methods
         ):
-            if len(node.args) == 2 and not node.kwargs and all(isinstance(a, fx.Node) for a in node.args):
+            if len(node.args) == 2 and not node.kwargs and all(
+                isinstance(a, fx.Node) and a.op != "get_attr" for a in node.args
+            ):
                 return kind, list(node.args)  # type: ignore[arg-type]
             return None
     return None
@@ -254,4 +272,41 @@ def mutates_input(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
         return str(node.target).endswith("_")
     if node.op == "call_function":
         return node.kwargs.get("inplace") is True or node.target in IN_PLACE_FUNCTIONS
+    return False
+
+
+def attr_value(modules: dict[str, nn.Module], node: fx.Node) -> Any:
+    """The parameter, buffer or constant a get_attr node reads (detached), from the traced root."""
+    value: Any = modules[""]
+    for part in str(node.target).split("."):
+        value = getattr(value, part)
+    return value.detach() if isinstance(value, Tensor) else value
+
+
+def _per_channel(value: Tensor) -> bool:
+    """Whether a constant broadcast against (N, C, H, W) is the same at every pixel: shape (), (1,),
+    (C, 1, 1) or (1, C, 1, 1)."""
+    if value.dim() <= 1:
+        return value.numel() == 1
+    return value.dim() in (3, 4) and value.shape[-1] == 1 and value.shape[-2] == 1 and (value.dim() == 3 or value.shape[0] == 1)
+
+
+def _name(node: fx.Node) -> str:
+    return str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
+
+
+def writes_into_shared(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether the node writes in place into a value (or an alias of one: an identity module,
+    `.contiguous()`) that something else also reads, so that running it out of place would
+    change what the model computes."""
+    if not mutates_input(node, modules):
+        return False
+    value = next((n for n in node_inputs(node) if n.op != "get_attr"), None)
+    while value is not None:
+        if len(value.users) > 1:
+            return True
+        aliased = (value.op == "call_module" and isinstance(modules[str(value.target)], IDENTITY_MODULES)) or (
+            value.op == "call_method" and value.target == "contiguous"
+        )
+        value = next((n for n in node_inputs(value) if n.op != "get_attr"), None) if aliased else None
     return False

@@ -16,7 +16,16 @@ import torch.fx as fx
 from torch import nn
 
 from meshci.trunk.block import BranchSegment, Step, join_shape
-from meshci.trunk.classify import Item, classify, concatenated, join, mutates_input, node_inputs, ops_from_items
+from meshci.trunk.classify import (
+    Item,
+    classify,
+    concatenated,
+    join,
+    mutates_input,
+    node_inputs,
+    ops_from_items,
+    writes_into_shared,
+)
 from meshci.trunk.ops import Shape
 from meshci.trunk.segment import Chain
 from meshci.trunk.stop import why_not_local
@@ -87,14 +96,14 @@ def walk_fork(start: fx.Node, modules: dict[str, nn.Module]) -> DagStep | Unjoin
     for _ in range(MAX_BLOCK_NODES):
         if node.op in ("output", "root"):
             return Unjoined(None, "the branches reach the model output without re-joining")
-        inputs = list(dict.fromkeys(node_inputs(node)))
+        inputs = [i for i in dict.fromkeys(node_inputs(node)) if i.op != "get_attr"]  # parameters are constants
         if not any(i in inside for i in inputs):
             node = node.next
             continue  # not part of this block (it must not be read by it: checked below)
         outside = [i for i in inputs if i not in inside]
         if outside:  # a constant, an earlier map
             return Unjoined(node, f"reads {outside[0].name!r} from outside the branches")
-        if mutates_input(node, modules) and len(inputs[0].users) > 1:
+        if writes_into_shared(node, modules):
             return Unjoined(node, f"writes in place into {inputs[0].name!r}, which another branch reads")
         joining = join(node)
         if joining is not None and (len(joining[1]) > 1 or concatenated(node) is None):

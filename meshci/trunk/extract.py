@@ -31,8 +31,9 @@ import torch.fx as fx
 from torch import nn
 
 from meshci.errors import TraceError
-from meshci.trunk.classify import ADD_FUNCTIONS, ADD_METHODS, Item, classify, node_inputs, ops_from_items
+from meshci.trunk.classify import ADD_FUNCTIONS, ADD_METHODS, Item, classify, node_inputs, ops_from_items, writes_into_shared
 from meshci.trunk.block import BranchSegment
+from meshci.trunk.channels_last import fuse_channels_last
 from meshci.trunk.dag import DagStep, build_branch_segment, dag_step, drop_single_concats, share_concat_prefixes, walk_fork
 from meshci.trunk.ops import Shape
 from meshci.trunk.segment import Chain, Segment
@@ -169,7 +170,7 @@ def _follow(start: fx.Node, fork: fx.Node, modules: dict[str, nn.Module]) -> tup
     prev, node = fork, start
     while not _is_add(node):
         item = classify(node, prev, modules)
-        if item is None:
+        if item is None or writes_into_shared(node, modules):
             return None
         items.append(item)
         nxt = _sole_user(node)
@@ -268,7 +269,7 @@ def _reference_module(gm: fx.GraphModule, nodes: list[fx.Node], x: fx.Node, boun
     saved: dict[fx.Node, fx.Node] = {x: placeholder}
     wanted = set(boundaries)
     for node in nodes:
-        env[node] = graph.node_copy(node, lambda n: env[n])
+        env[node] = graph.node_copy(node, lambda n: env[n] if n in env else env.setdefault(n, graph.node_copy(n)))
         if node in wanted:
             saved[node] = graph.call_function(torch.clone, (env[node],))
     graph.output(tuple(saved[b] for b in boundaries))
@@ -287,6 +288,7 @@ def extract_trunk(model: nn.Module, input_shape: tuple[int, int, int] = (3, 224,
     shape: Shape = tuple(int(v) for v in input_shape)  # type: ignore[assignment]
     model.eval()
     gm = trace(model, name)
+    fuse_channels_last(gm)
     modules = dict(gm.named_modules())
     share_concat_prefixes(gm.graph)
     drop_single_concats(gm.graph, modules)
@@ -320,7 +322,8 @@ def extract_trunk(model: nn.Module, input_shape: tuple[int, int, int] = (3, 224,
             "which is not a convolution, pooling, elementwise op or residual block"
         )
     trunk_order = [n for n in gm.graph.nodes if n in consumed and n is not x]
-    rest = [n for n in gm.graph.nodes if n not in consumed and n.op != "placeholder"]
+    rest = [n for n in gm.graph.nodes if n not in consumed and n.op != "placeholder"
+            and not (n.op == "get_attr" and all(u in consumed for u in n.users))]  # parameters only the trunk reads
     for node in rest:
         for used in node_inputs(node):
             if used in consumed and used is not cur:

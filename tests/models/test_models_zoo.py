@@ -132,6 +132,10 @@ def test_weights_error_through_cli(tmp_path, capsys):
         ("densenet121", 7_978_856, {"features.conv0.weight", "features.denseblock1.denselayer1.norm1.running_mean",
                                     "features.denseblock4.denselayer16.conv2.weight", "features.transition3.conv.weight",
                                     "features.norm5.bias", "classifier.weight"}),
+        ("convnext_tiny", 28_589_128, {"features.0.0.weight", "features.0.1.bias", "features.1.0.layer_scale",
+                                       "features.1.0.block.0.weight", "features.1.0.block.2.weight",
+                                       "features.1.0.block.5.bias", "features.2.1.weight", "features.5.8.block.3.weight",
+                                       "classifier.0.weight", "classifier.2.bias"}),
     ],
 )  # fmt: skip
 def test_branchy_families_follow_torchvision(name, params, keys):

@@ -60,15 +60,18 @@ def first_layers(draw, c: int, stride: int, cout: int):
 
 
 @st.composite
-def tails(draw, c: int, depth: int):
-    """Stride-1 layers after a branch's first one (maps keep their size, channels `c`)."""
+def tails(draw, c: int, depth: int, aliased: bool = False):
+    """Stride-1 layers after a branch's first one (maps keep their size, channels `c`). After an
+    identity (`aliased`) no in-place activation: it would write into the block's shared input,
+    which the trunk refuses (test_trunk_branches covers that)."""
     layers: list[nn.Module] = []
     for _ in range(draw(st.integers(0, 2))):
         kind = draw(st.sampled_from(["same", "act", "bn"] + (["nested"] if depth == 0 else [])))
         if kind == "same":  # even kernels give asymmetric padding
             layers.append(nn.Conv2d(c, c, draw(st.integers(1, 4)), 1, "same", draw(st.integers(1, 2))))
         elif kind == "act":
-            layers.append(draw(st.sampled_from([nn.ReLU(inplace=True), nn.LeakyReLU(0.1), nn.Tanh()])))
+            layers.append(draw(st.sampled_from([nn.ReLU(inplace=not aliased), nn.LeakyReLU(0.1), nn.Tanh()])))
+            aliased = False
         elif kind == "bn":
             bn = nn.BatchNorm2d(c)
             with torch.no_grad():
@@ -89,7 +92,7 @@ def blocks(draw, c: int, stride: int, depth: int = 0, same_channels: bool = Fals
         cout = c if join != "cat" or same_channels else draw(st.integers(1, 4))
         first = draw(first_layers(c, stride, cout if not same_channels else c))
         width = cout if isinstance(first, nn.Conv2d) else c
-        branches.append(nn.Sequential(first, *draw(tails(width, depth))))
+        branches.append(nn.Sequential(first, *draw(tails(width, depth, isinstance(first, nn.Identity)))))
     return Branches(branches, join)
 
 

@@ -1,5 +1,6 @@
 """Stitched tiles equal the monolithic forward for the branchy families (fire modules,
-inception modules, dense layers) under strips, grids and several cut sets.
+inception modules, dense layers) and ConvNeXt (channels-last per-pixel blocks) under strips,
+grids and several cut sets.
 
 float64, as for ResNet-34 (see test_tiling_exact_models): rounding noise is ~1e-14, so a
 geometry error in a branch (a halo too small, a branch cropped at the wrong offset) stands out.
@@ -14,12 +15,17 @@ from meshci.models import build_model
 from meshci.tiling import check_tiled, pool_cuts, stage_cuts, uniform_blocks
 from meshci.trunk import extract_trunk
 
-FAMILIES = ("squeezenet1_1", "googlenet", "densenet121")
+FAMILIES = ("squeezenet1_1", "googlenet", "densenet121", "convnext_tiny")
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def family(request):
-    return request.param, copy.deepcopy(build_model(request.param)).double()
+    model = copy.deepcopy(build_model(request.param)).double()
+    with torch.no_grad():  # ConvNeXt's layer scales start at 1e-6: make its blocks count in the check
+        for name, p in model.named_parameters():
+            if name.endswith("layer_scale"):
+                p.uniform_(0.5, 1.5)
+    return request.param, model
 
 
 def cut_sets(trunk):

@@ -77,6 +77,18 @@ class SharedInPlace(nn.Module):
         return torch.cat([a, self.other(y)], 1)
 
 
+class AliasInPlace(SharedInPlace):
+    """The same write through an alias: an identity module hands over the very tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.alias = nn.Sequential(nn.Identity(), nn.ReLU(inplace=True))
+
+    def forward(self, x):
+        y = self.conv(x)
+        return torch.cat([self.alias(y), self.other(y)], 1)
+
+
 class RowConcat(nn.Module):
     def __init__(self):
         super().__init__()
@@ -89,7 +101,8 @@ class RowConcat(nn.Module):
 
 
 @pytest.mark.parametrize("model, reason", [
-    (SqueezeExcite(), "adaptive_avg_pool2d"), (SharedInPlace(), "in place"), (RowConcat(), "cat"),
+    (SqueezeExcite(), "adaptive_avg_pool2d"), (SharedInPlace(), "in place"), (AliasInPlace(), "in place"),
+    (RowConcat(), "cat"),
 ])  # fmt: skip
 @torch.no_grad()
 def test_forks_that_do_not_rejoin_locally_end_the_trunk(model, reason):
