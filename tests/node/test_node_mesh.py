@@ -85,9 +85,10 @@ def test_full_size_request_is_exact(mesh3: LocalMesh, model: str) -> None:
     assert len(meta["devices"]) >= 2
 
 
-@pytest.mark.parametrize("model", ["squeezenet1_1", "googlenet", "densenet121"])
+@pytest.mark.parametrize("model", ["squeezenet1_1", "googlenet", "densenet121", "convnext_tiny"])
 def test_branchy_model_via_two_nodes_is_exact(mesh2: LocalMesh, model: str) -> None:
-    """Fire modules, inception modules and dense layers distributed as branch segments."""
+    """Fire modules, inception modules and dense layers distributed as branch segments, and
+    ConvNeXt's channels-last blocks."""
     used: set[str] = set()
     for via, strategy in ((0, "edgeci"), (1, "deepthings")):
         meta, logits = _infer(mesh2, via, model=model, strategy=strategy, size=(96, 96), input_seed=via, check=True)
