@@ -49,7 +49,8 @@ def assert_exact(trunk, x, blocks):
 @torch.no_grad()
 def test_branchy_families_odd_size(family):
     name, model = family
-    trunk = extract_trunk(model, (3, 67, 71), name)
+    size = (51, 59) if name == "convnext_tiny" else (67, 71)  # ConvNeXt's float64 7x7s and Linears: keep it < 5 s
+    trunk = extract_trunk(model, (3, *size), name)
     x = torch.randn((1, *trunk.input_shape), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     sets = cut_sets(trunk)
     cases = [("whole", dict(strips=4)), ("stages", dict(strips=3)), ("pools", dict(grid=(2, 3))),
