@@ -315,12 +315,8 @@ def extract_trunk(model: nn.Module, input_shape: tuple[int, int, int] = (3, 224,
         shape = seg.out_shape
     stop = [u for u in cur.users]
     stop_reason = _stop_reason(cur, modules)
-    stop_text = ", ".join(describe_node(u, modules) for u in stop) or "the model output"
     if not segments:
-        raise TraceError(
-            f"model {name!r} has no spatially local trunk: its input goes to {stop_text}, "
-            "which is not a convolution, pooling, elementwise op or residual block"
-        )
+        raise TraceError(f"model {name!r} has no spatially local trunk: {stop_reason}")
     trunk_order = [n for n in gm.graph.nodes if n in consumed and n is not x]
     rest = [n for n in gm.graph.nodes if n not in consumed and n.op != "placeholder"
             and not (n.op == "get_attr" and all(u in consumed for u in n.users))]  # parameters only the trunk reads

@@ -170,3 +170,16 @@ def test_branch_segment_refuses_inconsistent_steps():
         BranchSegment(0, "bad", (2, 4, 4), (Step("cat", (0, 0), (4, 4, 4)), Step("add", (0, 1), (4, 4, 4))))
     with pytest.raises(ValueError, match="not"):
         BranchSegment(0, "bad", (2, 4, 4), (Step("cat", (0, 0), (5, 4, 4)),))
+
+
+def test_model_without_any_local_trunk_says_why_in_one_line():
+    from meshci.errors import TraceError
+
+    class Gate(nn.Module):
+        def forward(self, x):
+            return x * x.mean((2, 3), keepdim=True)
+
+    with pytest.raises(TraceError) as info:
+        extract_trunk(Gate(), (3, 8, 8), "gate")
+    text = str(info.value)
+    assert "no spatially local trunk" in text and "'mean'" in text and "\n" not in text
