@@ -105,3 +105,51 @@ def test_subprocess_unknown_model_exit_status():
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("meshci: error: unknown model 'alexnet9'")
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+SE_ZOO = (
+    "import torch\n"
+    "class Net(torch.nn.Module):\n"
+    "    def __init__(self):\n"
+    "        super().__init__()\n"
+    "        self.stem = torch.nn.Conv2d(3, 4, 3, padding=1)\n"
+    "        self.late = torch.nn.Sequential(torch.nn.Conv2d(4, 32, 3), torch.nn.Conv2d(32, 32, 3))\n"
+    "    def forward(self, x):\n"
+    "        y = self.stem(x)\n"
+    "        y = y * torch.sigmoid(y.mean((2, 3), keepdim=True))\n"
+    "        return self.late(y).flatten(1)\n"
+)
+
+
+def test_trunk_share_and_what_ended_the_trunk(capsys, monkeypatch, tmp_path):
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    (tmp_path / "se_zoo.py").write_text(SE_ZOO)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    argv = ["inspect", "--model", "se_zoo:Net", "--size", "20", "20", "--tiles", "2"]
+    assert main([*argv, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    import se_zoo
+
+    model = se_zoo.Net()
+    x = torch.zeros(1, 3, 20, 20)
+    with FlopCounterMode(display=False) as stem, torch.no_grad():
+        model.stem(x)
+    with FlopCounterMode(display=False) as whole, torch.no_grad():
+        model(x)
+    share = report["trunk_share"]
+    assert share["share"] == pytest.approx(stem.get_total_flops() / whole.get_total_flops()) and share["share"] < 0.9
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    ended = [line for line in lines if line.startswith("the trunk ends at")]
+    assert len(ended) == 1 and "'mean'" in ended[0] and "reduces over the whole map" in ended[0]
+    sys.modules.pop("se_zoo", None)
+
+
+def test_no_stop_line_when_the_trunk_holds_most_flops(capsys):
+    status, report = run_json(capsys, "--tiles", "2")
+    assert status == 0 and report["trunk_share"]["share"] > 0.9
+    assert main(["inspect", *SMALL, "--tiles", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "the trunk holds" in out and "the trunk ends at" not in out

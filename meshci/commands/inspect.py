@@ -21,6 +21,7 @@ from meshci.tiling import (
 from meshci.trunk import Trunk, extract_trunk
 
 RTOL = 1e-4
+SHARE_WARNING = 0.9  # below this share of the model's FLOPs in the trunk, say what ended it
 ATOL = 1e-5
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -109,10 +110,18 @@ def inspect_model(args: argparse.Namespace) -> dict[str, Any]:
     else:
         blocks = uniform_blocks(trunk, cuts, strips=args.tiles)
     halo = redundant_flops(trunk, blocks)
+    in_trunk, in_head = trunk.counted_flops()
     report: dict[str, Any] = {
         "model": args.model,
         "input_shape": list(trunk.input_shape),
         "head_start": trunk.head_start,
+        "stop_reason": trunk.stop_reason,
+        "trunk_share": {
+            "trunk": in_trunk,
+            "head": in_head,
+            "share": in_trunk / (in_trunk + in_head) if in_trunk + in_head > 0 else 1.0,
+            "counted_by": "torch.utils.flop_counter.FlopCounterMode",
+        },
         "segments": [
             {
                 "index": seg.index,
@@ -179,6 +188,13 @@ def format_table(report: dict[str, Any]) -> str:
     c, h, w = report["input_shape"]
     f = report["flops"]
     lines.insert(0, f"{report['model']}: input {c}x{h}x{w}, {len(report['segments'])} segments, head starts at {report['head_start']}")
+    share = report["trunk_share"]
+    lines.append(
+        f"the trunk holds {100 * share['share']:.1f}% of the model's FLOPs "
+        f"({_flops(share['trunk'])} of {_flops(share['trunk'] + share['head'])}, counted by FlopCounterMode)"
+    )
+    if share["share"] < SHARE_WARNING:
+        lines.append(f"the trunk ends at {report['stop_reason']}")
     lines.append("")
     spans = ", ".join(f"[{b['start']},{b['end']})" for b in report["blocks"])
     lines.append(f"blocks {spans}, {report['tiling']} each")

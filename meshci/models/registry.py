@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from meshci.errors import MeshciError, UnknownModelError
-from meshci.models import resnet, vgg
+from meshci.models import convnext, densenet, googlenet, resnet, squeezenet, vgg
 from meshci.weights import held_file, split_model_name
 
 log = logging.getLogger(__name__)
@@ -24,6 +24,10 @@ BUILDERS: dict[str, Callable[[], nn.Module]] = {
     "resnet18": resnet.resnet18,
     "resnet34": resnet.resnet34,
     "resnet50": resnet.resnet50,
+    "squeezenet1_1": squeezenet.squeezenet1_1,
+    "googlenet": googlenet.googlenet,
+    "densenet121": densenet.densenet121,
+    "convnext_tiny": convnext.convnext_tiny,
 }
 MODEL_NAMES: tuple[str, ...] = tuple(BUILDERS)
 

@@ -8,55 +8,39 @@ the input, each step consumes one segment:
 * a max/avg pooling (`pool`);
 * a run of elementwise ops: batch norm, activations, scalar arithmetic (`pointwise`);
 * a fork whose two paths are chains of the above and re-join at an addition, with the
-  activation right after the addition (`residual`; one path may be the identity).
+  activation right after the addition (`residual`; one path may be the identity);
+* any other fork whose branches are local ops and re-join by channel concatenation,
+  addition or multiplication (`branch`: inception and fire modules, dense layers; see
+  meshci.trunk.dag). A dense block's repeated concatenations are first rewritten to read
+  the previous one (same values), so each dense layer is a block of its own.
 
 The first node that is none of these (global pooling, flatten, linear, attention, a
-reshape, anything unknown) ends the trunk. The rest of the graph becomes the head, a
-GraphModule whose single input is the trunk output.
+reshape, anything unknown) ends the trunk; `Trunk.stop_reason` says which and why. The
+rest of the graph becomes the head, a GraphModule whose single input is the trunk output.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
-import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.nn.modules.utils import _pair
+from torch import nn
 
 from meshci.errors import TraceError
-from meshci.trunk.ops import INPUT, BatchNorm, ConvOp, ElementwiseCall, Op, PointwiseOp, PoolOp, Shape, Window
+from meshci.trunk.classify import ADD_FUNCTIONS, ADD_METHODS, Item, classify, node_inputs, ops_from_items, writes_into_shared
+from meshci.trunk.block import BranchSegment
+from meshci.trunk.channels_last import fuse_channels_last
+from meshci.trunk.dag import DagStep, build_branch_segment, dag_step, drop_single_concats, share_concat_prefixes, walk_fork
+from meshci.trunk.ops import Shape
 from meshci.trunk.segment import Chain, Segment
+from meshci.trunk.stop import why_not_local
 from meshci.trunk.trunk import Trunk
 
 log = logging.getLogger(__name__)
-
-# leaf modules that act elementwise in eval mode
-ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.PReLU,
-    nn.Identity, nn.Dropout, nn.Dropout2d, nn.AlphaDropout,
-)  # fmt: skip
-IDENTITY_MODULES: tuple[type[nn.Module], ...] = (nn.Identity, nn.Dropout, nn.Dropout2d, nn.AlphaDropout)
-
-# functions and tensor methods that act elementwise when every argument but the tensor is a constant
-ELEMENTWISE_FUNCTIONS: frozenset[Callable[..., Any]] = frozenset({
-    torch.relu, F.relu, F.relu6, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.gelu, F.silu,
-    F.hardswish, F.hardsigmoid, F.leaky_relu, F.elu, F.selu, F.hardtanh, F.mish, F.softplus,
-    torch.clamp, torch.neg, operator.neg,
-    operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.mul,
-})  # fmt: skip
-ELEMENTWISE_METHODS = frozenset({
-    "relu", "sigmoid", "tanh", "clamp", "neg", "add", "sub", "mul", "div", "contiguous",
-})  # fmt: skip
-ADD_FUNCTIONS: frozenset[Callable[..., Any]] = frozenset({operator.add, operator.iadd, torch.add})
-ADD_METHODS = frozenset({"add", "add_"})
 
 
 class _Tracer(fx.Tracer):
@@ -108,167 +92,6 @@ def describe_node(node: fx.Node, modules: dict[str, nn.Module]) -> str:
 
 
 # ---------------------------------------------------------------------------------------
-# classifying one node
-
-
-@dataclass(frozen=True)
-class _Item:
-    """What one graph node is, seen as a spatially local op."""
-
-    kind: str  # "conv" | "bn" | "pool" | "pointwise"
-    node: fx.Node
-    module: nn.Module | None = None
-    op: Op | None = None
-
-
-def _node_inputs(node: fx.Node) -> list[fx.Node]:
-    found: list[fx.Node] = []
-    fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n) or n)
-    return found
-
-
-def _bind_input(node: fx.Node, method: bool = False) -> ElementwiseCall:
-    """The node's call with its one tensor input left open (in-place variants made out-of-place)."""
-    kwargs = dict(node.kwargs)
-    if "inplace" in kwargs:
-        kwargs["inplace"] = False  # tiles may be views of a shared input
-    args, kwargs = fx.node.map_arg((node.args, kwargs), lambda n: INPUT)  # type: ignore[misc]
-    return ElementwiseCall(node.target, tuple(args), tuple(kwargs.items()), method)  # type: ignore[arg-type]
-
-
-def _windows_from_module(m: nn.Conv2d) -> tuple[Window, Window]:
-    kernel, stride, dilation = _pair(m.kernel_size), _pair(m.stride), _pair(m.dilation)
-    if m.padding == "same":
-        pads = [(d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) for k, d in zip(kernel, dilation)]
-    elif m.padding == "valid":
-        pads = [(0, 0), (0, 0)]
-    else:
-        pads = [(p, p) for p in _pair(m.padding)]
-    return tuple(  # type: ignore[return-value]
-        Window(kernel[i], stride[i], pads[i][0], pads[i][1], dilation[i]) for i in range(2)
-    )
-
-
-def _pool_op(mode: str, kernel: Any, stride: Any, padding: Any, dilation: Any, ceil_mode: bool,
-             count_include_pad: bool = True, divisor_override: int | None = None) -> PoolOp:  # fmt: skip
-    k, p, d = _pair(kernel), _pair(padding), _pair(dilation)
-    s = _pair(stride) if stride not in (None, [], ()) else k
-    rows = Window(k[0], s[0], p[0], p[0], d[0], bool(ceil_mode))
-    cols = Window(k[1], s[1], p[1], p[1], d[1], bool(ceil_mode))
-    return PoolOp(mode, rows, cols, bool(count_include_pad), divisor_override)
-
-
-def _max_pool_args(input: Any, kernel_size: Any, stride: Any = None, padding: Any = 0, dilation: Any = 1,
-                   ceil_mode: bool = False, return_indices: bool = False) -> dict:  # fmt: skip
-    return dict(kernel=kernel_size, stride=stride, padding=padding, dilation=dilation,
-                ceil_mode=ceil_mode, return_indices=return_indices)  # fmt: skip
-
-
-def _avg_pool_args(input: Any, kernel_size: Any, stride: Any = None, padding: Any = 0, ceil_mode: bool = False,
-                   count_include_pad: bool = True, divisor_override: int | None = None) -> dict:  # fmt: skip
-    return dict(kernel=kernel_size, stride=stride, padding=padding, ceil_mode=ceil_mode,
-                count_include_pad=count_include_pad, divisor_override=divisor_override)  # fmt: skip
-
-
-def _classify(node: fx.Node, prev: fx.Node, modules: dict[str, nn.Module]) -> _Item | None:
-    """The node as a local op reading only `prev`, or None when it is not one."""
-    if node.op not in ("call_module", "call_function", "call_method"):
-        return None
-    inputs = _node_inputs(node)
-    if len(inputs) != 1 or inputs[0] is not prev:
-        return None
-    if node.op == "call_module":
-        return _classify_module(node, modules[str(node.target)])
-    if node.op == "call_function":
-        if node.target is F.max_pool2d:
-            a = _max_pool_args(*node.args, **node.kwargs)
-            if a.pop("return_indices"):
-                return None
-            return _Item("pool", node, op=_pool_op("max", **a))
-        if node.target is F.avg_pool2d:
-            a = _avg_pool_args(*node.args, **node.kwargs)
-            return _Item("pool", node, op=_pool_op("avg", dilation=1, **a))
-        if node.target in ELEMENTWISE_FUNCTIONS:
-            name = getattr(node.target, "__name__", str(node.target))
-            return _Item("pointwise", node, op=PointwiseOp(_bind_input(node), name))
-        return None
-    if node.target in ELEMENTWISE_METHODS and node.args and node.args[0] is prev:
-        cost = 0.0 if node.target == "contiguous" else 1.0
-        return _Item("pointwise", node, op=PointwiseOp(_bind_input(node, method=True), str(node.target), cost))
-    return None
-
-
-def _classify_module(node: fx.Node, m: nn.Module) -> _Item | None:
-    if node.kwargs or len(node.args) != 1:
-        return None
-    if type(m) is nn.Conv2d:
-        if m.padding_mode != "zeros":
-            return None  # reflect/replicate/circular borders are not handled
-        return _Item("conv", node, module=m)
-    if isinstance(m, nn.BatchNorm2d):
-        if m.running_mean is None or m.running_var is None or m.training:
-            return None  # batch statistics depend on the whole map
-        return _Item("bn", node, module=m)
-    if type(m) is nn.MaxPool2d:
-        if m.return_indices:
-            return None
-        op = _pool_op("max", m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
-        return _Item("pool", node, module=m, op=op)
-    if type(m) is nn.AvgPool2d:
-        op = _pool_op("avg", m.kernel_size, m.stride, m.padding, 1, m.ceil_mode, m.count_include_pad,
-                      m.divisor_override)  # fmt: skip
-        return _Item("pool", node, module=m, op=op)
-    if isinstance(m, ELEMENTWISE_MODULES):
-        if isinstance(m, IDENTITY_MODULES):
-            return _Item("pointwise", node, module=m, op=PointwiseOp(_identity, type(m).__name__, 0.0))
-        fn = copy.copy(m)
-        if hasattr(fn, "inplace"):
-            fn.inplace = False  # tiles may be views of a shared input
-        return _Item("pointwise", node, module=m, op=PointwiseOp(fn, type(m).__name__.lower()))
-    return None
-
-
-def _identity(x: Tensor) -> Tensor:
-    return x
-
-
-def _conv_op(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, act: PointwiseOp | None) -> ConvOp:
-    weight = conv.weight.detach()
-    bias = conv.bias.detach() if conv.bias is not None else None
-    norm = BatchNorm.from_module(bn) if bn is not None else None
-    rows, cols = _windows_from_module(conv)
-    return ConvOp(weight, bias, rows, cols, conv.groups, norm, act)
-
-
-def _bn_op(bn: nn.BatchNorm2d) -> PointwiseOp:
-    return PointwiseOp(BatchNorm.from_module(bn), "batchnorm")
-
-
-def _ops_from_items(items: list[_Item]) -> list[Op]:
-    """Ops for a chain of items: the batch norm and activation after a conv join that conv."""
-    ops: list[Op] = []
-    i = 0
-    while i < len(items):
-        item = items[i]
-        if item.kind == "conv":
-            bn = None
-            act = None
-            if i + 1 < len(items) and items[i + 1].kind == "bn":
-                bn = items[i + 1].module
-                i += 1
-            if i + 1 < len(items) and items[i + 1].kind == "pointwise":
-                act = items[i + 1].op
-                i += 1
-            ops.append(_conv_op(item.module, bn, act))  # type: ignore[arg-type]
-        elif item.kind == "bn":
-            ops.append(_bn_op(item.module))  # type: ignore[arg-type]
-        else:
-            ops.append(item.op)  # type: ignore[arg-type]
-        i += 1
-    return ops
-
-
-# ---------------------------------------------------------------------------------------
 # walking the graph
 
 
@@ -287,9 +110,9 @@ def _is_add(node: fx.Node) -> bool:
 @dataclass
 class _Step:
     kind: str
-    main: list[_Item]
-    shortcut: list[_Item] | None = None
-    post: list[_Item] | None = None
+    main: list[Item]
+    shortcut: list[Item] | None = None
+    post: list[Item] | None = None
     join: fx.Node | None = None
 
     @property
@@ -307,13 +130,14 @@ class _Step:
         return self.main[-1].node
 
 
-def _next_step(cur: fx.Node, modules: dict[str, nn.Module]) -> _Step | None:
-    if len(cur.users) == 2:
-        return _residual_step(cur, modules)
+def _next_step(cur: fx.Node, modules: dict[str, nn.Module]) -> _Step | DagStep | None:
+    if len(cur.users) >= 2:
+        step = _residual_step(cur, modules) if len(cur.users) == 2 else None
+        return step if step is not None else dag_step(cur, modules)
     node = _sole_user(cur)
     if node is None:
         return None
-    first = _classify(node, cur, modules)
+    first = classify(node, cur, modules)
     if first is None:
         return None
     items = [first]
@@ -322,25 +146,31 @@ def _next_step(cur: fx.Node, modules: dict[str, nn.Module]) -> _Step | None:
     if first.kind == "conv":
         for wanted in ("bn", "pointwise"):
             nxt = _sole_user(items[-1].node)
-            item = _classify(nxt, items[-1].node, modules) if nxt is not None else None
+            item = classify(nxt, items[-1].node, modules) if nxt is not None else None
             if item is not None and item.kind == wanted:
                 items.append(item)
         return _Step("conv", items)
     while (nxt := _sole_user(items[-1].node)) is not None:
-        item = _classify(nxt, items[-1].node, modules)
+        item = classify(nxt, items[-1].node, modules)
         if item is None or item.kind not in ("bn", "pointwise"):
             break
         items.append(item)
+    if all(it.kind == "pointwise" and it.op.cost == 0 for it in items):  # type: ignore[union-attr]
+        # identities only (eval-mode dropout): no segment of their own, which would cost nothing
+        # and give the planner a block without work; they join a convolution or pooling after them
+        after = _next_step(items[-1].node, modules)
+        if isinstance(after, _Step) and after.kind in ("conv", "pool"):
+            return _Step(after.kind, items + after.main)
     return _Step("pointwise", items)
 
 
-def _follow(start: fx.Node, fork: fx.Node, modules: dict[str, nn.Module]) -> tuple[list[_Item], fx.Node, fx.Node] | None:
+def _follow(start: fx.Node, fork: fx.Node, modules: dict[str, nn.Module]) -> tuple[list[Item], fx.Node, fx.Node] | None:
     """Follow one path from a fork to an addition: (items, the addition, the node fed into it)."""
-    items: list[_Item] = []
+    items: list[Item] = []
     prev, node = fork, start
     while not _is_add(node):
-        item = _classify(node, prev, modules)
-        if item is None:
+        item = classify(node, prev, modules)
+        if item is None or writes_into_shared(node, modules):
             return None
         items.append(item)
         nxt = _sole_user(node)
@@ -361,22 +191,22 @@ def _residual_step(cur: fx.Node, modules: dict[str, nn.Module]) -> _Step | None:
     main, shortcut = (pa[0], pb[0]) if len(pa[0]) >= len(pb[0]) else (pb[0], pa[0])
     if not main:
         return None
-    post: list[_Item] = []
+    post: list[Item] = []
     nxt = _sole_user(join)
     if nxt is not None:
-        item = _classify(nxt, join, modules)
+        item = classify(nxt, join, modules)
         if item is not None and item.kind == "pointwise":
             post.append(item)
     return _Step("residual", main, shortcut, post, join)
 
 
-def _segment_name(step: _Step) -> str:
-    if step.kind != "residual":
-        node = step.main[0].node
+def _segment_name(step: _Step | DagStep) -> str:
+    if isinstance(step, _Step) and step.kind != "residual":
+        node = next((it.node for it in step.main if it.kind in ("conv", "pool")), step.main[0].node)
         return str(node.target) if node.op == "call_module" else node.name
     paths = [str(n.target).split(".") for n in step.nodes if n.op == "call_module"]
     if not paths:
-        return step.join.name  # type: ignore[union-attr]
+        return step.last.name
     prefix: list[str] = []
     for parts in zip(*paths):
         if len(set(parts)) != 1:
@@ -384,18 +214,34 @@ def _segment_name(step: _Step) -> str:
         prefix.append(parts[0])
     if len(prefix) == min(len(p) for p in paths):  # all the same module: drop the leaf
         prefix = prefix[:-1]
-    return ".".join(prefix) or step.join.name  # type: ignore[union-attr]
+    return ".".join(prefix) or step.last.name
 
 
-def _build_segment(index: int, step: _Step, in_shape: Shape) -> Segment:
-    main = Chain.build(_ops_from_items(step.main), in_shape)
+def _build_segment(index: int, step: _Step | DagStep, in_shape: Shape) -> Segment | BranchSegment:
+    if isinstance(step, DagStep):
+        return build_branch_segment(index, _segment_name(step), step, in_shape)
+    main = Chain.build(ops_from_items(step.main), in_shape)
     if step.kind != "residual":
         return Segment(index, _segment_name(step), step.kind, main)
-    shortcut = Chain.build(_ops_from_items(step.shortcut or []), in_shape)
+    shortcut = Chain.build(ops_from_items(step.shortcut or []), in_shape)
     if shortcut.out_shape != main.out_shape:
         raise ValueError(f"residual paths disagree: {main.out_shape} vs {shortcut.out_shape}")
-    post = Chain.build(_ops_from_items(step.post), main.out_shape) if step.post else None
+    post = Chain.build(ops_from_items(step.post), main.out_shape) if step.post else None
     return Segment(index, _segment_name(step), "residual", main, shortcut, post)
+
+
+def _stop_reason(cur: fx.Node, modules: dict[str, nn.Module]) -> str:
+    """One line: the node after the trunk's last value that is not spatially local, and why."""
+    users = list(cur.users)
+    if not users or [u.op for u in users] == ["output"]:
+        return "the trunk reaches the model output"
+    if len(users) == 1:
+        return f"{describe_node(users[0], modules)}: {why_not_local(users[0], modules)}"
+    found = walk_fork(cur, modules)
+    if isinstance(found, DagStep):  # cannot happen: the walk would have taken this block
+        return f"the block forking at {cur.name!r} does not fit the input"
+    where = describe_node(found.node, modules) if found.node is not None else "the model output"
+    return f"the branches forking at {cur.name!r} do not re-join: {where}: {found.reason}"
 
 
 def _head_module(gm: fx.GraphModule, nodes: list[fx.Node], trunk_out: fx.Node) -> fx.GraphModule:
@@ -423,7 +269,7 @@ def _reference_module(gm: fx.GraphModule, nodes: list[fx.Node], x: fx.Node, boun
     saved: dict[fx.Node, fx.Node] = {x: placeholder}
     wanted = set(boundaries)
     for node in nodes:
-        env[node] = graph.node_copy(node, lambda n: env[n])
+        env[node] = graph.node_copy(node, lambda n: env[n] if n in env else env.setdefault(n, graph.node_copy(n)))
         if node in wanted:
             saved[node] = graph.call_function(torch.clone, (env[node],))
     graph.output(tuple(saved[b] for b in boundaries))
@@ -442,13 +288,16 @@ def extract_trunk(model: nn.Module, input_shape: tuple[int, int, int] = (3, 224,
     shape: Shape = tuple(int(v) for v in input_shape)  # type: ignore[assignment]
     model.eval()
     gm = trace(model, name)
+    fuse_channels_last(gm)
     modules = dict(gm.named_modules())
+    share_concat_prefixes(gm.graph)
+    drop_single_concats(gm.graph, modules)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
         raise TraceError(f"model {name!r} takes {len(placeholders)} inputs; meshci needs one image tensor")
     x = placeholders[0]
     cur = x
-    segments: list[Segment] = []
+    segments: list[Segment | BranchSegment] = []
     consumed: set[fx.Node] = {x}
     boundaries = [x]
     while (step := _next_step(cur, modules)) is not None:
@@ -457,7 +306,7 @@ def extract_trunk(model: nn.Module, input_shape: tuple[int, int, int] = (3, 224,
         except ValueError as exc:
             # the input is too small for this window, or channels do not match: a user error
             raise TraceError(
-                f"model {name!r} at {describe_node(step.main[0].node, modules)} with input {shape}: {exc}"
+                f"model {name!r} at {describe_node(step.nodes[0], modules)} with input {shape}: {exc}"
             ) from exc
         segments.append(seg)
         consumed.update(step.nodes)
@@ -465,16 +314,14 @@ def extract_trunk(model: nn.Module, input_shape: tuple[int, int, int] = (3, 224,
         boundaries.append(cur)
         shape = seg.out_shape
     stop = [u for u in cur.users]
-    stop_text = ", ".join(describe_node(u, modules) for u in stop) or "the model output"
+    stop_reason = _stop_reason(cur, modules)
     if not segments:
-        raise TraceError(
-            f"model {name!r} has no spatially local trunk: its input goes to {stop_text}, "
-            "which is not a convolution, pooling, elementwise op or residual block"
-        )
+        raise TraceError(f"model {name!r} has no spatially local trunk: {stop_reason}")
     trunk_order = [n for n in gm.graph.nodes if n in consumed and n is not x]
-    rest = [n for n in gm.graph.nodes if n not in consumed and n.op != "placeholder"]
+    rest = [n for n in gm.graph.nodes if n not in consumed and n.op != "placeholder"
+            and not (n.op == "get_attr" and all(u in consumed for u in n.users))]  # parameters only the trunk reads
     for node in rest:
-        for used in _node_inputs(node):
+        for used in node_inputs(node):
             if used in consumed and used is not cur:
                 raise TraceError(
                     f"model {name!r}: {describe_node(node, modules)} uses {used.name!r} inside the trunk"
@@ -483,4 +330,5 @@ def extract_trunk(model: nn.Module, input_shape: tuple[int, int, int] = (3, 224,
     head = _head_module(gm, rest, cur)
     head_start = describe_node(stop[0], modules) if stop else "the model output"
     log.debug("trunk of %s: %d segments, head starts at %s", name, len(segments), head_start)
-    return Trunk(name, tuple(int(v) for v in input_shape), segments, head, reference, head_start)  # type: ignore[arg-type]
+    return Trunk(name, tuple(int(v) for v in input_shape), segments, head, reference, head_start,  # type: ignore[arg-type]
+                 stop_reason)

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from meshci.trunk.region import Region
 
@@ -348,3 +348,17 @@ class BatchNorm:
 
     def __call__(self, x: Tensor) -> Tensor:
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+
+class PerPixel(nn.Module):
+    """Per-pixel work in channels-last layout (see meshci.trunk.channels_last): a graph that
+    permutes a tile to (N, H, W, C), works on each pixel's channels and permutes back."""
+
+    def __init__(self, body: nn.Module, flops_per_channel: float, text: str) -> None:
+        super().__init__()
+        self.body = body
+        self.flops_per_channel = flops_per_channel  # per input channel and pixel
+        self.text = text
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x)

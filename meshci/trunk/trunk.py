@@ -1,13 +1,17 @@
-"""A model split into a spatially local trunk (a list of segments) and a head."""
+"""A model split into a spatially local trunk (a list of segments: chains, residual and branch blocks) and a head."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from meshci.trunk.ops import Shape
 from meshci.trunk.region import Region
+from meshci.trunk.block import BranchSegment
 from meshci.trunk.segment import Segment
+
+AnySegment = Segment | BranchSegment
 
 
 class Trunk:
@@ -22,10 +26,11 @@ class Trunk:
         self,
         name: str,
         input_shape: Shape,
-        segments: list[Segment],
+        segments: list[AnySegment],
         head: nn.Module,
         reference: nn.Module,
         head_start: str,
+        stop_reason: str = "",
     ) -> None:
         if not segments:
             raise ValueError("a trunk needs at least one segment")
@@ -35,6 +40,7 @@ class Trunk:
         self.head = head
         self.reference = reference
         self.head_start = head_start  # the first node of the model that is not spatially local
+        self.stop_reason = stop_reason  # one line: which node ends the trunk, and why
 
     def __len__(self) -> int:
         return len(self.segments)
@@ -70,3 +76,17 @@ class Trunk:
     @property
     def flops(self) -> float:
         return sum(seg.flops for seg in self.segments)
+
+    @torch.no_grad()
+    def counted_flops(self, batch: int = 1) -> tuple[float, float]:
+        """(trunk, head) FLOPs of one forward pass as torch's FlopCounterMode counts them
+        (convolutions and matrix products, 2 per multiply-add), independently of the
+        segments' own FLOPs model."""
+        params = list(self.reference.parameters()) or list(self.head.parameters())
+        dtype = params[0].dtype if params else torch.float32
+        x = torch.zeros((batch, *self.input_shape), dtype=dtype)
+        with FlopCounterMode(display=False) as trunk_count:
+            y = self.forward_boundaries(x)[-1]
+        with FlopCounterMode(display=False) as head_count:
+            self.head(y)
+        return float(trunk_count.get_total_flops()), float(head_count.get_total_flops())

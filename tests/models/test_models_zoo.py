@@ -120,3 +120,30 @@ def test_weights_error_through_cli(tmp_path, capsys):
     assert main(["inspect", "--model", "resnet18", "--size", "32", "32", "--weights", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("meshci: error: cannot load weights") and "\n" not in err
+
+
+@pytest.mark.parametrize(
+    "name, params, keys",
+    [
+        ("squeezenet1_1", 1_235_496, {"features.0.weight", "features.3.squeeze.weight", "features.12.expand3x3.bias",
+                                      "classifier.1.weight", "classifier.1.bias"}),
+        ("googlenet", 6_624_904, {"conv1.conv.weight", "conv1.bn.running_var", "inception3a.branch2.1.conv.weight",
+                                  "inception5b.branch4.1.bn.bias", "fc.weight"}),
+        ("densenet121", 7_978_856, {"features.conv0.weight", "features.denseblock1.denselayer1.norm1.running_mean",
+                                    "features.denseblock4.denselayer16.conv2.weight", "features.transition3.conv.weight",
+                                    "features.norm5.bias", "classifier.weight"}),
+        ("convnext_tiny", 28_589_128, {"features.0.0.weight", "features.0.1.bias", "features.1.0.layer_scale",
+                                       "features.1.0.block.0.weight", "features.1.0.block.2.weight",
+                                       "features.1.0.block.5.bias", "features.2.1.weight", "features.5.8.block.3.weight",
+                                       "classifier.0.weight", "classifier.2.bias"}),
+    ],
+)  # fmt: skip
+def test_branchy_families_follow_torchvision(name, params, keys):
+    model = build_model(name)
+    assert n_params(model) == params
+    state = model.state_dict()
+    assert keys <= set(state)
+    assert not any(k.startswith(("aux1", "aux2")) for k in state)  # GoogLeNet as in eval: no aux classifiers
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 64, 64))
+    assert out.shape == (1, 1000) and torch.isfinite(out).all()

@@ -4,6 +4,7 @@ mesh, serving requests with every strategy, surviving bad input."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import socket
 import subprocess
@@ -23,11 +24,11 @@ MODELS = ("vgg16", "resnet34")
 SMALL = (64, 64)
 
 
-@pytest.fixture(scope="module")
-def mesh3():
+@contextlib.contextmanager
+def _formed_mesh(specs: list[tuple[str, float]]):
     mesh = LocalMesh.create()
     try:
-        mesh.add_many([("n1", 1.0), ("n2", 1.5), ("n3", 2.0)])
+        mesh.add_many(specs)
         asyncio.run(wait_formed([n.address for n in mesh.nodes], mesh.secret()))
         yield mesh
     except BaseException:
@@ -36,6 +37,18 @@ def mesh3():
         raise
     finally:
         mesh.close()
+
+
+@pytest.fixture(scope="module")
+def mesh3():
+    with _formed_mesh([("n1", 1.0), ("n2", 1.5), ("n3", 2.0)]) as mesh:
+        yield mesh
+
+
+@pytest.fixture(scope="module")
+def mesh2():
+    with _formed_mesh([("n1", 1.0), ("n2", 1.0)]) as mesh:
+        yield mesh
 
 
 def _infer(mesh: LocalMesh, via: int, **kwargs):
@@ -70,6 +83,19 @@ def test_full_size_request_is_exact(mesh3: LocalMesh, model: str) -> None:
     meta, _ = _infer(mesh3, 1, model=model, strategy="edgeci", size=(224, 224), check=True)
     assert meta["check_ok"], meta["max_abs_diff"]
     assert len(meta["devices"]) >= 2
+
+
+@pytest.mark.parametrize("model", ["squeezenet1_1", "googlenet", "densenet121", "convnext_tiny"])
+def test_branchy_model_via_two_nodes_is_exact(mesh2: LocalMesh, model: str) -> None:
+    """Fire modules, inception modules and dense layers distributed as branch segments, and
+    ConvNeXt's channels-last blocks."""
+    used: set[str] = set()
+    for via, strategy in ((0, "edgeci"), (1, "deepthings")):
+        meta, logits = _infer(mesh2, via, model=model, strategy=strategy, size=(96, 96), input_seed=via, check=True)
+        assert meta["check_ok"], (model, strategy, meta["max_abs_diff"])
+        assert tuple(logits.shape) == (1, 1000)
+        used.update(meta["devices"])
+    assert used == {n.name for n in mesh2.nodes}  # both nodes computed tiles
 
 
 def test_boundary_rows_travel_peer_to_peer(mesh3: LocalMesh) -> None:
