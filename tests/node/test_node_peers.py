@@ -36,6 +36,10 @@ async def test_peers_lists_the_members_and_drops_a_killed_one(tmp_path) -> None:
     secret_file.chmod(0o600)
     nodes = await start_mesh({"p1": 2.0, "p2": 3.0, "p3": 4.0}, SECRET)
     try:
+        # a link is estimated from the first heartbeat round trip to each peer
+        async with asyncio.timeout(10):
+            while {n for n, _, _ in nodes[0].link_view()} != {"p2", "p3"}:
+                await asyncio.sleep(0.05)
         status, out, err = await _cli_peers(str(nodes[0].address), str(secret_file), "--json")
         assert status == 0, err
         rows = json.loads(out)
