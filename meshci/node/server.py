@@ -561,7 +561,13 @@ def _path(meta: dict[str, Any], received_at: float) -> float:
 
 
 def _sig3(value: float) -> float:
-    return float(f"{value:.3g}") if math.isfinite(value) else value
+    """3 significant digits, within what a peer accepts in an advert (a figure that went
+    infinite here must not make this node's own adverts refused everywhere)."""
+    value = value if math.isfinite(value) else MAX_ADVERTISED
+    return float(f"{min(max(value, 0.0), MAX_ADVERTISED):.3g}")
+
+
+MAX_ADVERTISED = 6e4  # ms or Mbit/s: within every advert bound (`membership.MAX_TILE_MS`)
 
 
 def _rss_mb() -> float:
