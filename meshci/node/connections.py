@@ -46,7 +46,8 @@ class Connections:
         self.handshakes = HandshakeLimiter(max_pending=64)
         self.outbound: dict[str, Connection] = {}
         self.inbound: set[Connection] = set()
-        self._dialing: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._dialing: dict[str, asyncio.Lock] = {}
+        self._dial_waiters: dict[str, int] = {}
         self.sent_bytes: dict[str, int] = defaultdict(int)
         self.received_bytes: dict[str, int] = defaultdict(int)
         # bytes by peer name (metrics); bounded: names past MAX_COUNTED_PEERS count as "other"
@@ -85,20 +86,29 @@ class Connections:
         conn = self.outbound.get(name)
         if conn is not None and not conn.closed:
             return conn
-        async with self._dialing[name]:
-            conn = self.outbound.get(name)
-            if conn is not None and not conn.closed:
+        lock = self._dialing.setdefault(name, asyncio.Lock())
+        self._dial_waiters[name] = self._dial_waiters.get(name, 0) + 1
+        try:
+            async with lock:
+                conn = self.outbound.get(name)
+                if conn is not None and not conn.closed:
+                    return conn
+                address = self._address_of(name)
+                if address is None:
+                    raise ConnectionClosed(f"no address known for {name!r}")
+                conn = await self.open(address)
+                if conn.peer_name != name:
+                    conn.abort()
+                    raise ConnectionClosed(f"{address} answered as {conn.peer_name!r}, not {name!r}")
+                self.adopt(name, conn)
+                await self.send(conn, self._greeting())
                 return conn
-            address = self._address_of(name)
-            if address is None:
-                raise ConnectionClosed(f"no address known for {name!r}")
-            conn = await self.open(address)
-            if conn.peer_name != name:
-                conn.abort()
-                raise ConnectionClosed(f"{address} answered as {conn.peer_name!r}, not {name!r}")
-            self.adopt(name, conn)
-            await self.send(conn, self._greeting())
-            return conn
+        finally:
+            # the lock lives only while someone dials that name (names come from gossip)
+            self._dial_waiters[name] -= 1
+            if not self._dial_waiters[name]:
+                del self._dial_waiters[name]
+                self._dialing.pop(name, None)
 
     # ---- traffic -------------------------------------------------------------------
     async def serve(self, conn: Connection) -> None:

@@ -42,7 +42,10 @@ from meshci.weights import child_env
 log = logging.getLogger(__name__)
 
 ModelKey = tuple[str, int, int, int]  # model name, seed, input height, input width
-BUILD_TIMEOUT_S = 600.0
+BUILD_TIMEOUT_S = 240.0  # the helper process is killed after this
+# A node waits this long for a load: longer than a build may take, so a load it gave up on
+# never leaves a build running on the single loader thread in front of later loads
+LOAD_TIMEOUT_S = BUILD_TIMEOUT_S + 30.0
 NEED_CACHE_ENTRIES = 65536
 HEAD_FILE_VERSION = 1
 

@@ -37,6 +37,7 @@ from meshci.cost.links import LinkEstimator
 from meshci.errors import MeshciError, RuntimeFailure
 from meshci.node.auction import AUCTION_KINDS, from_message, to_message
 from meshci.node.connections import Connections
+from meshci.node.fields import MAX_SECONDS, number, reason, shown
 from meshci.node.gossip import Gossip
 from meshci.node.latency import BoundaryCosts
 from meshci.node.membership import HEARTBEAT_INTERVAL_S, LEFT_THE_MESH, Address, Advert, Membership
@@ -66,6 +67,8 @@ REQUEST_TIMEOUT_S = 300.0
 WORK_TTL_S = REQUEST_TIMEOUT_S + 60.0
 CANCEL_SEND_TIMEOUT_S = 5.0
 LEAVE_TIMEOUT_S = 2.0  # close() waits at most this for its LEAVE notices
+MAX_PENDING_TILES = 32  # TILE frames of one connection in progress before it is read again
+MAX_WALL_S = 1e11  # a wall-clock time a peer states (seconds since 1970): year ~5000 at most
 
 
 class JoinRefused(MeshciError):
@@ -125,6 +128,7 @@ class Node:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopped = asyncio.Event()
         self.relayed_boundary_bytes = 0
+        self._tile_pending: dict[Connection, set[asyncio.Task[Any]]] = {}  # TILE work per connection
         self.errors_replied = 0
         self.connections = Connections(config, dispatch=self.dispatch, address_of=self._address_of,
                                        greeting=lambda: self.gossip.greeting(),
@@ -233,10 +237,19 @@ class Node:
             if handler is None:
                 raise ValueError(f"{msg.kind.name} is not served by a node")
             await handler(conn, msg)
-        except (KeyError, TypeError, ValueError, RequestStateError) as exc:
-            # a well-framed but malformed message: answer with the reason, keep serving
-            log.warning("bad %s from %r: %s", msg.kind.name, conn.peer_name, exc)
-            self.spawn(self.reply_error(conn, msg.request_id, f"bad {msg.kind.name}: {exc}"))
+        except (KeyError, TypeError, ValueError, ArithmeticError, IndexError, AttributeError,
+                RequestStateError, MeshciError) as exc:
+            # a well-framed but malformed message (a missing key, a wrong type, a number
+            # out of range): answer with the reason, keep serving
+            why = reason(str(exc) if not isinstance(exc, KeyError) else f"missing {exc}")
+            log.warning("bad %s from %s: %s", msg.kind.name, shown(conn.peer_name), why)
+            self.spawn(self.reply_error(conn, msg.request_id, f"bad {msg.kind.name}: {why}"))
+        except Exception as exc:  # noqa: BLE001
+            # a bug in a handler must not end the connection's receive loop (and with it
+            # every later message from that peer): log it, answer with the reason
+            log.exception("error handling %s from %s", msg.kind.name, shown(conn.peer_name))
+            self.spawn(self.reply_error(conn, msg.request_id, f"internal error on {msg.kind.name}: "
+                                                              f"{type(exc).__name__}"))
 
     async def _on_infer(self, conn: Connection, msg: Message) -> None:
         self.spawn(self._serve_infer(conn, msg))
@@ -260,17 +273,31 @@ class Node:
         if arrival is not None and (sample := arrival.rate_sample(RATE_SAMPLE_BYTES)) is not None:
             # bandwidth as delivered: bytes over the time they took to land here
             self.links.observe_arrival(conn.peer_name, *sample)
-        sent_at = msg.meta.get("sent_at")
-        if isinstance(sent_at, (int, float)) and msg.tensors:
+        path = _path(msg.meta, received_at)
+        if "sent_at" in msg.meta and msg.tensors and self.membership.is_alive(conn.peer_name):
             mbps = self.links.estimate(conn.peer_name, self.config.default_link).mbps
             wire_s = sum(tensor_bytes(t) for t in msg.tensors) * 8.0 / (mbps * 1e6)
-            self.boundary.observe_delivery(conn.peer_name, float(sent_at), received_at, wire_s,
+            self.boundary.observe_delivery(conn.peer_name, float(msg.meta["sent_at"]), received_at, wire_s,
                                            self.runtime.loop_free_wall)
         self._trace_receive(msg.request_id, conn.peer_name, arrival, received_at)
         # handled in a task: forwarding pieces must not stall reading this connection
-        # (other peers' heartbeats and tiles arrive behind it)
-        self.spawn(self.guarded(msg.request_id, self.take_pieces(
-            msg.request_id, conn.peer_name, pieces, _path(msg.meta, received_at), msg.meta)))
+        # (other peers' heartbeats and tiles arrive behind it) ...
+        task = self.spawn(self.guarded(msg.request_id, self.take_pieces(
+            msg.request_id, conn.peer_name, pieces, path, msg.meta)))
+        pending = self._tile_pending.setdefault(conn, set())
+        pending.add(task)
+        task.add_done_callback(lambda done: self._tile_done(conn, done))
+        if len(pending) >= MAX_PENDING_TILES:
+            # ... up to a point: then this connection is not read until its oldest work is
+            # done, and the sender feels TCP's back-pressure
+            await asyncio.wait(set(pending), return_when=asyncio.FIRST_COMPLETED)
+
+    def _tile_done(self, conn: Connection, task: asyncio.Task[Any]) -> None:
+        pending = self._tile_pending.get(conn)
+        if pending is not None:
+            pending.discard(task)
+            if not pending:
+                del self._tile_pending[conn]
 
     async def _on_state(self, conn: Connection, msg: Message) -> None:
         op = msg.meta.get("op")
@@ -286,11 +313,11 @@ class Node:
 
     async def _on_error(self, conn: Connection, msg: Message) -> None:
         rid = msg.request_id
-        reason = str(msg.meta.get("reason", "unknown error"))
+        why = reason(msg.meta.get("reason"))  # cut and escaped: it is logged and repeated
         if msg.meta.get("op") == "cancel":
-            self.worker.on_cancel(conn.peer_name, rid, reason, quiet=msg.meta.get("quiet") is True)
+            self.worker.on_cancel(conn.peer_name, rid, why, quiet=msg.meta.get("quiet") is True)
         else:
-            self.requester.on_error(conn.peer_name, rid, reason)
+            self.requester.on_error(conn.peer_name, rid, why)
 
     async def _on_auction(self, conn: Connection, msg: Message) -> None:
         try:
@@ -554,10 +581,9 @@ RATE_SAMPLE_BYTES = 256 << 10
 
 def _path(meta: dict[str, Any], received_at: float) -> float:
     """The critical path (compute + transfer) behind a frame: the sender's, plus its trip."""
-    path, sent = meta.get("path_s", 0.0), meta.get("sent_at", received_at)
-    if not isinstance(path, (int, float)) or not isinstance(sent, (int, float)):
-        raise ValueError("path_s and sent_at must be numbers")
-    return max(0.0, float(path)) + max(0.0, received_at - float(sent))
+    path = number(meta.get("path_s", 0.0), "path_s")
+    sent = number(meta.get("sent_at", received_at), "sent_at", lo=-MAX_WALL_S, hi=MAX_WALL_S)
+    return path + min(MAX_SECONDS, max(0.0, received_at - sent))
 
 
 def _sig3(value: float) -> float:
