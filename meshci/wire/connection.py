@@ -11,6 +11,7 @@ through a small scratch buffer; reads never reach past the current frame.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import fcntl
 import logging
 import os
@@ -34,6 +35,7 @@ from meshci.wire.errors import (
 from meshci.wire.frames import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, FrameMac, encode, encode_chunks
 from meshci.wire.handshake import HANDSHAKE_MAX_FRAME_BYTES, Handshake, HandshakeResult, Role
 from meshci.wire.messages import Message, MsgType
+from meshci.wire.tls import bound_name
 
 log = logging.getLogger(__name__)
 
@@ -523,6 +525,12 @@ class Connection:
             transport.abort()
             raise
         result = handshake.result
+        bound = bound_name(result.peer_name, transport.get_extra_info("peercert"))
+        if bound != result.peer_name:
+            # mutual TLS: the certificate does not bear the name the peer claims
+            log.info("peer at %s says it is %r but its certificate does not name it: it speaks "
+                     "for no node", address, result.peer_name)
+            result = dataclasses.replace(result, peer_name=bound)
         # The protocol parsed nothing past the last handshake frame, so the keys and the
         # frame limit apply from the very next frame on.
         protocol.decoder.set_mac(result.recv_mac)
