@@ -92,7 +92,8 @@ async def test_mutual_tls_exchange(pki: Path) -> None:
         await server.wait_closed()
 
 
-async def _tls_pair(pki: Path) -> tuple[Connection, Connection, asyncio.Server]:
+async def _tls_server(pki: Path) -> tuple[asyncio.Server, asyncio.Queue[Connection], int]:
+    """A server named "server" that queues every connection it accepts."""
     accepted: asyncio.Queue[Connection] = asyncio.Queue()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -100,7 +101,11 @@ async def _tls_pair(pki: Path) -> tuple[Connection, Connection, asyncio.Server]:
 
     ctx = server_tls_context(pki / "server.pem", pki / "server.key", pki / "ca.pem")
     server = await asyncio.start_server(handle, HOST, 0, ssl=ctx, ssl_handshake_timeout=2.0)
-    port = server.sockets[0].getsockname()[1]
+    return server, accepted, server.sockets[0].getsockname()[1]
+
+
+async def _tls_pair(pki: Path) -> tuple[Connection, Connection, asyncio.Server]:
+    server, accepted, port = await _tls_server(pki)
     client_ctx = client_tls_context(pki / "client.pem", pki / "client.key", pki / "ca.pem")
     client = await Connection.open(HOST, port, secret=SECRET, name="client", ssl=client_ctx)
     return client, await asyncio.wait_for(accepted.get(), 10), server
@@ -168,14 +173,7 @@ async def test_a_handshake_name_the_certificate_does_not_bear_speaks_for_nobody(
     """With mutual TLS, the holder of the secret and of some cluster certificate (here the
     client's) cannot speak as node "server2": the accepted connection is marked unverified,
     a name no node can have, so no node's facts are taken from it."""
-    accepted: asyncio.Queue[Connection] = asyncio.Queue()
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await accepted.put(await Connection.accept(reader, writer, secret=SECRET, name="server"))
-
-    ctx = server_tls_context(pki / "server.pem", pki / "server.key", pki / "ca.pem")
-    server = await asyncio.start_server(handle, HOST, 0, ssl=ctx, ssl_handshake_timeout=2.0)
-    port = server.sockets[0].getsockname()[1]
+    server, accepted, port = await _tls_server(pki)
     client_ctx = client_tls_context(pki / "client.pem", pki / "client.key", pki / "ca.pem")
     try:
         honest = await Connection.open(HOST, port, secret=SECRET, name="client", ssl=client_ctx)
