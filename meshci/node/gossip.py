@@ -206,7 +206,7 @@ class Gossip:
         async def beacons() -> None:
             while not node.stopped:
                 try:
-                    transport.sendto(encode_beacon(self.membership.self_digest(), secret),
+                    transport.sendto(encode_beacon(self.membership.self_digest(), secret, time.time()),
                                      (target.host, target.port))
                 except OSError as exc:
                     # no route for broadcast right now (interface down): try again later
