@@ -27,6 +27,11 @@ log = logging.getLogger(__name__)
 
 Dispatch = Callable[[Connection, Message], Awaitable[None]]
 
+HANDSHAKES = 128  # handshakes in progress on the listener
+HANDSHAKES_PER_SOURCE = 8  # ... from one address
+FIRST_MESSAGE_TIMEOUT_S = 2.0  # a fresh socket must say HELLO within this
+TLS_HANDSHAKE_TIMEOUT_S = 5.0  # with --tls-*: the TLS handshake before ours
+
 
 class Connections:
     """Accepted and outbound connections of one node, with byte counters by message kind."""
@@ -43,7 +48,9 @@ class Connections:
         self._greeting = greeting
         self._on_lost = on_lost
         self._spawn = spawn
-        self.handshakes = HandshakeLimiter(max_pending=64)
+        # a flood of idle sockets from one address holds at most HANDSHAKES_PER_SOURCE
+        # slots, each for FIRST_MESSAGE_TIMEOUT_S: others still get in
+        self.handshakes = HandshakeLimiter(max_pending=HANDSHAKES, per_source=HANDSHAKES_PER_SOURCE)
         self.outbound: dict[str, Connection] = {}
         self.inbound: set[Connection] = set()
         self._dialing: dict[str, asyncio.Lock] = {}
@@ -63,7 +70,8 @@ class Connections:
     async def accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             conn = await Connection.accept(reader, writer, secret=self.config.secret, name=self.name,
-                                           insecure=self.config.insecure, limiter=self.handshakes)
+                                           insecure=self.config.insecure, limiter=self.handshakes,
+                                           first_timeout=FIRST_MESSAGE_TIMEOUT_S)
         except (WireError, OSError) as exc:
             # a peer that fails the handshake is dropped (wire logged the reason); keep serving
             log.info("rejected connection from %s: %s", writer.get_extra_info("peername"), exc)

@@ -36,7 +36,7 @@ from meshci.cost.cluster import LinkSpec
 from meshci.cost.links import LinkEstimator
 from meshci.errors import MeshciError, RuntimeFailure
 from meshci.node.auction import AUCTION_KINDS, from_message, to_message
-from meshci.node.connections import Connections
+from meshci.node.connections import TLS_HANDSHAKE_TIMEOUT_S, Connections
 from meshci.node.fields import MAX_SECONDS, number, reason, shown
 from meshci.node.gossip import Gossip
 from meshci.node.latency import BoundaryCosts
@@ -159,8 +159,10 @@ class Node:
         return self._stopped.is_set()
 
     async def start(self) -> Address:
+        tls = {"ssl_handshake_timeout": TLS_HANDSHAKE_TIMEOUT_S} if self.config.server_ssl else {}
         self._server = await asyncio.start_server(self.connections.accept, self.config.listen.host,
-                                                  self.config.listen.port, ssl=self.config.server_ssl)
+                                                  self.config.listen.port, ssl=self.config.server_ssl,
+                                                  backlog=512, **tls)
         port = self._server.sockets[0].getsockname()[1]
         self.membership.address = Address(self.config.listen.host, port)
         if self.config.join:

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from meshci.node.client import RequestError, infer
+from meshci.node.connections import FIRST_MESSAGE_TIMEOUT_S, HANDSHAKES_PER_SOURCE
 from meshci.node.fuzz import INF, FuzzClient
 from meshci.node.membership import Address, Advert
 from meshci.node.pieces import encode as encode_pieces
@@ -316,3 +317,28 @@ async def test_one_gossip_frame_cannot_add_hundreds_of_peers(mesh: list[Node]) -
     assert len(target.membership.peers()) <= 2 + 64
     await _until(lambda: not target.connections._dialing, "dial locks freed")
     await client.close()
+
+
+# ---- item 1: idle sockets from one address cannot lock others out --------------------
+
+async def test_a_flood_of_idle_sockets_from_one_address_does_not_lock_others_out(mesh: list[Node]) -> None:
+    target = mesh[0]
+    limiter = target.connections.handshakes
+    idle: list[asyncio.StreamWriter] = []
+    try:
+        began = asyncio.get_running_loop().time()
+        for _ in range(300):  # never say a word, from 127.0.0.2
+            _, writer = await asyncio.open_connection(target.address.host, target.address.port,
+                                                      local_addr=("127.0.0.2", 0))
+            idle.append(writer)
+        await asyncio.sleep(0.1)
+        meta, _ = await infer(target.address, model="resnet18", size=(32, 32), secret=SECRET, check=True,
+                              timeout=WAIT)  # a client from 127.0.0.1 is served meanwhile
+        assert meta["check_ok"]
+        assert limiter.pending_from("127.0.0.2") <= HANDSHAKES_PER_SOURCE
+        await _until(lambda: limiter.pending == 0, "the idle sockets closed")
+        assert asyncio.get_running_loop().time() - began < FIRST_MESSAGE_TIMEOUT_S + 5.0
+        assert target.membership.is_alive("peer")
+    finally:
+        for writer in idle:
+            writer.close()
