@@ -58,6 +58,7 @@ class FuzzOutcome:
     state_after: dict[str, Any]
     peers_after: int
     rss_mb: tuple[float, float]  # before, after
+    rss_trimmed_mb: float | None = None  # after, once the C heap returned its free pages (Linux)
     notes: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
@@ -65,7 +66,8 @@ class FuzzOutcome:
                 "log_lines": self.log_lines, "log_chars": self.log_chars, "exact": self.exact,
                 "tasks_before": self.tasks_before, "tasks_after": self.tasks_after,
                 "state_after": self.state_after, "peers_after": self.peers_after,
-                "rss_mb_before_after": [round(v, 1) for v in self.rss_mb]}
+                "rss_mb_before_after": [round(v, 1) for v in self.rss_mb],
+                "rss_mb_after_trim": None if self.rss_trimmed_mb is None else round(self.rss_trimmed_mb, 1)}
 
 
 def _record(node: Node, into: dict[MsgType, list[Message]]) -> Callable[[], None]:
@@ -150,9 +152,10 @@ async def fuzz_mesh(frames: int, *, seed: int = 0,
         await _until(lambda: all(len(n.membership.alive()) == 1 for n in nodes), 30.0)
         exact = {s: await _exact(target.address, secret, s) for s in STRATEGIES}
         settled = await _until(lambda: len(target._tasks) <= tasks_before + 2, 20.0)
+        rss_after = _rss_mb()
         outcome = FuzzOutcome(report, list(watch.bad), watch.lines, watch.chars, exact, tasks_before,
                               len(target._tasks), target.request_state(), len(target.membership.peers()),
-                              (rss_before, _rss_mb()))
+                              (rss_before, rss_after), rss_trimmed_mb=_trimmed_rss_mb())
         if not settled:
             outcome.notes.append(f"tasks still running: {[t.get_coro() for t in target._tasks]}"[:2000])
         return outcome
@@ -165,6 +168,21 @@ async def fuzz_mesh(frames: int, *, seed: int = 0,
 async def _maybe(value: Awaitable[None] | None) -> None:
     if value is not None:
         await value
+
+
+def _trimmed_rss_mb() -> float | None:
+    """Resident memory once freed heap pages went back to the system: what is still held
+    (glibc keeps freed model-build memory mapped; without glibc, None)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        # not glibc (macOS, musl): no figure
+        return None
+    return _rss_mb()
 
 
 def _rss_mb() -> float:
