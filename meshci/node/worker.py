@@ -33,7 +33,7 @@ from meshci.node.pieces import OrphanBudget, Piece, PieceFormatError, decode, nb
 from meshci.node.request import Compute, HeadRun, RequestStateError, RunHead, WorkerRun
 from meshci.node.trace import Span
 from meshci.planning import Plan
-from meshci.wire import Message, MsgType
+from meshci.wire import Message, MsgType, valid_name
 from meshci.wire.errors import WireError
 
 if TYPE_CHECKING:
@@ -195,6 +195,8 @@ class Worker:
         kept = self.plans.get(sender)
         if "plan" in meta:
             plan = Plan.from_json(meta["plan"])
+            if not all(valid_name(device) for device in plan.devices):
+                raise ValueError("a plan from a peer names devices that are not node names")
             if plan.digest() != digest:
                 raise ValueError(f"the plan's digest is {plan.digest()}, the frame says {digest}")
             if kept is None:

@@ -81,6 +81,11 @@ def _errors(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
 
 
+def _plan(requester: str, side: int, device: str = "target") -> Plan:
+    return Plan("local", "resnet18", (3, side, side), requester,
+                (BlockPlan(0, 1, (TileSpec(device, Region(0, side, 0, side)),), {}),), "p2p", 0.1, 0.0)
+
+
 # ---- item 5 and 9: a malformed frame of a known kind is answered, the connection lives ----
 
 @pytest.mark.parametrize("meta", [
@@ -112,6 +117,7 @@ async def test_a_bad_heartbeat_is_dropped_and_the_connection_lives(
     (MsgType.CALL_FOR_BIDS, {"type": "call_for_bids", "auction_id": "a", "round": 10 ** 400,
                              "sender": "mallory", "items": [], "reply_within_s": 1.0}, (), None),
     (MsgType.PLAN, {"digest": "d", "plan": {"blocks": 10 ** 400}}, (), None),
+    (MsgType.PLAN, {"digest": "d", "plan": _plan("mallory", 32, device="x\nERROR forged").to_json()}, (), None),
 ])
 async def test_a_malformed_frame_gets_a_reason_not_a_traceback(
         mesh: list[Node], kind: MsgType, meta: dict, tensors: tuple, said: str | None,
@@ -217,11 +223,6 @@ async def test_pieces_from_a_device_the_plan_does_not_name_are_ignored(mesh: lis
 
 
 # ---- item 4 and 6: a PLAN is checked before any model is built; an early cancel holds --
-
-def _plan(requester: str, side: int, device: str = "target") -> Plan:
-    return Plan("local", "resnet18", (3, side, side), requester,
-                (BlockPlan(0, 1, (TileSpec(device, Region(0, side, 0, side)),), {}),), "p2p", 0.1, 0.0)
-
 
 async def test_a_plan_of_any_size_is_refused_before_the_model_is_built(
         mesh: list[Node], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
@@ -342,3 +343,11 @@ async def test_a_flood_of_idle_sockets_from_one_address_does_not_lock_others_out
     finally:
         for writer in idle:
             writer.close()
+
+
+async def test_a_plan_naming_devices_that_are_not_node_names_is_refused(mesh: list[Node]) -> None:
+    plan = _plan("mallory", 32, device="x\nERROR forged")
+    with pytest.raises(ValueError, match="not node names"):
+        mesh[0].worker._plan_of("mallory", {"digest": plan.digest(), "plan": plan.to_json()})
+    good = _plan("mallory", 32)
+    assert mesh[0].worker._plan_of("mallory", {"digest": good.digest(), "plan": good.to_json()}) == good
