@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import time
+import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,7 +43,10 @@ class LogWatch(logging.Handler):
         message = record.getMessage()
         self.chars += len(message)
         if record.levelno >= logging.ERROR or record.exc_info:
-            raised = f" [{record.exc_info[1]!r}"[:200] + "]" if record.exc_info else ""
+            raised = ""
+            if record.exc_info:
+                trace = "".join(traceback.format_exception(*record.exc_info)[-6:])
+                raised = f" [{trace[-1500:]}]"
             self.bad.append(f"{record.levelname} {record.name}: {message[:300]}{raised}")
 
 

@@ -224,10 +224,10 @@ class ModelCache:
         with self._lock:
             entry = self._references.get(key)
             if entry is None:
-                with _BUILD_LOCK:
+                with _BUILD_LOCK:  # torch.fx tracing is not thread-safe either
                     model = build_model(name, seed=seed)
-                model.eval()
-                trunk = extract_trunk(model, input_shape=(3, key[2], key[3]), name=name)
+                    model.eval()
+                    trunk = extract_trunk(model, input_shape=(3, key[2], key[3]), name=name)
                 del model
                 entry = LoadedModel(key, trunk, True)
                 self._references.clear()
@@ -248,10 +248,10 @@ def _trunk_only_bytes(name: str, seed: int, size: tuple[int, int], head_dir: str
     (cloudpickle: the segments hold closures). With `head_dir`, the head's tensors go to a
     file there (written once) and travel as ``meta`` tensors. Runs in a helper process
     when builds are isolated."""
-    with _BUILD_LOCK:
+    with _BUILD_LOCK:  # torch.fx tracing is not thread-safe either (nodes sharing a process)
         model = build_model(name, seed=seed)
-    model.eval()
-    trunk = extract_trunk(model, input_shape=(3, size[0], size[1]), name=name)
+        model.eval()
+        trunk = extract_trunk(model, input_shape=(3, size[0], size[1]), name=name)
     del model
     out_shape = trunk.boundary_shape(len(trunk.segments))
     split = HeadSplit.of(trunk.head, out_shape)
