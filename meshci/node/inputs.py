@@ -62,8 +62,8 @@ def flag(value: Any, field: str) -> bool:
 def input_size(value: Any) -> tuple[int, int]:
     """An input size [H, W], each side in 1..MAX_INPUT_SIDE."""
     if not isinstance(value, (list, tuple)) or len(value) != 2:
-        raise RequestInputError("size must be [height, width]")
-    h, w = (integer(v, "size", lo=1, hi=MAX_INPUT_SIDE) for v in value)
+        raise RequestInputError("input size must be [height, width]")
+    h, w = (integer(v, "input size", lo=1, hi=MAX_INPUT_SIDE) for v in value)
     return h, w
 
 
