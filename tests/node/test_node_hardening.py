@@ -21,7 +21,7 @@ from meshci.node.fuzz import INF, FuzzClient
 from meshci.node.membership import Address, Advert
 from meshci.node.pieces import encode as encode_pieces
 from meshci.node.runtime import Runtime
-from meshci.node.server import Node, NodeConfig
+from meshci.node.server import MAX_PENDING_TILES, Node, NodeConfig
 from meshci.planning.plan import BlockPlan, Plan, TileSpec
 from meshci.trunk import Region
 from meshci.wire import Message, MsgType
@@ -181,7 +181,7 @@ async def test_a_client_cannot_keep_a_dead_node_alive(mesh: list[Node]) -> None:
     digest = {**peer.membership.self_digest(), "advert": {"gflops": 1000.0}}
     await peer.close()
     client = await _client(target)
-    for _ in range(int(6.0 / 0.25)):  # past the dead-after window, forging all along
+    for _ in range(8):  # forging for 2 s (its LEAVE made it dead at once; a forgery revived it)
         await client.send(Message(MsgType.GOSSIP, 0, {**digest, "incarnation": 2 ** 63 - 1}))
         await client.send(Message(MsgType.JOIN, 0, digest))
         await asyncio.sleep(0.25)
@@ -317,6 +317,32 @@ async def test_one_gossip_frame_cannot_add_hundreds_of_peers(mesh: list[Node]) -
     await _still_served(client)
     assert len(target.membership.peers()) <= 2 + 64
     await _until(lambda: not target.connections._dialing, "dial locks freed")
+    await client.close()
+
+
+async def test_tile_frames_past_the_pending_cap_stop_reading_that_connection(
+        mesh: list[Node], monkeypatch: pytest.MonkeyPatch) -> None:
+    target = mesh[0]
+    release = asyncio.Event()
+    started: list[int] = []
+
+    async def stuck(rid: int, *_: Any) -> None:
+        started.append(rid)
+        await release.wait()
+
+    monkeypatch.setattr(target, "take_pieces", stuck)
+    client = await _client(target)
+    listed, tensors = encode_pieces([(1, Region(0, 1, 0, 1), "tile", torch.zeros(1, 1, 1, 1))])
+    for rid in range(MAX_PENDING_TILES + 10):
+        await client.send(Message(MsgType.TILE, 1000 + rid, {"pieces": listed}, tensors))
+    await client.send(Message(MsgType.STATE, 77, {"op": "stats"}))
+    await _until(lambda: len(started) == MAX_PENDING_TILES, "the first frames taken")
+    await asyncio.sleep(0.3)
+    # back-pressure: nothing more is read from that connection while its work is stuck
+    assert len(started) == MAX_PENDING_TILES and not client.received
+    release.set()
+    assert (await _answer(client, MsgType.STATE, 77)).meta["name"] == "target"
+    assert len(started) == MAX_PENDING_TILES + 10
     await client.close()
 
 
