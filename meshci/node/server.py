@@ -40,7 +40,8 @@ from meshci.node.connections import TLS_HANDSHAKE_TIMEOUT_S, Connections
 from meshci.node.fields import MAX_SECONDS, number, reason, shown
 from meshci.node.gossip import Gossip
 from meshci.node.latency import BoundaryCosts
-from meshci.node.membership import HEARTBEAT_INTERVAL_S, LEFT_THE_MESH, Address, Advert, Membership
+from meshci.node.membership import (HEARTBEAT_INTERVAL_S, LEFT_THE_MESH, MAX_ADVERT_LINKS, Address, Advert,
+                                    Membership)
 from meshci.node.metrics import NodeMetrics
 from meshci.node.pieces import Piece, decode as decode_pieces, encode as encode_pieces
 from meshci.node.request import Action, Compute, RequestStateError, RunHead, SendPiece, tensor_bytes
@@ -272,11 +273,13 @@ class Node:
         received_at = time.time()
         pieces = decode_pieces(msg.meta, msg.tensors)
         arrival = conn.last_arrival
-        if arrival is not None and (sample := arrival.rate_sample(RATE_SAMPLE_BYTES)) is not None:
+        peer = self.membership.is_alive(conn.peer_name)  # links are measured to peers only, not
+        # to every name a client connects under (each would be one more entry in our advert)
+        if peer and arrival is not None and (sample := arrival.rate_sample(RATE_SAMPLE_BYTES)) is not None:
             # bandwidth as delivered: bytes over the time they took to land here
             self.links.observe_arrival(conn.peer_name, *sample)
         path = _path(msg.meta, received_at)
-        if "sent_at" in msg.meta and msg.tensors and self.membership.is_alive(conn.peer_name):
+        if peer and "sent_at" in msg.meta and msg.tensors:
             mbps = self.links.estimate(conn.peer_name, self.config.default_link).mbps
             wire_s = sum(tensor_bytes(t) for t in msg.tensors) * 8.0 / (mbps * 1e6)
             self.boundary.observe_delivery(conn.peer_name, float(msg.meta["sent_at"]), received_at, wire_s,
@@ -495,7 +498,8 @@ class Node:
         beside it (`Advert.tile_ms`), charged per tile. Rounded to 3
         significant digits: they ride in the advert, which is resent when it changes."""
         known = self.links.known()
-        names = sorted(set(known) | set(self.boundary.peers()))
+        names = sorted(n for n in set(known) | set(self.boundary.peers()) if self.membership.is_alive(n))
+        names = names[:MAX_ADVERT_LINKS]  # what a peer accepts in an advert
         fallback = self.config.default_link
         # bandwidth 0: not measured here (the planner takes the peer's figure, or its default)
         return tuple((n, _sig3(self.links.measured_mbps(n) or 0.0),

@@ -161,6 +161,18 @@ async def test_a_forged_echo_cannot_make_the_nodes_links_infinite(mesh: list[Nod
     await client.close()
 
 
+async def test_tiles_from_clients_add_no_links_to_the_nodes_advert(mesh: list[Node]) -> None:
+    target = mesh[0]
+    listed, tensors = encode_pieces([(1, Region(0, 64, 0, 64), "tile", torch.zeros(1, 64, 64, 64))])
+    for i in range(5):  # each connection under a new name, each frame large enough to time
+        client = await _client(target, f"client-{i}")
+        await client.send(Message(MsgType.TILE, 300 + i, {"pieces": listed, "sent_at": 1.0}, tensors))
+        await _still_served(client)
+        await client.close()
+    names = {name for name, _, _ in target.link_view()} | set(target.links.known())
+    assert names <= {"peer"}
+
+
 async def test_a_result_that_cannot_be_encoded_becomes_an_error_reply(
         mesh: list[Node], monkeypatch: pytest.MonkeyPatch) -> None:
     real = mesh[0].requester.infer
