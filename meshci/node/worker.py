@@ -51,6 +51,7 @@ INLINE_COMPUTE_S = 0.05
 PLANS_PER_REQUESTER = 32  # plans kept per requester (it mirrors this: see `Requester`)
 MAX_REQUESTERS = 64  # requesters whose plans are kept
 MAX_EARLY_CANCELS = 4096  # cancels remembered for requests not seen yet
+MAX_BID_AUCTIONS = 256  # auctions this node's bidder takes part in at once
 MAX_CANCELLED = 65536  # cancelled request ids remembered (their late PLANs and pieces refused)
 
 
@@ -366,6 +367,14 @@ class Worker:
         if message.auction_id not in self.bid_auctions:
             if rid in self.cancelled:
                 log.info("auction %d was cancelled: dropping a late %s", rid, type(message).__name__)
+                return []
+            if message.sender != self.name and not self.node.membership.is_alive(message.sender):
+                # auctioneers are mesh nodes: a client's call for bids would hold commitments
+                log.warning("dropping a %s from %s, not a live peer", type(message).__name__, shown(message.sender))
+                return []
+            if len(self.bid_auctions) >= MAX_BID_AUCTIONS:
+                log.warning("dropping a %s from %s: already in %d auctions", type(message).__name__,
+                            shown(message.sender), MAX_BID_AUCTIONS)
                 return []
             self.bid_auctions[message.auction_id] = (time.monotonic(), message.sender)
         out = self.bidder.receive(message, time.monotonic())

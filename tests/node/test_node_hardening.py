@@ -317,6 +317,19 @@ async def test_orphan_pieces_are_capped_per_peer(mesh: list[Node], caplog: pytes
     await other.close()
 
 
+async def test_a_client_cannot_hold_bidder_commitments(mesh: list[Node]) -> None:
+    target = mesh[0]
+    client = await _client(target)
+    for i in range(20):
+        await client.send(Message(MsgType.CALL_FOR_BIDS, 400 + i, {
+            "type": "call_for_bids", "auction_id": str(400 + i), "round": 0, "sender": "mallory",
+            "items": [], "reply_within_s": 1.0}))
+    await _still_served(client)
+    await asyncio.sleep(0.1)
+    assert target.worker.bid_auctions == {} and target.worker.bidder.auctions() == ()
+    await client.close()
+
+
 async def test_one_gossip_frame_cannot_add_hundreds_of_peers(mesh: list[Node]) -> None:
     target = mesh[0]
     client = await _client(target)
