@@ -51,6 +51,7 @@ INLINE_COMPUTE_S = 0.05
 PLANS_PER_REQUESTER = 32  # plans kept per requester (it mirrors this: see `Requester`)
 MAX_REQUESTERS = 64  # requesters whose plans are kept
 MAX_EARLY_CANCELS = 4096  # cancels remembered for requests not seen yet
+MAX_CONTEXTS = 1024  # requests (and orphan piece sets) held at once
 MAX_BID_AUCTIONS = 256  # auctions this node's bidder takes part in at once
 MAX_CANCELLED = 65536  # cancelled request ids remembered (their late PLANs and pieces refused)
 
@@ -131,9 +132,14 @@ class Worker:
             if ctx is None or ctx.waiting_for_plan is None or ctx.requester != sender:
                 return
             msg, ctx.waiting_for_plan = ctx.waiting_for_plan, None
+        if rid not in self.contexts and len(self.contexts) >= MAX_CONTEXTS:
+            await self.node.fail_request(rid, sender, f"{self.name} already holds {MAX_CONTEXTS} requests")
+            return
         ctx = self.contexts.setdefault(rid, WorkerContext(sender))
         if ctx.requester and ctx.requester != sender:
-            raise RequestStateError(f"request {rid} belongs to {ctx.requester}, not {sender}")
+            # another node's request id: not this sender's to start (nor to fail)
+            log.warning("ignoring a PLAN for request %d from %s: it belongs to %s", rid, shown(sender), ctx.requester)
+            return
         ctx.requester = sender
         ctx.plan_pending = True
         try:
@@ -222,7 +228,8 @@ class Worker:
         ctx = self.contexts.get(rid)
         if ctx is None or ctx.run is None:
             size = nbytes(pieces)
-            refused = self.orphans.admit(sender, size)
+            refused = self.orphans.admit(sender, size) if ctx is not None or len(self.contexts) < MAX_CONTEXTS \
+                else f"{self.name} already holds {MAX_CONTEXTS} requests"
             if refused is not None:
                 log.warning("dropping pieces of request %d that has no plan here: %s", rid, refused)
                 return

@@ -330,6 +330,25 @@ async def test_a_client_cannot_hold_bidder_commitments(mesh: list[Node]) -> None
     await client.close()
 
 
+async def test_requests_held_by_a_worker_are_capped(mesh: list[Node], monkeypatch: pytest.MonkeyPatch) -> None:
+    from meshci.node import worker as worker_module
+
+    monkeypatch.setattr(worker_module, "MAX_CONTEXTS", 3)  # the same code, a small cap
+    target = mesh[0]
+    client = await _client(target)
+    listed, tensors = encode_pieces([(1, Region(0, 1, 0, 1), "tile", torch.zeros(1, 1, 1, 1))])
+    for rid in range(500, 505):
+        await client.send(Message(MsgType.TILE, rid, {"pieces": listed}, tensors))
+    plan = _plan("mallory", 32)
+    await client.send(Message(MsgType.PLAN, 600, {"digest": plan.digest(), "plan": plan.to_json(),
+                                                  "model": "resnet18", "size": [32, 32], "seed": 0,
+                                                  "pieces": []}))
+    await _still_served(client)
+    await asyncio.sleep(0.2)
+    assert sorted(target.worker.contexts) == [500, 501, 502]
+    await client.close()
+
+
 async def test_one_gossip_frame_cannot_add_hundreds_of_peers(mesh: list[Node]) -> None:
     target = mesh[0]
     client = await _client(target)
