@@ -179,10 +179,12 @@ class Gossip:
 
     def _on_echo(self, peer: str, meta: dict[str, Any]) -> None:
         """Our heartbeat's timestamp came back: a round trip, and the peer's clock. Only
-        from a live peer, and only a timestamp we could have sent and a clock within
+        from a peer (alive, or one we dialled and greeted: its first echo may come before
+        its first heartbeat), and only a timestamp we could have sent and a clock within
         `MAX_CLOCK_SKEW_S` of ours (a forged echo must not make a link's latency absurd)."""
         sent, wall = meta.get("echo"), meta.get("wall")
-        if not self.membership.is_alive(peer) or type(sent) is not float or not math.isfinite(sent):
+        known = self.membership.is_alive(peer) or peer in self.node.connections.outbound
+        if not known or type(sent) is not float or not math.isfinite(sent):
             return
         rtt = time.perf_counter() - sent
         if not 0.0 <= rtt < 60.0:

@@ -115,7 +115,9 @@ class Advert:
                 pairs.append((number(pair[0], "advert curve a", hi=MAX_CURVE_S),
                               number(pair[1], "advert curve b", hi=MAX_CURVE_S)))
             curves.append((key, tuple(pairs)))
-        version = text(data.get("version", ""), "advert version", max_len=MAX_VERSION_CHARS)
+        version = data.get("version", "")
+        if not isinstance(version, str) or len(version) > MAX_VERSION_CHARS or not version.isprintable():
+            raise FieldError(f"bad advert version: want at most {MAX_VERSION_CHARS} printable characters")
         return cls(gflops, backlog, tuple(links), tuple(curves), tile_ms, version)
 
 
