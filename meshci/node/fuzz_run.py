@@ -19,6 +19,7 @@ from typing import Any
 from meshci.node.client import infer
 from meshci.node.fuzz import FuzzReport, campaign
 from meshci.node.membership import Address
+from meshci.node.memory import rss_mb, trimmed_rss_mb
 from meshci.node.runtime import Runtime
 from meshci.node.server import Node, NodeConfig
 from meshci.planning import STRATEGIES
@@ -145,7 +146,7 @@ async def fuzz_mesh(frames: int, *, seed: int = 0,
             u()
         watch.bad.clear()  # findings count from the campaign on
         tasks_before = len(target._tasks)
-        rss_before = _rss_mb()
+        rss_before = rss_mb()
         request_ids = sorted({m.request_id for ms in templates.values() for m in ms if m.request_id})
         report = await campaign(target.address, secret, templates, frames=frames, seed=seed,
                                 names=["fuzzer", "peer", "client-1", "target-not"],
@@ -156,10 +157,10 @@ async def fuzz_mesh(frames: int, *, seed: int = 0,
         await _until(lambda: all(len(n.membership.alive()) == 1 for n in nodes), 30.0)
         exact = {s: await _exact(target.address, secret, s) for s in STRATEGIES}
         settled = await _until(lambda: len(target._tasks) <= tasks_before + 2, 20.0)
-        rss_after = _rss_mb()
+        rss_after = rss_mb()
         outcome = FuzzOutcome(report, list(watch.bad), watch.lines, watch.chars, exact, tasks_before,
                               len(target._tasks), target.request_state(), len(target.membership.peers()),
-                              (rss_before, rss_after), rss_trimmed_mb=_trimmed_rss_mb())
+                              (rss_before, rss_after), rss_trimmed_mb=trimmed_rss_mb())
         if not settled:
             outcome.notes.append(f"tasks still running: {[t.get_coro() for t in target._tasks]}"[:2000])
         return outcome
@@ -172,26 +173,6 @@ async def fuzz_mesh(frames: int, *, seed: int = 0,
 async def _maybe(value: Awaitable[None] | None) -> None:
     if value is not None:
         await value
-
-
-def _trimmed_rss_mb() -> float | None:
-    """Resident memory once freed heap pages went back to the system: what is still held
-    (glibc keeps freed model-build memory mapped; without glibc, None)."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        # not glibc (macOS, musl): no figure
-        return None
-    return _rss_mb()
-
-
-def _rss_mb() -> float:
-    from meshci.node.server import _rss_mb as rss
-    return rss()
 
 
 __all__ = ["FuzzOutcome", "LogWatch", "fuzz_mesh"]

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from meshci.node.fields import FieldError, integer, text
+from meshci.node.fields import FieldError, integer, number, text
 from meshci.planning import STRATEGIES
 
 MAX_INPUT_SIDE = 4096
@@ -90,5 +90,27 @@ def request_input(meta: dict[str, Any], tensors: tuple[torch.Tensor, ...]) -> to
     return x.contiguous()
 
 
-__all__ = ["InferRequest", "MAX_INPUT_SIDE", "RequestInputError", "input_size", "model_name",
+def head_report(head: Any) -> dict[str, Any] | None:
+    """The head device's report (a peer's), checked: numbers finite and bounded (a
+    400-digit integer too), the check's flag a boolean; None when it is malformed."""
+    if not isinstance(head, dict):
+        return None
+    report: dict[str, Any] = {}
+    try:
+        for name in ("head_s", "max_abs_diff"):
+            if head.get(name) is not None:
+                report[name] = number(head[name], name, hi=MAX_REPORTED)
+    except FieldError:
+        return None
+    if "check_ok" in head:
+        if not isinstance(head["check_ok"], bool):
+            return None
+        report["check_ok"] = head["check_ok"]
+    return report
+
+
+MAX_REPORTED = 1e30  # seconds of a head, or a difference of logits: finite, far below overflow
+
+
+__all__ = ["InferRequest", "MAX_INPUT_SIDE", "head_report", "RequestInputError", "input_size", "model_name",
            "parse_infer", "request_input", "seed"]

@@ -40,7 +40,7 @@ from meshci.errors import MeshciError, PlanningError
 from meshci.models.registry import check_model_allowed
 from meshci.node.auction import NetworkAuction, auction_items, awarded_plan
 from meshci.node.fields import shown
-from meshci.node.inputs import MAX_INPUT_SIDE, parse_infer, request_input
+from meshci.node.inputs import MAX_INPUT_SIDE, head_report, parse_infer, request_input
 from meshci.node.latency import PlanCalibration, plan_hops
 from meshci.node.model_cache import LOAD_TIMEOUT_S, LoadedModel
 from meshci.node.pieces import encode as encode_pieces
@@ -386,7 +386,7 @@ class Requester:
         if sender != req.head_device:
             log.warning("ignoring logits of request %d from %r, not its head device", rid, sender)
             return
-        report = _head_report(head)
+        report = head_report(head)
         if report is None:
             self.fail(rid, f"{sender} sent a malformed head report")
             return
@@ -595,24 +595,6 @@ def _link_signature(cluster: Cluster) -> tuple[tuple[Any, ...], ...]:
 
 def _ratio_signature(ratios: dict[str, float]) -> tuple[tuple[str, int], ...]:
     return tuple((name, round(math.log(max(r, 1e-3)) / math.log(RATIO_STEP))) for name, r in sorted(ratios.items()))
-
-
-def _head_report(head: Any) -> dict[str, Any] | None:
-    """The head device's report, checked: numbers finite, the check's flags booleans."""
-    if not isinstance(head, dict):
-        return None
-    report: dict[str, Any] = {}
-    for name in ("head_s", "max_abs_diff"):
-        value = head.get(name)
-        if value is not None:
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
-                return None
-            report[name] = float(value)
-    if "check_ok" in head:
-        if not isinstance(head["check_ok"], bool):
-            return None
-        report["check_ok"] = head["check_ok"]
-    return report
 
 
 def _shares(flops: Callable[[int, int, Region], float], plan: Plan) -> dict[str, float]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import os
 import ssl
 import time
 from dataclasses import dataclass, replace
@@ -40,6 +39,7 @@ from meshci.node.connections import TLS_HANDSHAKE_TIMEOUT_S, Connections
 from meshci.node.fields import MAX_SECONDS, number, reason, shown
 from meshci.node.gossip import Gossip
 from meshci.node.latency import BoundaryCosts
+from meshci.node.memory import peak_rss_mb, rss_mb
 from meshci.node.membership import (HEARTBEAT_INTERVAL_S, LEFT_THE_MESH, MAX_ADVERT_LINKS, Address, Advert,
                                     Membership)
 from meshci.node.metrics import NodeMetrics
@@ -562,8 +562,8 @@ class Node:
             "planned_links": {peer: {"mbps": mbps, "latency_ms": ms} for peer, mbps, ms in self.link_view()},
             "tile_handling_ms": (self.boundary.handling_s or 0.0) * 1000.0,
             "advert": self.advert().to_json(),
-            "rss_mb": _rss_mb(),
-            "peak_rss_mb": _peak_rss_mb(),
+            "rss_mb": rss_mb(),
+            "peak_rss_mb": peak_rss_mb(),
         }
 
     def request_state(self) -> dict[str, Any]:
@@ -600,18 +600,3 @@ def _sig3(value: float) -> float:
 
 
 MAX_ADVERTISED = 6e4  # ms or Mbit/s: within every advert bound (`membership.MAX_TILE_MS`)
-
-
-def _rss_mb() -> float:
-    try:
-        with open(f"/proc/{os.getpid()}/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:
-        # no procfs (not Linux): report the peak instead
-        return _peak_rss_mb()
-
-
-def _peak_rss_mb() -> float:
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-

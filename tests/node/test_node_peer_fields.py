@@ -156,3 +156,12 @@ def test_field_helpers() -> None:
     assert "digits" in shown(10 ** 500)
     assert reason("line\nWARNING forged") == "line\\nWARNING forged" and reason(5) == "unknown error"
     assert len(reason("r" * 100_000)) == 256
+
+
+def test_a_head_report_is_checked_before_use() -> None:
+    from meshci.node.inputs import head_report
+
+    assert head_report({"head_s": 0.5, "max_abs_diff": 0, "check_ok": True}) == {
+        "head_s": 0.5, "max_abs_diff": 0.0, "check_ok": True}
+    for bad in ({"head_s": 10 ** 400}, {"head_s": float("inf")}, {"max_abs_diff": "0"}, {"check_ok": 1}, [1]):
+        assert head_report(bad) is None  # 10 ** 400 raised OverflowError in math.isfinite
