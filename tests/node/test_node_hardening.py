@@ -421,3 +421,31 @@ async def test_a_plan_naming_devices_that_are_not_node_names_is_refused(mesh: li
         mesh[0].worker._plan_of("mallory", {"digest": plan.digest(), "plan": plan.to_json()})
     good = _plan("mallory", 32)
     assert mesh[0].worker._plan_of("mallory", {"digest": good.digest(), "plan": good.to_json()}) == good
+
+
+async def test_no_tile_runs_while_a_model_is_traced_in_the_process() -> None:
+    """torch.fx tracing patches every module's call, process-wide: a tile computed meanwhile
+    (here: while another node of this process builds a model) failed with NameError. A tile
+    now waits for the build, on the compute thread: the event loop stays free."""
+    from meshci.node.model_cache import _BUILD_LOCK
+
+    runtime = Runtime(1, isolate_builds=False)
+    try:
+        loaded = await runtime.load("resnet18", 0, (32, 32))
+        trunk = loaded.trunk
+        out = Region(0, 4, 0, 4)
+        have = Region(0, 32, 0, 32)
+        x = torch.randn(1, 3, 32, 32)
+        _BUILD_LOCK.acquire()  # as a build on another thread holds it
+        try:
+            tile = asyncio.get_running_loop().create_task(
+                runtime.run_block(trunk, 0, 1, x, have, out, inline=True))
+            began = asyncio.get_running_loop().time()
+            await asyncio.sleep(0.2)  # the loop is not held by the waiting tile
+            assert asyncio.get_running_loop().time() - began < 1.0 and not tile.done()
+        finally:
+            _BUILD_LOCK.release()
+        y, _, _ = await asyncio.wait_for(tile, WAIT)
+        assert torch.equal(y, trunk.segments[0].run(x, have, out).contiguous())
+    finally:
+        runtime.close()
