@@ -248,10 +248,16 @@ def _trunk_only_bytes(name: str, seed: int, size: tuple[int, int], head_dir: str
     (cloudpickle: the segments hold closures). With `head_dir`, the head's tensors go to a
     file there (written once) and travel as ``meta`` tensors. Runs in a helper process
     when builds are isolated."""
-    with _BUILD_LOCK:  # torch.fx tracing is not thread-safe either (nodes sharing a process)
-        model = build_model(name, seed=seed)
-        model.eval()
-        trunk = extract_trunk(model, input_shape=(3, size[0], size[1]), name=name)
+    # the whole build under the lock: torch.fx tracing patches every module's call process-wide
+    # (nodes sharing a process), and the head's analysis below runs modules of its own
+    with _BUILD_LOCK:
+        return _trunk_only_bytes_locked(name, seed, size, head_dir)
+
+
+def _trunk_only_bytes_locked(name: str, seed: int, size: tuple[int, int], head_dir: str | None) -> bytes:
+    model = build_model(name, seed=seed)
+    model.eval()
+    trunk = extract_trunk(model, input_shape=(3, size[0], size[1]), name=name)
     del model
     out_shape = trunk.boundary_shape(len(trunk.segments))
     split = HeadSplit.of(trunk.head, out_shape)
