@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -123,6 +124,10 @@ class Advert:
 
 MAX_ADVERT_CURVES = 8
 MAX_HOST = 255  # a DNS name or an address literal
+# DNS labels of at most 63 characters, or an IPv6 literal (hex, colons, a zone or a dotted tail)
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_HOST = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?"
+                   r"|[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*(?:%[A-Za-z0-9_.-]{1,32})?")
 MAX_GOSSIP_ENTRIES = 128  # per frame: a mesh larger than this learns the rest over several beats
 MAX_CANDIDATES = 64  # peers heard of (gossip, beacons) but not yet heard from directly
 MAX_PEERS = 1024  # every entry of the table, tombstones included
@@ -384,6 +389,8 @@ class Membership:
         if not valid_name(name):
             raise FieldError(f"bad node name {shown(name)}")
         host = text(entry.get("host"), "host", max_len=MAX_HOST)
+        if host and _HOST.fullmatch(host) is None:
+            raise FieldError(f"bad host {shown(host)}: want a DNS name or an IP address")
         if host in ("", "0.0.0.0", "::") and observed_host:
             host = observed_host
         port = integer(entry.get("port"), "port", lo=1, hi=65535)

@@ -407,6 +407,8 @@ class Connection:
             raise HandshakeTimeout(f"connect timed out after {timeout} s") from exc
         except OSError as exc:  # refused, unreachable, TLS rejected: the peer is not there for us
             raise ConnectionClosed(_reason(exc)) from exc
+        except (UnicodeError, ValueError) as exc:  # a host name no resolver takes (a label too long)
+            raise ConnectionClosed(f"bad address {str(host)[:80]!r}: {exc}") from exc
         transport = cast(asyncio.Transport, transport)
         return await cls._establish(transport, protocol, handshake, name, timeout, max_frame_bytes)
 

@@ -165,3 +165,14 @@ def test_a_head_report_is_checked_before_use() -> None:
         "head_s": 0.5, "max_abs_diff": 0.0, "check_ok": True}
     for bad in ({"head_s": 10 ** 400}, {"head_s": float("inf")}, {"max_abs_diff": "0"}, {"check_ok": 1}, [1]):
         assert head_report(bad) is None  # 10 ** 400 raised OverflowError in math.isfinite
+
+
+def test_a_gossiped_host_no_resolver_takes_is_refused() -> None:
+    """A label over 63 characters made the dial raise UnicodeError (idna) out of a task."""
+    a = Membership("a", Address("h", 1), 1)
+    beat = Membership("b", Address("h", 2), 1).heartbeat()
+    entry = {"name": "c", "port": 3, "incarnation": 1}
+    beat["gossip"] = [{**entry, "host": "a." + "b" * 70}, {**entry, "name": "d", "host": "a..b"},
+                      {**entry, "name": "e", "host": "fe80::1%eth0"}, {**entry, "name": "f", "host": "pi-4.local"}]
+    a.on_heartbeat(beat, 0.0, sender="b")
+    assert sorted(p.name for p in a.peers()) == ["b", "e", "f"]
