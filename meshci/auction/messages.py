@@ -49,8 +49,28 @@ def _field(d: Mapping[str, Any], name: str, kind: type | tuple[type, ...]) -> An
     return value
 
 
+MAX_FIGURE = 1e12  # seconds, FLOPs per item: beyond any real figure, far below overflow
+MAX_TEXT = 256  # auction ids, item ids, names
+MAX_INDEX = 1 << 40  # rows, segments, byte counts of one item
+
+
+def _finite(value: Any, name: str) -> float:
+    """A peer's number as a float, finite and within +-MAX_FIGURE (a 400-digit integer
+    never reaches float())."""
+    if type(value) not in (int, float) or not -MAX_FIGURE <= value <= MAX_FIGURE:
+        raise MessageFormatError(f"field {name!r} must be a finite number within +-{MAX_FIGURE:g}")
+    return float(value)
+
+
 def _number(d: Mapping[str, Any], name: str) -> float:
-    return float(_field(d, name, (int, float)))
+    return _finite(_field(d, name, (int, float)), name)
+
+
+def _text(d: Mapping[str, Any], name: str) -> str:
+    value = _field(d, name, str)
+    if len(value) > MAX_TEXT or not value.isprintable():
+        raise MessageFormatError(f"field {name!r} must be printable, at most {MAX_TEXT} characters")
+    return value
 
 
 def _strings(d: Mapping[str, Any], name: str) -> tuple[str, ...]:
@@ -75,11 +95,10 @@ def _envelope(msg: Any) -> dict[str, Any]:
 
 def _envelope_fields(d: Mapping[str, Any]) -> dict[str, Any]:
     """The checked envelope fields of a round message, as constructor keywords."""
-    return {
-        "auction_id": _field(d, "auction_id", str),
-        "round": _field(d, "round", int),
-        "sender": _field(d, "sender", str),
-    }
+    round_ = _field(d, "round", int)
+    if not 0 <= round_ < 1 << 31:
+        raise MessageFormatError("field 'round' must be in 0..2**31")
+    return {"auction_id": _text(d, "auction_id"), "round": round_, "sender": _text(d, "sender")}
 
 
 @dataclass(frozen=True)
@@ -154,9 +173,13 @@ class Item:
         if type(model) is not str:
             raise MessageFormatError(f"field 'model' must be a str, got {type(model).__name__}")
         item = cls(
-            d["item_id"], d["block"], (rows[0], rows[1]), float(flops), d["recv_bytes"],
+            d["item_id"], d["block"], (rows[0], rows[1]), _finite(flops, "flops"), d["recv_bytes"],
             d["send_bytes"], (segments[0], segments[1]), d["recv_from"], d["send_to"], model,
         )
+        if not all(0 <= v < MAX_INDEX for v in (item.block, *item.rows, item.recv_bytes, item.send_bytes,
+                                                 *item.segments)):
+            raise MessageFormatError(f"item {item.item_id[:40]!r}: block, rows, segments and bytes must be in "
+                                     f"0..{MAX_INDEX}")
         if not math.isfinite(item.flops) or item.flops < 0:
             raise MessageFormatError(f"item {item.item_id!r}: flops must be finite and >= 0")
         if item.recv_bytes < 0 or item.send_bytes < 0:
@@ -204,8 +227,8 @@ class BidBundle:
     """A bidder's one answer to a CallForBids: its backlog and its bids.
 
     backlog_s is the work it holds outside this auction; each bid's finish_s is backlog_s
-    plus the seconds the item costs it. Values are not checked here (the auctioneer ignores
-    bad ones with a logged reason), only their JSON types.
+    plus the seconds the item costs it. Here only their JSON types and magnitudes are checked
+    (finite, within +-MAX_FIGURE); the auctioneer ignores bad values with a logged reason.
     """
 
     TYPE: ClassVar[str] = "bid_bundle"
@@ -233,7 +256,7 @@ class BidBundle:
                 or type(pair[1]) not in (int, float)
             ):
                 raise MessageFormatError("each bid must be [item_id, finish_s]")
-            bids.append(Bid(pair[0], float(pair[1])))
+            bids.append(Bid(pair[0], _finite(pair[1], "bids")))
         return cls(
             **_envelope_fields(d),
             backlog_s=_number(d, "backlog_s"),

@@ -234,7 +234,25 @@ def load_or_measure(
         )
     )
     tmp.replace(path)
+    prune_profiles(path.parent, keep=MAX_PROFILE_FILES)
     return curve
+
+
+# Each (model, input size) has its own profile; requests name both, so without a bound a
+# client could fill the disk one size at a time. The least recently written go first.
+MAX_PROFILE_FILES = 64
+
+
+def prune_profiles(folder: Path, keep: int) -> None:
+    """Keep only the `keep` most recently written profiles in `folder`."""
+    try:
+        files = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime_ns)
+    except OSError as exc:
+        # another node pruned the same folder meanwhile: next write prunes again
+        log.info("cannot list profiles in %s: %s", folder, exc)
+        return
+    for old in files[:-keep]:
+        old.unlink(missing_ok=True)
 
 
 def effective_gflops(trunk: Trunk, curve: SegmentCurve) -> float:

@@ -27,6 +27,11 @@ log = logging.getLogger(__name__)
 
 Dispatch = Callable[[Connection, Message], Awaitable[None]]
 
+HANDSHAKES = 128  # handshakes in progress on the listener
+HANDSHAKES_PER_SOURCE = 8  # ... from one address
+FIRST_MESSAGE_TIMEOUT_S = 2.0  # a fresh socket must say HELLO within this
+TLS_HANDSHAKE_TIMEOUT_S = 5.0  # with --tls-*: the TLS handshake before ours
+
 
 class Connections:
     """Accepted and outbound connections of one node, with byte counters by message kind."""
@@ -43,10 +48,13 @@ class Connections:
         self._greeting = greeting
         self._on_lost = on_lost
         self._spawn = spawn
-        self.handshakes = HandshakeLimiter(max_pending=64)
+        # a flood of idle sockets from one address holds at most HANDSHAKES_PER_SOURCE
+        # slots, each for FIRST_MESSAGE_TIMEOUT_S: others still get in
+        self.handshakes = HandshakeLimiter(max_pending=HANDSHAKES, per_source=HANDSHAKES_PER_SOURCE)
         self.outbound: dict[str, Connection] = {}
         self.inbound: set[Connection] = set()
-        self._dialing: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._dialing: dict[str, asyncio.Lock] = {}
+        self._dial_waiters: dict[str, int] = {}
         self.sent_bytes: dict[str, int] = defaultdict(int)
         self.received_bytes: dict[str, int] = defaultdict(int)
         # bytes by peer name (metrics); bounded: names past MAX_COUNTED_PEERS count as "other"
@@ -62,7 +70,8 @@ class Connections:
     async def accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             conn = await Connection.accept(reader, writer, secret=self.config.secret, name=self.name,
-                                           insecure=self.config.insecure, limiter=self.handshakes)
+                                           insecure=self.config.insecure, limiter=self.handshakes,
+                                           first_timeout=FIRST_MESSAGE_TIMEOUT_S)
         except (WireError, OSError) as exc:
             # a peer that fails the handshake is dropped (wire logged the reason); keep serving
             log.info("rejected connection from %s: %s", writer.get_extra_info("peername"), exc)
@@ -85,20 +94,29 @@ class Connections:
         conn = self.outbound.get(name)
         if conn is not None and not conn.closed:
             return conn
-        async with self._dialing[name]:
-            conn = self.outbound.get(name)
-            if conn is not None and not conn.closed:
+        lock = self._dialing.setdefault(name, asyncio.Lock())
+        self._dial_waiters[name] = self._dial_waiters.get(name, 0) + 1
+        try:
+            async with lock:
+                conn = self.outbound.get(name)
+                if conn is not None and not conn.closed:
+                    return conn
+                address = self._address_of(name)
+                if address is None:
+                    raise ConnectionClosed(f"no address known for {name!r}")
+                conn = await self.open(address)
+                if conn.peer_name != name:
+                    conn.abort()
+                    raise ConnectionClosed(f"{address} answered as {conn.peer_name!r}, not {name!r}")
+                self.adopt(name, conn)
+                await self.send(conn, self._greeting())
                 return conn
-            address = self._address_of(name)
-            if address is None:
-                raise ConnectionClosed(f"no address known for {name!r}")
-            conn = await self.open(address)
-            if conn.peer_name != name:
-                conn.abort()
-                raise ConnectionClosed(f"{address} answered as {conn.peer_name!r}, not {name!r}")
-            self.adopt(name, conn)
-            await self.send(conn, self._greeting())
-            return conn
+        finally:
+            # the lock lives only while someone dials that name (names come from gossip)
+            self._dial_waiters[name] -= 1
+            if not self._dial_waiters[name]:
+                del self._dial_waiters[name]
+                self._dialing.pop(name, None)
 
     # ---- traffic -------------------------------------------------------------------
     async def serve(self, conn: Connection) -> None:

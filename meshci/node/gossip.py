@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 GOSSIP_EVERY_S = 5.0  # the peer list rides on a heartbeat at least this often
 ADVERT_EVERY_S = 10.0  # ... and the whole advert too, though unchanged
 JOIN_REPLY_TIMEOUT_S = 5.0
+MAX_CLOCK_SKEW_S = 86_400.0  # a peer clock further off than a day is a forged echo, not a clock
 
 
 class Gossip:
@@ -68,7 +70,7 @@ class Gossip:
                     raise JoinRefused(f"join through {address} refused: {reply.meta.get('reason')}")
                 now = time.monotonic()
                 node.connections.adopt(conn.peer_name, conn)
-                self.handle(self.membership.on_heartbeat(reply.meta, now, address.host))
+                self.handle(self.membership.on_heartbeat(reply.meta, now, address.host, sender=conn.peer_name))
                 self.handle(self.membership.on_welcome(reply.meta, now))
                 log.info("joined the mesh through %s (%s)", conn.peer_name, address)
                 return
@@ -85,10 +87,11 @@ class Gossip:
         host = _peer_host(conn)
         if msg.meta.get("welcome"):
             # the answer to a JOIN we sent on one of our outbound connections
-            self.handle(self.membership.on_heartbeat(msg.meta, now, host))
-            self.handle(self.membership.on_welcome(msg.meta, now))
+            self.handle(self.membership.on_heartbeat(msg.meta, now, host, sender=conn.peer_name))
+            if msg.meta.get("name") == conn.peer_name:
+                self.handle(self.membership.on_welcome(msg.meta, now))
             return
-        events, refusal = self.membership.on_join(msg.meta, now, host)
+        events, refusal = self.membership.on_join(msg.meta, now, host, sender=conn.peer_name)
         if refusal is not None:
             await self.node.reply_error(conn, 0, refusal.reason)
             conn.abort()
@@ -148,6 +151,8 @@ class Gossip:
                         "sent": time.perf_counter()}
                 self._beating.add(peer.name)
                 node.spawn(self._beat(peer.name, conn, Message(MsgType.GOSSIP, 0, beat)))
+            for name in [n for n in self.advert_heard if self.membership.peer(n) is None]:
+                self.forget(name)  # its tombstone expired: nothing about it is kept
             node.sweep(now)
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
 
@@ -164,26 +169,30 @@ class Gossip:
             self._on_echo(conn.peer_name, meta)
             return
         now = time.monotonic()
-        self.handle(self.membership.on_heartbeat(meta, now, _peer_host(conn)))
-        if conn.peer_name and meta.get("name") == conn.peer_name:
+        self.handle(self.membership.on_heartbeat(meta, now, _peer_host(conn), sender=conn.peer_name))
+        if meta.get("name") == conn.peer_name and self.membership.is_alive(conn.peer_name):
             self.advert_heard[conn.peer_name] = now  # its backlog is as of now
         sent = meta.get("sent")
-        if isinstance(sent, (int, float)) and conn.peer_name in node.connections.outbound:
+        if type(sent) is float and math.isfinite(sent) and conn.peer_name in node.connections.outbound:
             node.spawn(node.send_quietly(node.connections.outbound[conn.peer_name], Message(
                 MsgType.GOSSIP, 0, {"op": "echo", "echo": sent, "wall": time.time()})))
 
     def _on_echo(self, peer: str, meta: dict[str, Any]) -> None:
-        """Our heartbeat's timestamp came back: a round trip, and the peer's clock."""
-        sent = meta.get("echo")
-        if not isinstance(sent, (int, float)):
+        """Our heartbeat's timestamp came back: a round trip, and the peer's clock. Only
+        from a peer (alive, or one we dialled and greeted: its first echo may come before
+        its first heartbeat), and only a timestamp we could have sent and a clock within
+        `MAX_CLOCK_SKEW_S` of ours (a forged echo must not make a link's latency absurd)."""
+        sent, wall = meta.get("echo"), meta.get("wall")
+        known = self.membership.is_alive(peer) or peer in self.node.connections.outbound
+        if not known or type(sent) is not float or not math.isfinite(sent):
             return
         rtt = time.perf_counter() - sent
         if not 0.0 <= rtt < 60.0:
             return  # not a timestamp we could have sent
         self.node.links.observe_rtt(peer, rtt)
-        wall = meta.get("wall")
-        if isinstance(wall, (int, float)):
-            self.node.boundary.observe_echo(peer, rtt, float(wall), time.time())
+        now_wall = time.time()
+        if type(wall) is float and abs(wall - now_wall) < MAX_CLOCK_SKEW_S:
+            self.node.boundary.observe_echo(peer, rtt, wall, now_wall)
 
     # ---- discovery -----------------------------------------------------------------
     async def start_discovery(self) -> None:
@@ -199,7 +208,7 @@ class Gossip:
         async def beacons() -> None:
             while not node.stopped:
                 try:
-                    transport.sendto(encode_beacon(self.membership.self_digest(), secret),
+                    transport.sendto(encode_beacon(self.membership.self_digest(), secret, time.time()),
                                      (target.host, target.port))
                 except OSError as exc:
                     # no route for broadcast right now (interface down): try again later

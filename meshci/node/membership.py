@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import enum
 import logging
-import math
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any
+
+from meshci.node.fields import FieldError, integer, number, shown, text
+from meshci.wire.handshake import valid_name
 
 log = logging.getLogger(__name__)
 
@@ -81,36 +84,62 @@ class Advert:
         return data
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "Advert":
-        gflops = float(data.get("gflops", 1.0))
-        backlog = float(data.get("backlog_s", 0.0))
-        if not gflops > 0 or backlog < 0 or gflops != gflops or backlog != backlog:
-            raise ValueError(f"bad advert gflops={gflops} backlog_s={backlog}")
-        links = tuple((str(n), float(m), float(l)) for n, m, l in data.get("links", ()))
-        tile_ms = data.get("tile_ms", 0.0)
-        if isinstance(tile_ms, bool) or not isinstance(tile_ms, (int, float)) or not 0 <= tile_ms <= MAX_TILE_MS:
-            raise ValueError(f"bad advert tile_ms={tile_ms!r}: want a number in [0, {MAX_TILE_MS}]")
+    def from_json(cls, data: Any) -> "Advert":
+        """An advert a peer sent; every field typed, finite and bounded (ValueError naming
+        the field otherwise: one absurd figure would break every plan that uses it)."""
+        if not isinstance(data, dict):
+            raise FieldError(f"an advert must be an object, got {type(data).__name__}")
+        gflops = number(data.get("gflops", 1.0), "advert gflops", lo=MIN_GFLOPS, hi=MAX_GFLOPS)
+        backlog = number(data.get("backlog_s", 0.0), "advert backlog_s")
+        raw_links = data.get("links", [])
+        if not isinstance(raw_links, list) or len(raw_links) > MAX_ADVERT_LINKS:
+            raise FieldError(f"advert links must be a list of at most {MAX_ADVERT_LINKS}")
+        links = []
+        for entry in raw_links:
+            if not isinstance(entry, list) or len(entry) != 3 or not valid_name(entry[0]):
+                raise FieldError("an advert link is [peer name, mbps, ms]")
+            links.append((entry[0], number(entry[1], "advert link mbps", hi=MAX_MBPS),
+                          number(entry[2], "advert link ms", hi=MAX_LINK_MS)))
+        tile_ms = number(data.get("tile_ms", 0.0), "advert tile_ms", hi=MAX_TILE_MS)
         raw = data.get("curves", {})
         if not isinstance(raw, dict) or len(raw) > MAX_ADVERT_CURVES:
-            raise ValueError(f"bad advert curves: want at most {MAX_ADVERT_CURVES} models")
+            raise FieldError(f"bad advert curves: want at most {MAX_ADVERT_CURVES} models")
         curves = []
         for key, curve in sorted(raw.items()):
-            pairs = tuple((float(a), float(b)) for a, b in curve)
-            if not 0 < len(pairs) <= MAX_CURVE_SEGMENTS or not all(
-                    0 <= a < math.inf and 0 <= b < math.inf for a, b in pairs):
-                raise ValueError(f"bad advert curve for {key!r}: want 1..{MAX_CURVE_SEGMENTS} finite "
-                                 "(a, b) >= 0")
-            curves.append((str(key), pairs))
+            text(key, "advert curve key")
+            if not isinstance(curve, list) or not 0 < len(curve) <= MAX_CURVE_SEGMENTS:
+                raise FieldError(f"bad advert curve for {shown(key)}: want 1..{MAX_CURVE_SEGMENTS} (a, b) pairs")
+            pairs = []
+            for pair in curve:
+                if not isinstance(pair, list) or len(pair) != 2:
+                    raise FieldError(f"bad advert curve for {shown(key)}: want (a, b) pairs")
+                pairs.append((number(pair[0], "advert curve a", hi=MAX_CURVE_S),
+                              number(pair[1], "advert curve b", hi=MAX_CURVE_S)))
+            curves.append((key, tuple(pairs)))
         version = data.get("version", "")
         if not isinstance(version, str) or len(version) > MAX_VERSION_CHARS or not version.isprintable():
-            raise ValueError(f"bad advert version: want at most {MAX_VERSION_CHARS} printable characters")
-        return cls(gflops, backlog, links, tuple(curves), float(tile_ms), version)
+            raise FieldError(f"bad advert version: want at most {MAX_VERSION_CHARS} printable characters")
+        return cls(gflops, backlog, tuple(links), tuple(curves), tile_ms, version)
 
 
 MAX_ADVERT_CURVES = 8
+MAX_HOST = 255  # a DNS name or an address literal
+# DNS labels of at most 63 characters, or an IPv6 literal (hex, colons, a zone or a dotted tail)
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_HOST = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?"
+                   r"|[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*(?:%[A-Za-z0-9_.-]{1,32})?")
+MAX_GOSSIP_ENTRIES = 128  # per frame: a mesh larger than this learns the rest over several beats
+MAX_CANDIDATES = 64  # peers heard of (gossip, beacons) but not yet heard from directly
+MAX_PEERS = 1024  # every entry of the table, tombstones included
 MAX_TILE_MS = 60_000.0
 MAX_VERSION_CHARS = 32
 MAX_CURVE_SEGMENTS = 256
+MIN_GFLOPS = 1e-6
+MAX_GFLOPS = 1e6  # a petaflop device: far beyond any board, and far below overflow in plans
+MAX_ADVERT_LINKS = 256
+MAX_MBPS = 1e6
+MAX_LINK_MS = 1e6
+MAX_CURVE_S = 1e4  # seconds per segment (a) or per row (b)
 
 _CURVES_JSON: list[tuple[Any, dict[str, Any]]] = []  # (curves, their JSON form): the last one
 
@@ -237,15 +266,21 @@ class Membership:
         self.advert = advert
 
     # ---- incoming ----------------------------------------------------------------
-    def on_join(self, payload: dict[str, Any], now: float, observed_host: str | None = None
-                 ) -> tuple[list[Event], Refusal | None]:
-        """A node greets us directly (JOIN). Refuse a name already held by another live node."""
+    def on_join(self, payload: dict[str, Any], now: float, observed_host: str | None = None, *,
+                sender: str) -> tuple[list[Event], Refusal | None]:
+        """A node greets us directly (JOIN) on a connection authenticated as `sender`.
+        Refuse a JOIN naming another node than `sender`, or a name already held by another
+        live node."""
         try:
             name, address, incarnation = self._parse_digest(payload, observed_host)
             advert = Advert.from_json(payload.get("advert", {}))
         except (KeyError, TypeError, ValueError) as exc:
             # malformed JOIN from a peer: refuse it, keep serving
             return [], Refusal(f"malformed join: {exc}")
+        if name != sender:
+            reason = f"the join names {name!r} but the connection authenticated as {shown(sender)}"
+            log.warning("refusing join from %s: %s", address, reason)
+            return [], Refusal(reason)
         if name == self.name:
             reason = f"duplicate node name {name!r}: this name is held by the node at {self.address}"
             log.warning("refusing join from %s: %s", address, reason)
@@ -260,16 +295,20 @@ class Membership:
         return self._heard(name, address, incarnation, advert, now), None
 
     def on_welcome(self, payload: dict[str, Any], now: float) -> list[Event]:
-        """The node we joined through accepted us and lists its peers."""
-        events: list[Event] = []
-        for entry in payload.get("peers", ()):
-            events += self._learn(entry, now)
-        return events
+        """The node we joined through accepted us and lists its peers (candidates to dial)."""
+        return self._learn_all(payload.get("peers", []), now)
 
     def on_heartbeat(self, payload: dict[str, Any], now: float,
-                     observed_host: str | None = None) -> list[Event]:
-        """A heartbeat heard directly from a peer. Without an advert it keeps the advert
-        last heard from that peer (process), with the backlog the heartbeat states."""
+                     observed_host: str | None = None, *, sender: str) -> list[Event]:
+        """A heartbeat on a connection authenticated as `sender`. Only a node's own
+        heartbeat (its name is `sender`) proves it alive and sets its advert; one naming
+        another node is hearsay, a candidate to dial at most. Without an advert it keeps
+        the advert last heard from that peer (process), with the backlog the heartbeat
+        states."""
+        if not isinstance(payload, dict) or payload.get("name") != sender:
+            # about a third node (or a client's forgery): never liveness nor an advert
+            return self._learn_all([payload], now) + self._learn_all(
+                payload.get("gossip", []) if isinstance(payload, dict) else [], now)
         try:
             name, address, incarnation = self._parse_digest(payload, observed_host)
             if "advert" in payload:
@@ -278,13 +317,10 @@ class Membership:
                 known = self._peers.get(name)
                 advert = known.advert if known is not None and known.incarnation == incarnation else Advert()
             if "backlog_s" in payload:
-                backlog = float(payload["backlog_s"])
-                if not 0.0 <= backlog < math.inf:
-                    raise ValueError(f"bad backlog_s {backlog}")
-                advert = replace(advert, backlog_s=backlog)
+                advert = replace(advert, backlog_s=number(payload["backlog_s"], "backlog_s"))
         except (KeyError, TypeError, ValueError) as exc:
             # a malformed heartbeat is dropped; the sender will be judged by its silence
-            log.warning("dropping malformed heartbeat: %s", exc)
+            log.warning("dropping malformed heartbeat from %s: %s", shown(sender), exc)
             return []
         if name == self.name:
             return []
@@ -295,9 +331,7 @@ class Membership:
                         name, address, existing.address)
             return []
         events = self._heard(name, address, incarnation, advert, now)
-        for entry in payload.get("gossip", ()):
-            events += self._learn(entry, now)
-        return events
+        return events + self._learn_all(payload.get("gossip", []), now)
 
     def on_leave(self, name: str, now: float) -> list[Event]:
         """A peer announced a clean shutdown: dead at once, no need to wait for silence."""
@@ -347,24 +381,30 @@ class Membership:
 
     # ---- internals ---------------------------------------------------------------
     @staticmethod
-    def _parse_digest(entry: dict[str, Any], observed_host: str | None = None
-                      ) -> tuple[str, Address, int]:
-        name = entry["name"]
-        if not isinstance(name, str) or not name or len(name) > 128:
-            raise ValueError(f"bad node name {name!r}")
-        host = str(entry["host"])
+    def _parse_digest(entry: Any, observed_host: str | None = None) -> tuple[str, Address, int]:
+        """(name, address, incarnation) of a peer's digest; ValueError naming the field."""
+        if not isinstance(entry, dict):
+            raise FieldError(f"a node digest must be an object, got {type(entry).__name__}")
+        name = entry.get("name")
+        if not valid_name(name):
+            raise FieldError(f"bad node name {shown(name)}")
+        host = text(entry.get("host"), "host", max_len=MAX_HOST)
+        if host and _HOST.fullmatch(host) is None:
+            raise FieldError(f"bad host {shown(host)}: want a DNS name or an IP address")
         if host in ("", "0.0.0.0", "::") and observed_host:
             host = observed_host
-        port = int(entry["port"])
-        if not 0 < port < 65536:
-            raise ValueError(f"bad port {port}")
-        return name, Address(host, port), int(entry["incarnation"])
+        port = integer(entry.get("port"), "port", lo=1, hi=65535)
+        return name, Address(host, port), integer(entry.get("incarnation"), "incarnation")
 
     def _heard(self, name: str, address: Address, incarnation: int, advert: Advert,
                now: float) -> list[Event]:
         existing = self._peers.get(name)
-        if existing is not None and incarnation < existing.incarnation:
-            return []  # an older process of that name: stale
+        if (existing is not None and existing.heard_directly and existing.status is not PeerStatus.DEAD
+                and incarnation < existing.incarnation):
+            return []  # an older process of that name while the newer one lives: stale
+        if existing is None and len(self._peers) >= MAX_PEERS:
+            log.warning("not adding peer %r: the table holds %d peers already", name, MAX_PEERS)
+            return []
         events: list[Event] = []
         if existing is None or existing.status is PeerStatus.DEAD or not existing.heard_directly:
             events.append(PeerUp(name))
@@ -379,8 +419,21 @@ class Membership:
         that it exists and dial it, exactly as for gossip."""
         return self._learn(entry, now, observed_host)
 
+    def _learn_all(self, entries: Any, now: float) -> list[Event]:
+        """A gossip list: at most `MAX_GOSSIP_ENTRIES` candidates; a longer or malformed
+        list is dropped whole, with one logged line."""
+        if not isinstance(entries, list) or len(entries) > MAX_GOSSIP_ENTRIES:
+            log.warning("dropping a gossip list: want a list of at most %d entries, got %s",
+                        MAX_GOSSIP_ENTRIES, shown(entries))
+            return []
+        events: list[Event] = []
+        for entry in entries:
+            events += self._learn(entry, now)
+        return events
+
     def _learn(self, entry: dict[str, Any], now: float, observed_host: str | None = None) -> list[Event]:
-        """Gossip about a third node: learn that it exists and dial it."""
+        """Gossip about a third node (hearsay): learn that it may exist and dial it; only
+        its own heartbeat, on a connection authenticated under its name, makes it a peer."""
         try:
             name, address, incarnation = self._parse_digest(entry, observed_host)
         except (KeyError, TypeError, ValueError) as exc:
@@ -395,5 +448,8 @@ class Membership:
                 pass  # a restarted node: learn it afresh below
             else:
                 return []
+        elif sum(not p.heard_directly for p in self._peers.values()) >= MAX_CANDIDATES:
+            log.info("not dialling %r: already %d peers heard of but not heard from", name, MAX_CANDIDATES)
+            return []
         self._peers[name] = Peer(name, address, incarnation, PeerStatus.ALIVE, now, Advert(), False)
         return [Dial(name, address)]

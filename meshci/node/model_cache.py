@@ -42,7 +42,10 @@ from meshci.weights import child_env
 log = logging.getLogger(__name__)
 
 ModelKey = tuple[str, int, int, int]  # model name, seed, input height, input width
-BUILD_TIMEOUT_S = 600.0
+BUILD_TIMEOUT_S = 240.0  # the helper process is killed after this
+# A node waits this long for a load: longer than a build may take, so a load it gave up on
+# never leaves a build running on the single loader thread in front of later loads
+LOAD_TIMEOUT_S = BUILD_TIMEOUT_S + 30.0
 NEED_CACHE_ENTRIES = 65536
 HEAD_FILE_VERSION = 1
 
@@ -221,10 +224,10 @@ class ModelCache:
         with self._lock:
             entry = self._references.get(key)
             if entry is None:
-                with _BUILD_LOCK:
+                with _BUILD_LOCK:  # torch.fx tracing is not thread-safe either
                     model = build_model(name, seed=seed)
-                model.eval()
-                trunk = extract_trunk(model, input_shape=(3, key[2], key[3]), name=name)
+                    model.eval()
+                    trunk = extract_trunk(model, input_shape=(3, key[2], key[3]), name=name)
                 del model
                 entry = LoadedModel(key, trunk, True)
                 self._references.clear()
@@ -245,8 +248,14 @@ def _trunk_only_bytes(name: str, seed: int, size: tuple[int, int], head_dir: str
     (cloudpickle: the segments hold closures). With `head_dir`, the head's tensors go to a
     file there (written once) and travel as ``meta`` tensors. Runs in a helper process
     when builds are isolated."""
+    # the whole build under the lock: torch.fx tracing patches every module's call process-wide
+    # (nodes sharing a process), and the head's analysis below runs modules of its own
     with _BUILD_LOCK:
-        model = build_model(name, seed=seed)
+        return _trunk_only_bytes_locked(name, seed, size, head_dir)
+
+
+def _trunk_only_bytes_locked(name: str, seed: int, size: tuple[int, int], head_dir: str | None) -> bytes:
+    model = build_model(name, seed=seed)
     model.eval()
     trunk = extract_trunk(model, input_shape=(3, size[0], size[1]), name=name)
     del model

@@ -65,3 +65,53 @@ def decode(meta: dict[str, Any], tensors: Sequence[torch.Tensor]) -> list[Piece]
             raise PieceFormatError(f"empty piece region {[r0, r1, c0, c1]}")
         out.append(Piece(block, Region(r0, r1, c0, c1), stage, tensor))
     return out
+
+
+# Pieces that arrive before their request's PLAN (a neighbour is faster than the requester,
+# or the model is still loading here) are held until it comes; a peer could send them for
+# made-up request ids, so what is held is capped per sender and in total.
+ORPHAN_BYTES_PER_PEER = 64 << 20
+ORPHAN_BYTES_TOTAL = 256 << 20
+ORPHAN_FRAMES_PER_PEER = 256
+
+
+class OrphanBudget:
+    """Bytes and frames of pieces held without a plan, per sender and in total (pure)."""
+
+    def __init__(self, per_peer: int = ORPHAN_BYTES_PER_PEER, total: int = ORPHAN_BYTES_TOTAL,
+                 frames_per_peer: int = ORPHAN_FRAMES_PER_PEER) -> None:
+        self.per_peer, self.total, self.frames_per_peer = per_peer, total, frames_per_peer
+        self._bytes: dict[str, int] = {}
+        self._frames: dict[str, int] = {}
+        self.held = 0
+
+    def admit(self, sender: str, nbytes: int) -> str | None:
+        """Take `nbytes` of `sender`'s pieces; the reason when they are over a cap."""
+        mine = self._bytes.get(sender, 0)
+        if self._frames.get(sender, 0) >= self.frames_per_peer:
+            return f"{sender} already has {self.frames_per_peer} frames of pieces waiting for plans"
+        if mine + nbytes > self.per_peer:
+            return f"{sender} already has {mine} bytes of pieces waiting for plans (cap {self.per_peer})"
+        if self.held + nbytes > self.total:
+            return f"{self.held} bytes of pieces already wait for plans (cap {self.total})"
+        self._bytes[sender] = mine + nbytes
+        self._frames[sender] = self._frames.get(sender, 0) + 1
+        self.held += nbytes
+        return None
+
+    def release(self, sender: str, nbytes: int) -> None:
+        left = self._bytes.get(sender, 0) - nbytes
+        frames = self._frames.get(sender, 0) - 1
+        self.held -= nbytes
+        if left <= 0 or frames <= 0:
+            self._bytes.pop(sender, None)
+            self._frames.pop(sender, None)
+        else:
+            self._bytes[sender], self._frames[sender] = left, frames
+
+    def held_by(self, sender: str) -> int:
+        return self._bytes.get(sender, 0)
+
+
+def nbytes(pieces: Sequence[Piece]) -> int:
+    return sum(p.tensor.element_size() * p.tensor.nelement() for p in pieces)

@@ -39,23 +39,24 @@ from meshci.cost.cluster import Cluster
 from meshci.errors import MeshciError, PlanningError
 from meshci.models.registry import check_model_allowed
 from meshci.node.auction import NetworkAuction, auction_items, awarded_plan
+from meshci.node.fields import shown
+from meshci.node.inputs import MAX_INPUT_SIDE, head_report, parse_infer, request_input
 from meshci.node.latency import PlanCalibration, plan_hops
-from meshci.node.model_cache import LoadedModel
+from meshci.node.model_cache import LOAD_TIMEOUT_S, LoadedModel
 from meshci.node.pieces import encode as encode_pieces
 from meshci.node.request import RequesterRun, RequestStateError, SendPiece, cluster_from_view, device_signature
 from meshci.node.trace import Span, request_phases, wall_of
-from meshci.planning import STRATEGIES, Plan, make_plan
+from meshci.planning import Plan, make_plan
 from meshci.planning.evaluate import evaluate_plan
 from meshci.trunk import Region
 from meshci.wire import Connection, Message, MsgType
-from meshci.wire.errors import WireError
+from meshci.wire.errors import LocalProtocolError, WireError
 
 if TYPE_CHECKING:
     from meshci.node.server import Node
 
 log = logging.getLogger(__name__)
 
-MAX_INPUT_SIDE = 4096
 STANDING_PLANS = 16  # standing plans kept (least recently used beyond)
 LINK_STEP = 2.0  # a standing plan is made again when a link's measured cost moves by this factor
 RATIO_STEP = 1.05  # ... or a device's learned compute ratio moves by this factor
@@ -140,12 +141,15 @@ class Requester:
             return False
         self.requests_served += 1
         try:
-            reply = Message(MsgType.RESULT, msg.request_id, meta, (logits,))
-        except (TypeError, ValueError) as exc:
+            await node.connections.send(conn, Message(MsgType.RESULT, msg.request_id, meta, (logits,)))
+        except LocalProtocolError as exc:
             # a result that cannot be framed (a non-finite figure): the client still hears why
+            log.error("request %d: unencodable result: %s", msg.request_id, exc)
             await node.reply_error(conn, msg.request_id, f"internal error: unencodable result: {exc}")
             return False
-        await node.send_quietly(conn, reply)
+        except WireError as exc:
+            # the client hung up before its answer: nobody to tell
+            log.info("request %d: cannot answer the client: %s", msg.request_id, exc)
         # after the answer (the client does not wait for it), and after this returns (the
         # node's request latency metric ends with the answer)
         asyncio.get_running_loop().call_soon(learn)
@@ -156,16 +160,15 @@ class Requester:
 
         node = self.node
         began = time.perf_counter()
-        meta = msg.meta
-        model = str(meta["model"])
-        seed = int(meta.get("seed", 0))
-        strategy = str(meta.get("strategy", "edgeci"))
-        if strategy not in STRATEGIES:
-            raise PlanningError(f"unknown strategy {strategy!r} (known: {', '.join(STRATEGIES)})")
+        asked = parse_infer(msg.meta, msg.tensors)
+        model, seed, strategy, x = asked.model, asked.seed, asked.strategy, asked.x
         check_model_allowed(model, node.config.allow_models)
-        x = request_input(meta, msg.tensors)
         size = (int(x.shape[-2]), int(x.shape[-1]))
-        loaded = await self.runtime.load(model, seed, size)
+        try:
+            loaded = await asyncio.wait_for(self.runtime.load(model, seed, size), LOAD_TIMEOUT_S)
+        except TimeoutError as exc:
+            # the build helper is stuck or the model is too large for this node
+            raise RequestFailed(f"building {model} at {size[0]}x{size[1]} took over {LOAD_TIMEOUT_S:.0f} s") from exc
         loaded_at = time.perf_counter()
 
         raw_cluster, cluster = self._clusters(model, size)
@@ -195,7 +198,7 @@ class Requester:
         try:
             try:
                 sent_at = time.perf_counter()
-                await self._start(rid, ctx, plan, x, model, seed, size, bool(meta.get("check")))
+                await self._start(rid, ctx, plan, x, model, seed, size, asked.check)
                 logits, head = await asyncio.wait_for(ctx.done, REQUEST_TIMEOUT_S)
             except WireError as exc:
                 # a device could not be reached (PLAN or input tiles): the request fails, with why
@@ -241,7 +244,7 @@ class Requester:
         for name in ("max_abs_diff", "check_ok"):
             if name in head:
                 result[name] = head[name]
-        if meta.get("details"):
+        if asked.details:
             result["plan"] = plan.to_json()
         result["trace_id"] = rid  # `meshci infer --trace`: each device's spans of it
         for span in request_phases(*(wall_of(t) for t in (began, loaded_at, planned_at, sent_at, done_at)),
@@ -362,8 +365,9 @@ class Requester:
             return
         plan = req.run.plan
         if not 0 < block < len(plan.blocks) or sender not in plan.blocks[block - 1].devices:
-            await self.node.fail_request(rid, self.name, f"a gathered piece of block {block} from {sender!r}, "
-                                                          "which the plan does not say produces it")
+            # whoever knows a request id could otherwise inject (or fail) its boundary maps
+            log.warning("request %d: ignoring a gathered piece of block %d from %s, which the plan "
+                        "does not say produces it", rid, block, shown(sender))
             return
         try:
             actions = req.run.on_gather(block, region, tensor)
@@ -382,7 +386,7 @@ class Requester:
         if sender != req.head_device:
             log.warning("ignoring logits of request %d from %r, not its head device", rid, sender)
             return
-        report = _head_report(head)
+        report = head_report(head)
         if report is None:
             self.fail(rid, f"{sender} sent a malformed head report")
             return
@@ -593,45 +597,6 @@ def _ratio_signature(ratios: dict[str, float]) -> tuple[tuple[str, int], ...]:
     return tuple((name, round(math.log(max(r, 1e-3)) / math.log(RATIO_STEP))) for name, r in sorted(ratios.items()))
 
 
-def _head_report(head: Any) -> dict[str, Any] | None:
-    """The head device's report, checked: numbers finite, the check's flags booleans."""
-    if not isinstance(head, dict):
-        return None
-    report: dict[str, Any] = {}
-    for name in ("head_s", "max_abs_diff"):
-        value = head.get(name)
-        if value is not None:
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
-                return None
-            report[name] = float(value)
-    if "check_ok" in head:
-        if not isinstance(head["check_ok"], bool):
-            return None
-        report["check_ok"] = head["check_ok"]
-    return report
-
-
-def request_input(meta: dict[str, Any], tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """The request's input image (1, 3, H, W): sent by the client, or made from a seed."""
-    from meshci.node.server import RequestFailed
-
-    if tensors:
-        x = tensors[0].float()
-        if x.dim() == 3:
-            x = x.unsqueeze(0)
-        if x.dim() != 4 or x.shape[0] != 1 or x.shape[1] != 3:
-            raise RequestFailed(f"input must be (3, H, W) or (1, 3, H, W), got {tuple(tensors[0].shape)}")
-    else:
-        h, w = (int(v) for v in meta.get("size", (224, 224)))
-        if not (1 <= h <= MAX_INPUT_SIDE and 1 <= w <= MAX_INPUT_SIDE):
-            raise RequestFailed(f"input size {h}x{w} outside 1..{MAX_INPUT_SIDE}")
-        generator = torch.Generator().manual_seed(int(meta.get("input_seed", 0)))
-        x = torch.randn(1, 3, h, w, generator=generator)
-    if not (1 <= x.shape[-2] <= MAX_INPUT_SIDE and 1 <= x.shape[-1] <= MAX_INPUT_SIDE):
-        raise RequestFailed(f"input size {tuple(x.shape[-2:])} outside 1..{MAX_INPUT_SIDE}")
-    return x.contiguous()
-
-
 def _shares(flops: Callable[[int, int, Region], float], plan: Plan) -> dict[str, float]:
     """Each device's share of the plan's trunk FLOPs (halo work included)."""
     work: dict[str, float] = defaultdict(float)
@@ -642,7 +607,7 @@ def _shares(flops: Callable[[int, int, Region], float], plan: Plan) -> dict[str,
     return {name: value / total for name, value in sorted(work.items())}
 
 
-__all__ = ["Requester", "RequesterContext", "Standing"]
+__all__ = ["MAX_INPUT_SIDE", "Requester", "RequesterContext", "Standing", "request_input"]
 
 
 def _is_usage_error(exc: Exception) -> bool:

@@ -175,16 +175,21 @@ class Runtime:
         the loop costs less than the two thread wake-ups a hand-off needs. Otherwise on
         the compute thread; the hand-off is then the wall time of the call that was
         neither this tile's compute nor waiting behind another task on that thread."""
-        if inline:
+        # torch.fx tracing (a model built or traced in this process) patches every module's
+        # call: no tile runs meanwhile; on the loop, a tile then goes to the compute thread
+        if inline and _BUILD_LOCK.acquire(blocking=False):
             if threading.get_ident() not in self._sized_threads:
                 # OpenMP's thread count is per calling thread: size this one's pool too
                 torch.set_num_threads(self.threads)
                 self._sized_threads.add(threading.get_ident())
             began, cpu_began = time.perf_counter(), time.thread_time()
-            with torch.inference_mode():
-                y = run_block(trunk, start, end, x, have, out).contiguous()
-                if then is not None:
-                    y = then(y)
+            try:
+                with torch.inference_mode():
+                    y = run_block(trunk, start, end, x, have, out).contiguous()
+                    if then is not None:
+                        y = then(y)
+            finally:
+                _BUILD_LOCK.release()
             seconds = time.perf_counter() - began
             self.inline_cpu_s += time.thread_time() - cpu_began
             self.loop_free_wall = time.time()
@@ -195,12 +200,13 @@ class Runtime:
         submitted = time.perf_counter()
 
         def work() -> tuple[torch.Tensor, float, float, float]:
-            began = time.perf_counter()
-            to_thread = max(0.0, began - max(submitted, self._thread_free_at))
-            with torch.inference_mode():
-                y = run_block(trunk, start, end, x, have, out).contiguous()
-                if then is not None:
-                    y = then(y)
+            with _BUILD_LOCK:
+                began = time.perf_counter()
+                to_thread = max(0.0, began - max(submitted, self._thread_free_at))
+                with torch.inference_mode():
+                    y = run_block(trunk, start, end, x, have, out).contiguous()
+                    if then is not None:
+                        y = then(y)
             self._thread_free_at = ended = time.perf_counter()
             return y, ended - began, to_thread, ended
 
@@ -216,7 +222,7 @@ class Runtime:
 
         def work():  # type: ignore[no-untyped-def]
             try:
-                with torch.inference_mode():
+                with _BUILD_LOCK, torch.inference_mode():  # not while a model is traced here
                     return fn(*args)
             finally:
                 self._thread_free_at = time.perf_counter()
@@ -247,8 +253,8 @@ def measure_gflops(threads: int, runs: int = PROFILE_RUNS, strips: int = PROFILE
     the conditions it reflects can change between starts."""
     with _BUILD_LOCK:
         model = build_model(PROFILE_MODEL, seed=0)
-    model.eval()
-    trunk = extract_trunk(model, input_shape=PROFILE_SIZE, name=PROFILE_MODEL)
+        model.eval()
+        trunk = extract_trunk(model, input_shape=PROFILE_SIZE, name=PROFILE_MODEL)
     del model
     pieces = []
     flops = 0.0

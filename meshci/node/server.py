@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import os
 import ssl
 import time
 from dataclasses import dataclass, replace
@@ -36,10 +35,13 @@ from meshci.cost.cluster import LinkSpec
 from meshci.cost.links import LinkEstimator
 from meshci.errors import MeshciError, RuntimeFailure
 from meshci.node.auction import AUCTION_KINDS, from_message, to_message
-from meshci.node.connections import Connections
+from meshci.node.connections import TLS_HANDSHAKE_TIMEOUT_S, Connections
+from meshci.node.fields import MAX_SECONDS, number, reason, shown
 from meshci.node.gossip import Gossip
 from meshci.node.latency import BoundaryCosts
-from meshci.node.membership import HEARTBEAT_INTERVAL_S, LEFT_THE_MESH, Address, Advert, Membership
+from meshci.node.memory import peak_rss_mb, rss_mb
+from meshci.node.membership import (HEARTBEAT_INTERVAL_S, LEFT_THE_MESH, MAX_ADVERT_LINKS, Address, Advert,
+                                    Membership)
 from meshci.node.metrics import NodeMetrics
 from meshci.node.pieces import Piece, decode as decode_pieces, encode as encode_pieces
 from meshci.node.request import Action, Compute, RequestStateError, RunHead, SendPiece, tensor_bytes
@@ -66,6 +68,8 @@ REQUEST_TIMEOUT_S = 300.0
 WORK_TTL_S = REQUEST_TIMEOUT_S + 60.0
 CANCEL_SEND_TIMEOUT_S = 5.0
 LEAVE_TIMEOUT_S = 2.0  # close() waits at most this for its LEAVE notices
+MAX_PENDING_TILES = 32  # TILE frames of one connection in progress before it is read again
+MAX_WALL_S = 1e11  # a wall-clock time a peer states (seconds since 1970): year ~5000 at most
 
 
 class JoinRefused(MeshciError):
@@ -125,6 +129,7 @@ class Node:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopped = asyncio.Event()
         self.relayed_boundary_bytes = 0
+        self._tile_pending: dict[Connection, set[asyncio.Task[Any]]] = {}  # TILE work per connection
         self.errors_replied = 0
         self.connections = Connections(config, dispatch=self.dispatch, address_of=self._address_of,
                                        greeting=lambda: self.gossip.greeting(),
@@ -155,8 +160,10 @@ class Node:
         return self._stopped.is_set()
 
     async def start(self) -> Address:
+        tls = {"ssl_handshake_timeout": TLS_HANDSHAKE_TIMEOUT_S} if self.config.server_ssl else {}
         self._server = await asyncio.start_server(self.connections.accept, self.config.listen.host,
-                                                  self.config.listen.port, ssl=self.config.server_ssl)
+                                                  self.config.listen.port, ssl=self.config.server_ssl,
+                                                  backlog=512, **tls)
         port = self._server.sockets[0].getsockname()[1]
         self.membership.address = Address(self.config.listen.host, port)
         if self.config.join:
@@ -233,10 +240,19 @@ class Node:
             if handler is None:
                 raise ValueError(f"{msg.kind.name} is not served by a node")
             await handler(conn, msg)
-        except (KeyError, TypeError, ValueError, RequestStateError) as exc:
-            # a well-framed but malformed message: answer with the reason, keep serving
-            log.warning("bad %s from %r: %s", msg.kind.name, conn.peer_name, exc)
-            self.spawn(self.reply_error(conn, msg.request_id, f"bad {msg.kind.name}: {exc}"))
+        except (KeyError, TypeError, ValueError, ArithmeticError, IndexError, AttributeError,
+                RequestStateError, MeshciError) as exc:
+            # a well-framed but malformed message (a missing key, a wrong type, a number
+            # out of range): answer with the reason, keep serving
+            why = reason(str(exc) if not isinstance(exc, KeyError) else f"missing {exc}")
+            log.warning("bad %s from %s: %s", msg.kind.name, shown(conn.peer_name), why)
+            self.spawn(self.reply_error(conn, msg.request_id, f"bad {msg.kind.name}: {why}"))
+        except Exception as exc:  # noqa: BLE001
+            # a bug in a handler must not end the connection's receive loop (and with it
+            # every later message from that peer): log it, answer with the reason
+            log.exception("error handling %s from %s", msg.kind.name, shown(conn.peer_name))
+            self.spawn(self.reply_error(conn, msg.request_id, f"internal error on {msg.kind.name}: "
+                                                              f"{type(exc).__name__}"))
 
     async def _on_infer(self, conn: Connection, msg: Message) -> None:
         self.spawn(self._serve_infer(conn, msg))
@@ -257,20 +273,36 @@ class Node:
         received_at = time.time()
         pieces = decode_pieces(msg.meta, msg.tensors)
         arrival = conn.last_arrival
-        if arrival is not None and (sample := arrival.rate_sample(RATE_SAMPLE_BYTES)) is not None:
+        peer = self.membership.is_alive(conn.peer_name)  # links are measured to peers only, not
+        # to every name a client connects under (each would be one more entry in our advert)
+        if peer and arrival is not None and (sample := arrival.rate_sample(RATE_SAMPLE_BYTES)) is not None:
             # bandwidth as delivered: bytes over the time they took to land here
             self.links.observe_arrival(conn.peer_name, *sample)
-        sent_at = msg.meta.get("sent_at")
-        if isinstance(sent_at, (int, float)) and msg.tensors:
+        path = _path(msg.meta, received_at)
+        if peer and "sent_at" in msg.meta and msg.tensors:
             mbps = self.links.estimate(conn.peer_name, self.config.default_link).mbps
             wire_s = sum(tensor_bytes(t) for t in msg.tensors) * 8.0 / (mbps * 1e6)
-            self.boundary.observe_delivery(conn.peer_name, float(sent_at), received_at, wire_s,
+            self.boundary.observe_delivery(conn.peer_name, float(msg.meta["sent_at"]), received_at, wire_s,
                                            self.runtime.loop_free_wall)
         self._trace_receive(msg.request_id, conn.peer_name, arrival, received_at)
         # handled in a task: forwarding pieces must not stall reading this connection
-        # (other peers' heartbeats and tiles arrive behind it)
-        self.spawn(self.guarded(msg.request_id, self.take_pieces(
-            msg.request_id, conn.peer_name, pieces, _path(msg.meta, received_at), msg.meta)))
+        # (other peers' heartbeats and tiles arrive behind it) ...
+        task = self.spawn(self.guarded(msg.request_id, self.take_pieces(
+            msg.request_id, conn.peer_name, pieces, path, msg.meta)))
+        pending = self._tile_pending.setdefault(conn, set())
+        pending.add(task)
+        task.add_done_callback(lambda done: self._tile_done(conn, done))
+        if len(pending) >= MAX_PENDING_TILES:
+            # ... up to a point: then this connection is not read until its oldest work is
+            # done, and the sender feels TCP's back-pressure
+            await asyncio.wait(set(pending), return_when=asyncio.FIRST_COMPLETED)
+
+    def _tile_done(self, conn: Connection, task: asyncio.Task[Any]) -> None:
+        pending = self._tile_pending.get(conn)
+        if pending is not None:
+            pending.discard(task)
+            if not pending:
+                del self._tile_pending[conn]
 
     async def _on_state(self, conn: Connection, msg: Message) -> None:
         op = msg.meta.get("op")
@@ -286,11 +318,11 @@ class Node:
 
     async def _on_error(self, conn: Connection, msg: Message) -> None:
         rid = msg.request_id
-        reason = str(msg.meta.get("reason", "unknown error"))
+        why = reason(msg.meta.get("reason"))  # cut and escaped: it is logged and repeated
         if msg.meta.get("op") == "cancel":
-            self.worker.on_cancel(conn.peer_name, rid, reason, quiet=msg.meta.get("quiet") is True)
+            self.worker.on_cancel(conn.peer_name, rid, why, quiet=msg.meta.get("quiet") is True)
         else:
-            self.requester.on_error(conn.peer_name, rid, reason)
+            self.requester.on_error(conn.peer_name, rid, why)
 
     async def _on_auction(self, conn: Connection, msg: Message) -> None:
         try:
@@ -466,7 +498,8 @@ class Node:
         beside it (`Advert.tile_ms`), charged per tile. Rounded to 3
         significant digits: they ride in the advert, which is resent when it changes."""
         known = self.links.known()
-        names = sorted(set(known) | set(self.boundary.peers()))
+        names = sorted(n for n in set(known) | set(self.boundary.peers()) if self.membership.is_alive(n))
+        names = names[:MAX_ADVERT_LINKS]  # what a peer accepts in an advert
         fallback = self.config.default_link
         # bandwidth 0: not measured here (the planner takes the peer's figure, or its default)
         return tuple((n, _sig3(self.links.measured_mbps(n) or 0.0),
@@ -529,8 +562,8 @@ class Node:
             "planned_links": {peer: {"mbps": mbps, "latency_ms": ms} for peer, mbps, ms in self.link_view()},
             "tile_handling_ms": (self.boundary.handling_s or 0.0) * 1000.0,
             "advert": self.advert().to_json(),
-            "rss_mb": _rss_mb(),
-            "peak_rss_mb": _peak_rss_mb(),
+            "rss_mb": rss_mb(),
+            "peak_rss_mb": peak_rss_mb(),
         }
 
     def request_state(self) -> dict[str, Any]:
@@ -554,26 +587,16 @@ RATE_SAMPLE_BYTES = 256 << 10
 
 def _path(meta: dict[str, Any], received_at: float) -> float:
     """The critical path (compute + transfer) behind a frame: the sender's, plus its trip."""
-    path, sent = meta.get("path_s", 0.0), meta.get("sent_at", received_at)
-    if not isinstance(path, (int, float)) or not isinstance(sent, (int, float)):
-        raise ValueError("path_s and sent_at must be numbers")
-    return max(0.0, float(path)) + max(0.0, received_at - float(sent))
+    path = number(meta.get("path_s", 0.0), "path_s")
+    sent = number(meta.get("sent_at", received_at), "sent_at", lo=-MAX_WALL_S, hi=MAX_WALL_S)
+    return path + min(MAX_SECONDS, max(0.0, received_at - sent))
 
 
 def _sig3(value: float) -> float:
-    return float(f"{value:.3g}") if math.isfinite(value) else value
+    """3 significant digits, within what a peer accepts in an advert (a figure that went
+    infinite here must not make this node's own adverts refused everywhere)."""
+    value = value if math.isfinite(value) else MAX_ADVERTISED
+    return float(f"{min(max(value, 0.0), MAX_ADVERTISED):.3g}")
 
 
-def _rss_mb() -> float:
-    try:
-        with open(f"/proc/{os.getpid()}/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:
-        # no procfs (not Linux): report the peak instead
-        return _peak_rss_mb()
-
-
-def _peak_rss_mb() -> float:
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
+MAX_ADVERTISED = 6e4  # ms or Mbit/s: within every advert bound (`membership.MAX_TILE_MS`)

@@ -27,12 +27,15 @@ from meshci.auction.bidder import Bidder
 from meshci.auction.messages import Close, Outgoing
 from meshci.errors import MeshciError
 from meshci.models.registry import check_model_allowed
-from meshci.node.model_cache import LoadedModel
-from meshci.node.pieces import Piece, PieceFormatError, decode
+from meshci.node.fields import shown
+from meshci.node.inputs import input_size, model_name, seed
+from meshci.node.model_cache import LOAD_TIMEOUT_S, LoadedModel
+from meshci.node.pieces import OrphanBudget, Piece, PieceFormatError, decode, nbytes
 from meshci.node.request import Compute, HeadRun, RequestStateError, RunHead, WorkerRun
 from meshci.node.trace import Span
 from meshci.planning import Plan
-from meshci.wire import Message, MsgType
+from meshci.wire import Message, MsgType, valid_name
+from meshci.wire.errors import WireError
 
 if TYPE_CHECKING:
     from meshci.node.server import Node
@@ -48,6 +51,10 @@ ORPHAN_PIECE_TTL_S = 30.0
 INLINE_COMPUTE_S = 0.05
 PLANS_PER_REQUESTER = 32  # plans kept per requester (it mirrors this: see `Requester`)
 MAX_REQUESTERS = 64  # requesters whose plans are kept
+MAX_EARLY_CANCELS = 4096  # cancels remembered for requests not seen yet
+MAX_CONTEXTS = 1024  # requests (and orphan piece sets) held at once
+MAX_BID_AUCTIONS = 256  # auctions this node's bidder takes part in at once
+MAX_CANCELLED = 65536  # cancelled request ids remembered (their late PLANs and pieces refused)
 
 
 @dataclass
@@ -58,6 +65,7 @@ class WorkerContext:
     loaded: LoadedModel | None = None
     check_input: torch.Tensor | None = None  # the request's input, for the head's --check
     early: list[tuple[str, list[Piece], float]] = field(default_factory=list)  # before the plan
+    early_bytes: list[int] = field(default_factory=list)  # each early frame's bytes (`OrphanBudget`)
     path_in: dict[int, float] = field(default_factory=dict)  # block -> latest input path
     created: float = field(default_factory=time.monotonic)
     plan_pending: bool = False  # a PLAN arrived and its model is loading: not an orphan
@@ -91,6 +99,10 @@ class Worker:
         # commitment is released, and the entry deleted, together and exactly once
         self.bid_auctions: dict[str, tuple[float, str]] = {}
         self.cancelled: dict[int, float] = {}  # request id -> when it was cancelled here
+        # cancels that came before anything of their request (a PLAN runs in a task, a cancel
+        # inline): request id -> (who cancelled it, when); that sender's PLAN is then refused
+        self.cancelled_early: OrderedDict[int, tuple[str, float]] = OrderedDict()
+        self.orphans = OrphanBudget()
 
     def _compute_s(self, item: Any) -> float:
         """A bid's compute time: the item's compute plus this node's measured per-tile overhead."""
@@ -105,9 +117,12 @@ class Worker:
 
     # ---- PLAN ----------------------------------------------------------------------
     async def on_plan(self, sender: str, msg: Message) -> None:
-        from meshci.node.server import REQUEST_TIMEOUT_S, RequestFailed
+        from meshci.node.server import RequestFailed
 
         rid = msg.request_id
+        early_cancel = self.cancelled_early.get(rid)
+        if early_cancel is not None and early_cancel[0] == sender:
+            self.cancel(rid, f"cancelled by {sender} before its PLAN arrived")
         if rid in self.cancelled:
             log.info("dropping the PLAN of cancelled request %d", rid)
             return
@@ -118,9 +133,14 @@ class Worker:
             if ctx is None or ctx.waiting_for_plan is None or ctx.requester != sender:
                 return
             msg, ctx.waiting_for_plan = ctx.waiting_for_plan, None
+        if rid not in self.contexts and len(self.contexts) >= MAX_CONTEXTS:
+            await self.node.fail_request(rid, sender, f"{self.name} already holds {MAX_CONTEXTS} requests")
+            return
         ctx = self.contexts.setdefault(rid, WorkerContext(sender))
         if ctx.requester and ctx.requester != sender:
-            raise RequestStateError(f"request {rid} belongs to {ctx.requester}, not {sender}")
+            # another node's request id: not this sender's to start (nor to fail)
+            log.warning("ignoring a PLAN for request %d from %s: it belongs to %s", rid, shown(sender), ctx.requester)
+            return
         ctx.requester = sender
         ctx.plan_pending = True
         try:
@@ -128,17 +148,25 @@ class Worker:
             if plan is None:
                 # a plan by digest that we no longer hold: ask the requester for it
                 ctx.waiting_for_plan = msg
-                await self.node.send_to(sender, Message(MsgType.PLAN, rid, {
-                    "op": "need_plan", "digest": str(msg.meta["digest"])[:64]}))
+                try:
+                    await self.node.send_to(sender, Message(MsgType.PLAN, rid, {
+                        "op": "need_plan", "digest": str(msg.meta["digest"])[:64]}))
+                except WireError as exc:
+                    # a sender we cannot dial back (a client posing as a requester): drop it
+                    log.info("request %d: cannot ask %s for its plan: %s", rid, shown(sender), exc)
+                    self.cancel(rid, "its requester cannot be reached")
                 return
             if plan.requester != sender:
                 raise ValueError(f"the plan names {plan.requester!r} as requester, it came from {sender!r}")
-            size = tuple(int(v) for v in msg.meta["size"])
-            model = str(msg.meta["model"])
+            # everything checked before the model is built at the size the PLAN names
+            size, model = input_size(msg.meta.get("size")), model_name(msg.meta.get("model"))
+            if tuple(plan.input_shape[1:]) != size or plan.model != model:
+                raise ValueError(f"the plan is for {plan.model} at {plan.input_shape[1:]}, "
+                                 f"the PLAN asks {shown(model)} at {size}")
             check_model_allowed(model, self.node.config.allow_models)
             pieces = decode(msg.meta, msg.tensors)
             loaded = await asyncio.wait_for(
-                self.runtime.load(model, int(msg.meta.get("seed", 0)), (size[0], size[1])), REQUEST_TIMEOUT_S)
+                self.runtime.load(model, seed(msg.meta.get("seed", 0)), size), LOAD_TIMEOUT_S)
             if self.contexts.get(rid) is not ctx:
                 return  # cancelled while the model loaded
             ctx.loaded = loaded
@@ -155,12 +183,12 @@ class Worker:
             # a plan this node cannot serve (bad plan, unknown model, the build helper
             # process failed or outlasted the request): tell the requester why, keep serving
             if isinstance(exc, TimeoutError):
-                exc = RequestFailed(f"model build took over {REQUEST_TIMEOUT_S:.0f} s")
+                exc = RequestFailed(f"model build took over {LOAD_TIMEOUT_S:.0f} s")
             await self.node.fail_request(rid, sender, f"{self.name} cannot serve the plan: {exc}")
             return
         finally:
             ctx.plan_pending = False
-        early, ctx.early = ctx.early, []
+        early = self._release_early(ctx)
         await self._take(rid, ctx, sender, pieces, 0.0)
         for peer, later, path in early:
             await self._take(rid, ctx, peer, later, path)
@@ -175,6 +203,8 @@ class Worker:
         kept = self.plans.get(sender)
         if "plan" in meta:
             plan = Plan.from_json(meta["plan"])
+            if not all(valid_name(device) for device in plan.devices):
+                raise ValueError("a plan from a peer names devices that are not node names")
             if plan.digest() != digest:
                 raise ValueError(f"the plan's digest is {plan.digest()}, the frame says {digest}")
             if kept is None:
@@ -196,9 +226,17 @@ class Worker:
         if rid in self.cancelled:
             log.debug("dropping a piece of cancelled request %d", rid)
             return
-        ctx = self.contexts.setdefault(rid, WorkerContext(""))
-        if ctx.run is None:
+        ctx = self.contexts.get(rid)
+        if ctx is None or ctx.run is None:
+            size = nbytes(pieces)
+            refused = self.orphans.admit(sender, size) if ctx is not None or len(self.contexts) < MAX_CONTEXTS \
+                else f"{self.name} already holds {MAX_CONTEXTS} requests"
+            if refused is not None:
+                log.warning("dropping pieces of request %d that has no plan here: %s", rid, refused)
+                return
+            ctx = ctx or self.contexts.setdefault(rid, WorkerContext(""))
             ctx.early.append((sender, pieces, path))
+            ctx.early_bytes.append(size)
             return
         await self._take(rid, ctx, sender, pieces, path)
         self._finish_if_done(rid, ctx)
@@ -208,7 +246,11 @@ class Worker:
         actions: list[Any] = []
         try:
             for piece in pieces:
-                self._check_sender(ctx, sender, piece)
+                if not self._from_producer(ctx, sender, piece):
+                    # whoever knows a request id could otherwise inject (or fail) its maps
+                    log.warning("request %d: ignoring a %s piece of block %d from %s, which the plan "
+                                "does not say produces it", rid, piece.stage, piece.block, shown(sender))
+                    continue
                 if piece.stage == "tile":
                     ctx.path_in[piece.block] = max(ctx.path_in.get(piece.block, 0.0), path)
                     actions += ctx.run.on_piece(piece.block, piece.region, piece.tensor)
@@ -228,7 +270,7 @@ class Worker:
             return
         await self.node.execute(rid, actions, path)
 
-    def _check_sender(self, ctx: WorkerContext, sender: str, piece: Piece) -> None:
+    def _from_producer(self, ctx: WorkerContext, sender: str, piece: Piece) -> bool:
         """A piece is accepted only from who the plan says produces it."""
         assert ctx.run is not None
         plan = ctx.run.plan
@@ -237,13 +279,11 @@ class Worker:
             allowed: set[str] = {plan.requester}
         elif piece.stage == "tile":
             if not 0 < piece.block < len(plan.blocks):
-                raise RequestStateError(f"block {piece.block} is not in a plan of {len(plan.blocks)} blocks")
+                return False  # no device produces a block the plan does not have
             allowed = set(plan.blocks[piece.block - 1].devices)
         else:
             allowed = set(plan.blocks[-1].devices)
-        if sender not in allowed:
-            raise RequestStateError(f"a {piece.stage} piece of block {piece.block} from {sender!r}, "
-                                    "which the plan does not say produces it")
+        return sender in allowed
 
     async def compute(self, rid: int, action: Compute, path_s: float, issued: float) -> None:
         ctx = self.contexts.get(rid)
@@ -343,6 +383,14 @@ class Worker:
             if rid in self.cancelled:
                 log.info("auction %d was cancelled: dropping a late %s", rid, type(message).__name__)
                 return []
+            if message.sender != self.name and not self.node.membership.is_alive(message.sender):
+                # auctioneers are mesh nodes: a client's call for bids would hold commitments
+                log.warning("dropping a %s from %s, not a live peer", type(message).__name__, shown(message.sender))
+                return []
+            if len(self.bid_auctions) >= MAX_BID_AUCTIONS:
+                log.warning("dropping a %s from %s: already in %d auctions", type(message).__name__,
+                            shown(message.sender), MAX_BID_AUCTIONS)
+                return []
             self.bid_auctions[message.auction_id] = (time.monotonic(), message.sender)
         out = self.bidder.receive(message, time.monotonic())
         if isinstance(message, Close):
@@ -357,17 +405,28 @@ class Worker:
         self.bid_auctions.pop(auction_id, None)
 
     # ---- cancelling ----------------------------------------------------------------
+    def _release_early(self, ctx: WorkerContext) -> list[tuple[str, list[Piece], float]]:
+        """The pieces that waited for the plan, handed over and no longer counted as orphans."""
+        early, ctx.early = ctx.early, []
+        for (sender, _, _), size in zip(early, ctx.early_bytes):
+            self.orphans.release(sender, size)
+        ctx.early_bytes = []
+        return early
+
     def cancel(self, rid: int, reason: str, *, quiet: bool = False) -> None:
         """Forget every piece of worker-side state of a request that will not complete
         (`quiet`: an expected end, such as a standing auction's close)."""
         ctx = self.contexts.pop(rid, None)
         if ctx is not None:
             ctx.stop_work()
+            self._release_early(ctx)
         if ctx is not None or str(rid) in self.bid_auctions:
             log.log(logging.DEBUG if quiet else logging.INFO, "request %d cancelled on %s: %s",
                     rid, self.name, reason)
         self.release_bid(str(rid))
         self.cancelled[rid] = time.monotonic()
+        while len(self.cancelled) > MAX_CANCELLED:
+            del self.cancelled[next(iter(self.cancelled))]  # the oldest: its request is long over
 
     def on_cancel(self, sender: str, rid: int, reason: str, *, quiet: bool = False) -> None:
         """The requester of `rid` says it failed: drop its work here (only its requester may)."""
@@ -375,8 +434,13 @@ class Worker:
         bid = self.bid_auctions.get(str(rid))
         if (ctx is not None and ctx.requester == sender) or (bid is not None and bid[1] == sender):
             self.cancel(rid, f"cancelled by {sender}: {reason}", quiet=quiet)
-        elif ctx is None and bid is None:
-            log.debug("cancel of request %d from %s: nothing of it here", rid, sender)
+        elif (ctx is None or ctx.requester == "") and bid is None:
+            # nothing of it here yet (its PLAN may still be on the way): remember who
+            # cancelled it, so that requester's PLAN for it is refused when it comes
+            log.debug("cancel of request %d from %s before its PLAN", rid, sender)
+            self.cancelled_early[rid] = (sender, time.monotonic())
+            while len(self.cancelled_early) > MAX_EARLY_CANCELS:
+                self.cancelled_early.popitem(last=False)
         else:
             log.warning("ignoring a cancel of request %d from %s, not its requester", rid, sender)
 
@@ -407,6 +471,8 @@ class Worker:
         for rid, when in list(self.cancelled.items()):
             if now - when > WORK_TTL_S:
                 del self.cancelled[rid]
+        while self.cancelled_early and now - next(iter(self.cancelled_early.values()))[1] > WORK_TTL_S:
+            self.cancelled_early.popitem(last=False)
 
 
 async def _tracked(ctx: WorkerContext, work: Any) -> None:

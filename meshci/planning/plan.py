@@ -180,6 +180,7 @@ class Plan:
                 auction_rounds=int(data.get("auction_rounds", 0)),
                 head=HeadPlan.from_json(data["head"]) if data.get("head") is not None else None,
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            # malformed plan JSON (a peer's or a user's): one error naming what is wrong
-            raise PlanningError(f"malformed plan: {exc!r}") from exc
+        except (KeyError, TypeError, ValueError, OverflowError, AttributeError, IndexError) as exc:
+            # malformed plan JSON (a peer's or a user's: not an object, a 400-digit or an
+            # infinite number): one error naming what is wrong
+            raise PlanningError(f"malformed plan: {str(exc)[:200]!r}") from exc

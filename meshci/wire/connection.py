@@ -11,6 +11,7 @@ through a small scratch buffer; reads never reach past the current frame.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import fcntl
 import logging
 import os
@@ -33,7 +34,9 @@ from meshci.wire.errors import (
 )
 from meshci.wire.frames import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, FrameMac, encode, encode_chunks
 from meshci.wire.handshake import HANDSHAKE_MAX_FRAME_BYTES, Handshake, HandshakeResult, Role
+from meshci.wire.limiter import HandshakeLimiter
 from meshci.wire.messages import Message, MsgType
+from meshci.wire.tls import bound_name
 
 log = logging.getLogger(__name__)
 
@@ -102,36 +105,6 @@ def _kernel_idle_s(sock: Any) -> float | None:
     if len(info) < _TCP_INFO_LAST_DATA_RECV + 4:
         return None
     return struct.unpack_from("I", info, _TCP_INFO_LAST_DATA_RECV)[0] / 1000.0
-
-
-class HandshakeLimiter:
-    """Caps the handshakes in progress on one listener.
-
-    A peer that has proven nothing may hold a connection open for the whole handshake
-    timeout; without a cap a flood of such connections exhausts file descriptors. Pass one
-    limiter per listening socket to `Connection.accept(..., limiter=)`: a connection that
-    arrives while `max_pending` handshakes are running is refused at once (logged)."""
-
-    def __init__(self, max_pending: int = 64) -> None:
-        if max_pending < 1:
-            raise ValueError(f"max_pending must be at least 1, got {max_pending}")
-        self.max_pending = max_pending
-        self.pending = 0
-        self.refused = 0
-
-    def try_acquire(self) -> bool:
-        """Take a slot for one handshake; False (and counted) when all are taken."""
-        if self.pending >= self.max_pending:
-            self.refused += 1
-            return False
-        self.pending += 1
-        return True
-
-    def release(self) -> None:
-        """Give back a slot taken by `try_acquire`."""
-        if self.pending <= 0:
-            raise LocalProtocolError("HandshakeLimiter.release() without a matching acquire")
-        self.pending -= 1
 
 
 class _WireProtocol(asyncio.BufferedProtocol):
@@ -434,6 +407,8 @@ class Connection:
             raise HandshakeTimeout(f"connect timed out after {timeout} s") from exc
         except OSError as exc:  # refused, unreachable, TLS rejected: the peer is not there for us
             raise ConnectionClosed(_reason(exc)) from exc
+        except (UnicodeError, ValueError) as exc:  # a host name no resolver takes (a label too long)
+            raise ConnectionClosed(f"bad address {str(host)[:80]!r}: {exc}") from exc
         transport = cast(asyncio.Transport, transport)
         return await cls._establish(transport, protocol, handshake, name, timeout, max_frame_bytes)
 
@@ -449,22 +424,27 @@ class Connection:
         insecure: bool = False,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         limiter: HandshakeLimiter | None = None,
+        first_timeout: float | None = None,
     ) -> Connection:
         """Run the server side of the handshake on a freshly accepted stream pair (from an
         `asyncio.start_server` callback). The connection takes the transport over from the
         stream pair; use only the returned `Connection` afterwards.
 
         With a `limiter` that has no free slot the connection is refused at once
-        (HandshakeRefused). On failure the stream is closed, the reason logged, and the
-        error raised."""
+        (HandshakeRefused). `first_timeout`: the peer's first handshake message must arrive
+        within it (an idle socket holds a slot that long only). On failure the stream is
+        closed, the reason logged, and the error raised."""
         transport = cast(asyncio.Transport, writer.transport)
-        if limiter is not None and not limiter.try_acquire():
-            address = writer.get_extra_info("peername")
+        address = writer.get_extra_info("peername")
+        source = str(address[0]) if isinstance(address, tuple) else None
+        if limiter is not None and not limiter.try_acquire(source):
             log.warning(
-                "refusing connection from %s: %d handshakes already in progress (limit %d)",
+                "refusing connection from %s: %d handshakes already in progress (limit %d, %s from %s)",
                 address,
                 limiter.pending,
                 limiter.max_pending,
+                limiter.pending_from(source) if source is not None else "?",
+                source,
             )
             transport.abort()
             raise HandshakeRefused(f"too many handshakes in progress ({limiter.max_pending})")
@@ -473,10 +453,11 @@ class Connection:
             protocol = _WireProtocol(FrameDecoder(max_frame_bytes=HANDSHAKE_MAX_FRAME_BYTES))
             protocol.streams = (reader, writer)
             await _take_over(reader, transport, protocol)
-            return await cls._establish(transport, protocol, handshake, name, timeout, max_frame_bytes)
+            return await cls._establish(transport, protocol, handshake, name, timeout, max_frame_bytes,
+                                        first_timeout=first_timeout)
         finally:
             if limiter is not None:
-                limiter.release()
+                limiter.release(source)
 
     @classmethod
     async def _establish(
@@ -487,16 +468,21 @@ class Connection:
         name: str,
         timeout: float,
         max_frame_bytes: int,
+        *,
+        first_timeout: float | None = None,
     ) -> Connection:
         address = transport.get_extra_info("peername")
         counts = [0, 0]  # sent, received
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(min(timeout, first_timeout or timeout)) as deadline:
                 for msg in handshake.initiate():
                     counts[0] += _write_small(transport, encode(msg))
                 await protocol.drain()
                 while not handshake.complete:
                     msg, n, _arrival = await protocol.next_message()
+                    deadline.reschedule(end)  # it spoke: the rest of the whole timeout
                     counts[1] += n
                     for reply in handshake.receive(msg):
                         counts[0] += _write_small(transport, encode(reply))
@@ -523,6 +509,12 @@ class Connection:
             transport.abort()
             raise
         result = handshake.result
+        bound = bound_name(result.peer_name, transport.get_extra_info("peercert"))
+        if bound != result.peer_name:
+            # mutual TLS: the certificate does not bear the name the peer claims
+            log.info("peer at %s says it is %r but its certificate does not name it: it speaks "
+                     "for no node", address, result.peer_name)
+            result = dataclasses.replace(result, peer_name=bound)
         # The protocol parsed nothing past the last handshake frame, so the keys and the
         # frame limit apply from the very next frame on.
         protocol.decoder.set_mac(result.recv_mac)

@@ -37,7 +37,7 @@ NONCE_BYTES = 32
 MIN_SECRET_BYTES = 16
 # Handshake frames are tiny; a peer that has proven nothing may not make us allocate more.
 HANDSHAKE_MAX_FRAME_BYTES = 16 << 10
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}")  # whole name (fullmatch): no "x\n"
 
 
 class Role(str, Enum):
@@ -57,7 +57,7 @@ class HandshakeResult:
 
 def valid_name(name: str) -> bool:
     """Node names: 1-64 characters of letters, digits and `._:@-`, starting alphanumeric."""
-    return isinstance(name, str) and _NAME.match(name) is not None
+    return isinstance(name, str) and len(name) <= 64 and _NAME.fullmatch(name) is not None
 
 
 def _field(value: bytes) -> bytes:

@@ -74,7 +74,7 @@ item_strategy = st.builds(
 
 
 @settings(max_examples=50, deadline=None)
-@given(items=st.lists(item_strategy, max_size=4), backlog=st.floats(allow_nan=False), rnd=st.integers(0, 9))
+@given(items=st.lists(item_strategy, max_size=4), backlog=st.floats(-1e12, 1e12), rnd=st.integers(0, 9))
 def test_messages_round_trip_through_json(items: list[Item], backlog: float, rnd: int) -> None:
     import json
 
@@ -101,6 +101,12 @@ def test_messages_round_trip_through_json(items: list[Item], backlog: float, rnd
         {"type": "award", "auction_id": "a", "round": 1, "sender": "s", "item_ids": [3], "work_s": 1.0},
         {"type": "bid_bundle", "auction_id": "a", "round": 1, "sender": "s", "backlog_s": 0, "bids": [["x"]]},
         {"type": "bid_bundle", "auction_id": "a", "round": 1, "sender": "s", "backlog_s": 0, "bids": [[1, 2]]},
+        # finite but absurd, or an integer float() cannot take: refused before any arithmetic
+        {"type": "bid_bundle", "auction_id": "a", "round": 1, "sender": "s", "backlog_s": 1e300, "bids": []},
+        {"type": "bid_bundle", "auction_id": "a", "round": 1, "sender": "s", "backlog_s": 0,
+         "bids": [["x", 10 ** 400]]},
+        {"type": "bid_bundle", "auction_id": "a", "round": 2 ** 70, "sender": "s", "backlog_s": 0, "bids": []},
+        {"type": "bid_bundle", "auction_id": "a", "round": 1, "sender": "s\nforged", "backlog_s": 0, "bids": []},
         {"type": "call_for_bids", "auction_id": "a", "round": 1, "sender": "s", "reply_within_s": 1,
          "items": [{"item_id": "x"}]},
         {"type": "call_for_bids", "auction_id": "a", "round": 1, "sender": "s", "reply_within_s": 1,

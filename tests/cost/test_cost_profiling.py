@@ -15,6 +15,7 @@ from meshci.cost.profiling import (
     measure_curves,
     model_hash,
     profiled_device,
+    prune_profiles,
 )
 
 
@@ -73,3 +74,15 @@ def test_profiled_device(tiny_trunk):
     dev = profiled_device("me", tiny_trunk, curve)
     assert dev.curve_for("tiny", len(tiny_trunk.segments)) == curve
     assert dev.gflops > 0
+
+
+def test_profiles_on_disk_are_bounded(tmp_path):
+    """Every input size is its own profile: only the most recently written are kept."""
+    import os
+
+    for i in range(6):
+        path = tmp_path / f"m-{i}.json"
+        path.write_text("{}")
+        os.utime(path, ns=(i * 10**9, i * 10**9))
+    prune_profiles(tmp_path, keep=3)
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == ["m-3.json", "m-4.json", "m-5.json"]

@@ -28,12 +28,12 @@ class Mesh:
 
     def join(self, newcomer: Membership, via: Address) -> bool:
         target = self.nodes[via]
-        events, refusal = target.on_join(newcomer.join_payload(), self.now)
+        events, refusal = target.on_join(newcomer.join_payload(), self.now, sender=newcomer.name)
         self._record(target, events)
         if refusal is not None:
             self.refusals.append((newcomer.name, refusal.reason))
             return False
-        self._record(newcomer, newcomer.on_heartbeat(target.heartbeat(), self.now))
+        self._record(newcomer, newcomer.on_heartbeat(target.heartbeat(), self.now, sender=target.name))
         self._record(newcomer, newcomer.on_welcome(target.welcome(), self.now))
         return True
 
@@ -44,7 +44,7 @@ class Mesh:
                 target = self.nodes[ev.address]
                 if target.name in self.down:
                     continue
-                evs, refusal = target.on_join(who.join_payload(), self.now)
+                evs, refusal = target.on_join(who.join_payload(), self.now, sender=who.name)
                 if refusal is None:
                     self._record(target, evs)
 
@@ -60,7 +60,7 @@ class Mesh:
                     receiver = self.nodes.get(peer.address)
                     if receiver is None or receiver.name in self.down:
                         continue
-                    self._record(receiver, receiver.on_heartbeat(sender.heartbeat(), self.now))
+                    self._record(receiver, receiver.on_heartbeat(sender.heartbeat(), self.now, sender=sender.name))
             for m in live:
                 self._record(m, m.tick(self.now))
 
@@ -84,11 +84,11 @@ def test_gossip_alone_introduces_a_third_node() -> None:
     a = Membership("a", Address("h", 1), 1)
     b = Membership("b", Address("h", 2), 1)
     c = Membership("c", Address("h", 3), 1)
-    b.on_heartbeat(c.heartbeat(), 0.0)          # b knows c directly
-    events = a.on_heartbeat(b.heartbeat(), 0.0)  # a hears b, whose gossip names c
+    b.on_heartbeat(c.heartbeat(), 0.0, sender=c.name)          # b knows c directly
+    events = a.on_heartbeat(b.heartbeat(), 0.0, sender=b.name)  # a hears b, whose gossip names c
     assert Dial("c", Address("h", 3)) in events
     assert a.peer("c") is not None and not a.is_alive("c")  # known, not yet heard directly
-    a.on_heartbeat(c.heartbeat(), 0.1)
+    a.on_heartbeat(c.heartbeat(), 0.1, sender=c.name)
     assert a.is_alive("c")
 
 
@@ -108,19 +108,19 @@ def test_killed_node_is_declared_dead_within_a_few_seconds() -> None:
     assert sorted(downs) == ["a", "b"]
     # gossip from a node that still lists c cannot bring it back
     stale = Membership("x", Address("10.0.0.9", 1), 1)
-    stale.on_heartbeat(c.heartbeat(), mesh.now)
-    a.on_heartbeat(stale.heartbeat(), mesh.now)
+    stale.on_heartbeat(c.heartbeat(), mesh.now, sender=c.name)
+    a.on_heartbeat(stale.heartbeat(), mesh.now, sender=stale.name)
     assert a.peer("c").status is PeerStatus.DEAD
 
 
 def test_restarted_node_with_new_incarnation_comes_back() -> None:
     a = Membership("a", Address("h", 1), 1)
     b1 = Membership("b", Address("h", 2), 1)
-    a.on_join(b1.join_payload(), 0.0)
+    a.on_join(b1.join_payload(), 0.0, sender=b1.name)
     a.tick(10.0)
     assert a.peer("b").status is PeerStatus.DEAD
     b2 = Membership("b", Address("h", 2), 2)
-    events, refusal = a.on_join(b2.join_payload(), 10.5)
+    events, refusal = a.on_join(b2.join_payload(), 10.5, sender=b2.name)
     assert refusal is None and PeerUp("b") in events and a.is_alive("b")
 
 
@@ -142,15 +142,15 @@ def test_duplicate_name_is_refused_with_a_reason() -> None:
 
 def test_dead_name_may_be_taken_by_a_new_node() -> None:
     a = Membership("a", Address("h", 1), 1)
-    a.on_join(Membership("b", Address("h", 2), 1).join_payload(), 0.0)
+    a.on_join(Membership("b", Address("h", 2), 1).join_payload(), 0.0, sender="b")
     a.tick(5.0)
-    _, refusal = a.on_join(Membership("b", Address("h", 3), 7).join_payload(), 5.0)
+    _, refusal = a.on_join(Membership("b", Address("h", 3), 7).join_payload(), 5.0, sender="b")
     assert refusal is None and a.peer("b").address == Address("h", 3)
 
 
 def test_leave_marks_dead_at_once() -> None:
     a = Membership("a", Address("h", 1), 1)
-    a.on_join(Membership("b", Address("h", 2), 1).join_payload(), 0.0)
+    a.on_join(Membership("b", Address("h", 2), 1).join_payload(), 0.0, sender="b")
     assert a.on_leave("b", 0.1) == [PeerDown("b", "left the mesh")]
     assert not a.is_alive("b")
 
@@ -166,9 +166,9 @@ def test_leave_marks_dead_at_once() -> None:
 ])
 def test_malformed_payloads_are_refused_or_dropped(payload: dict) -> None:
     a = Membership("a", Address("h", 1), 1)
-    events, refusal = a.on_join(payload, 0.0)
+    events, refusal = a.on_join(payload, 0.0, sender="z")
     assert events == [] and refusal is not None and "malformed" in refusal.reason
-    assert a.on_heartbeat(payload, 0.0) == []
+    assert a.on_heartbeat(payload, 0.0, sender="z") == []
     assert a.peers() == []
 
 
@@ -177,14 +177,14 @@ def test_bad_gossip_entry_is_skipped_others_count() -> None:
     b = Membership("b", Address("h", 2), 1)
     beat = b.heartbeat()
     beat["gossip"] = [{"name": "c"}, {"name": "d", "host": "h", "port": 4, "incarnation": 1}]
-    events = a.on_heartbeat(beat, 0.0)
+    events = a.on_heartbeat(beat, 0.0, sender="b")
     assert Dial("d", Address("h", 4)) in events and a.peer("c") is None
 
 
 def test_advert_reaches_peers_and_observed_host_replaces_wildcard() -> None:
     a = Membership("a", Address("h", 1), 1)
     b = Membership("b", Address("0.0.0.0", 2), 1, advert=Advert(gflops=3.5, backlog_s=0.25))
-    a.on_heartbeat(b.heartbeat(), 0.0, observed_host="192.168.1.7")
+    a.on_heartbeat(b.heartbeat(), 0.0, observed_host="192.168.1.7", sender="b")
     peer = a.peer("b")
     assert peer.address == Address("192.168.1.7", 2)
     assert peer.advert.gflops == 3.5 and peer.advert.backlog_s == 0.25

@@ -410,3 +410,8 @@ def test_works_on_uvloop() -> None:
             await srv.stop()
 
     run_on_uvloop(scenario)
+
+
+async def test_dialling_a_host_no_resolver_takes_is_a_wire_error() -> None:
+    with pytest.raises(ConnectionClosed, match="bad address"):
+        await Connection.open("a." + "b" * 70, 7000, secret=b"s" * 32, name="client", timeout=2.0)

@@ -140,6 +140,22 @@ def test_handshake_limiter_counts_slots() -> None:
         HandshakeLimiter(max_pending=0)
 
 
+def test_handshake_limiter_caps_each_source() -> None:
+    limiter = HandshakeLimiter(max_pending=4, per_source=2)
+    assert limiter.try_acquire("10.0.0.1") and limiter.try_acquire("10.0.0.1")
+    assert not limiter.try_acquire("10.0.0.1")  # that address holds its share
+    assert limiter.try_acquire("10.0.0.2") and limiter.try_acquire("10.0.0.3")
+    assert not limiter.try_acquire("10.0.0.4")  # the total cap still holds
+    assert limiter.refused == 2 and limiter.pending_from("10.0.0.1") == 2
+    limiter.release("10.0.0.1")
+    assert limiter.try_acquire("10.0.0.1")
+    for source in ("10.0.0.1", "10.0.0.1", "10.0.0.2", "10.0.0.3"):
+        limiter.release(source)
+    assert limiter.pending == 0
+    with pytest.raises(LocalProtocolError):
+        limiter.release("10.0.0.1")
+
+
 async def test_listener_refuses_connections_beyond_its_handshake_cap(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="meshci.wire")
     limiter = HandshakeLimiter(max_pending=2)

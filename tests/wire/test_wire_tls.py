@@ -22,7 +22,9 @@ from meshci.wire import (
     WireError,
     client_tls_context,
     server_tls_context,
+    valid_name,
 )
+from meshci.wire.tls import UNVERIFIED
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -90,7 +92,8 @@ async def test_mutual_tls_exchange(pki: Path) -> None:
         await server.wait_closed()
 
 
-async def _tls_pair(pki: Path) -> tuple[Connection, Connection, asyncio.Server]:
+async def _tls_server(pki: Path) -> tuple[asyncio.Server, asyncio.Queue[Connection], int]:
+    """A server named "server" that queues every connection it accepts."""
     accepted: asyncio.Queue[Connection] = asyncio.Queue()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -98,7 +101,11 @@ async def _tls_pair(pki: Path) -> tuple[Connection, Connection, asyncio.Server]:
 
     ctx = server_tls_context(pki / "server.pem", pki / "server.key", pki / "ca.pem")
     server = await asyncio.start_server(handle, HOST, 0, ssl=ctx, ssl_handshake_timeout=2.0)
-    port = server.sockets[0].getsockname()[1]
+    return server, accepted, server.sockets[0].getsockname()[1]
+
+
+async def _tls_pair(pki: Path) -> tuple[Connection, Connection, asyncio.Server]:
+    server, accepted, port = await _tls_server(pki)
     client_ctx = client_tls_context(pki / "client.pem", pki / "client.key", pki / "ca.pem")
     client = await Connection.open(HOST, port, secret=SECRET, name="client", ssl=client_ctx)
     return client, await asyncio.wait_for(accepted.get(), 10), server
@@ -160,3 +167,24 @@ async def test_client_refuses_a_server_from_another_ca(pki: Path) -> None:
 def test_unreadable_tls_files_are_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(TlsConfigError, match="cannot load TLS files"):
         server_tls_context(tmp_path / "missing.pem", tmp_path / "missing.key", tmp_path / "ca.pem")
+
+
+async def test_a_handshake_name_the_certificate_does_not_bear_speaks_for_nobody(pki: Path) -> None:
+    """With mutual TLS, the holder of the secret and of some cluster certificate (here the
+    client's) cannot speak as node "server2": the accepted connection is marked unverified,
+    a name no node can have, so no node's facts are taken from it."""
+    server, accepted, port = await _tls_server(pki)
+    client_ctx = client_tls_context(pki / "client.pem", pki / "client.key", pki / "ca.pem")
+    try:
+        honest = await Connection.open(HOST, port, secret=SECRET, name="client", ssl=client_ctx)
+        assert (await asyncio.wait_for(accepted.get(), 10)).peer_name == "client"
+        forged = await Connection.open(HOST, port, secret=SECRET, name="server2", ssl=client_ctx)
+        seen = await asyncio.wait_for(accepted.get(), 10)
+        assert seen.peer_name == UNVERIFIED + "server2" and not valid_name(seen.peer_name)
+        # and the other way: a server whose certificate does not bear the name it answers with
+        assert forged.peer_name == "server"
+        for conn in (honest, forged, seen):
+            conn.abort()
+    finally:
+        server.close()
+        await server.wait_closed()
