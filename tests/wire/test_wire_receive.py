@@ -239,7 +239,7 @@ async def test_a_frame_read_late_is_timed_by_when_its_tail_reached_the_kernel() 
 
     from wire_helpers import frame_bytes
 
-    from meshci.wire.connection import _kernel_idle_s
+    from meshci.wire.protocol import _kernel_idle_s
 
     client, server_conn, server = await _pair(secret=None)
     try:
