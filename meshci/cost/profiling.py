@@ -314,6 +314,7 @@ class SpeedCorrection:
     min_predicted_s: float = 0.002  # tiles shorter than this are noise, not speed
     ratios: dict[str, float] = field(default_factory=dict)
     samples: dict[str, int] = field(default_factory=dict)
+    advertised: dict[str, float] = field(default_factory=dict)
 
     def observe(self, key: str, predicted_s: float, measured_s: float) -> bool:
         """A tile predicted at `predicted_s` (uncorrected curves) took `measured_s`; True
@@ -321,18 +322,21 @@ class SpeedCorrection:
         if not (math.isfinite(predicted_s) and math.isfinite(measured_s)) or predicted_s < self.min_predicted_s \
                 or measured_s <= 0:
             return False
-        before = self.factor(key)
         sample = min(10.0, max(0.1, measured_s / predicted_s))
         old = self.ratios.get(key)
-        self.ratios[key] = sample if old is None else (1.0 - self.alpha) * old + self.alpha * sample
+        ratio = self.ratios[key] = sample if old is None else (1.0 - self.alpha) * old + self.alpha * sample
         self.samples[key] = self.samples.get(key, 0) + 1
-        return self.factor(key) != before
+        current = self.factor(key)
+        if abs(math.log(ratio / current)) < math.log(self.step) * 0.75:
+            return False  # within the step around what is advertised (no flapping at a step's edge)
+        moved = self.step ** round(math.log(ratio) / math.log(self.step))
+        self.advertised[key] = moved
+        return moved != current
 
     def factor(self, key: str) -> float:
-        ratio = self.ratios.get(key)
-        if ratio is None:
-            return 1.0
-        return self.step ** round(math.log(ratio) / math.log(self.step))
+        """What this device advertises for `key`: its curves' times times this (1 before
+        any sample)."""
+        return self.advertised.get(key, 1.0)
 
     def curve(self, key: str, curve: SegmentCurve) -> SegmentCurve:
         """`curve` as this device computes now."""

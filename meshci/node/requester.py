@@ -24,10 +24,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import random
+import threading
 import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -165,7 +168,7 @@ class Requester:
         standing = self.standing.get(key)
         if standing is None:
             # the first request of this kind waits for its plan; later ones never do
-            plan = await asyncio.get_running_loop().run_in_executor(None, make_plan, loaded.trunk, cluster, strategy)
+            plan = await asyncio.get_running_loop().run_in_executor(PLANNER, make_plan, loaded.trunk, cluster, strategy)
             standing = self.standing[key] = Standing(plan, links, time.monotonic())
             while len(self.standing) > STANDING_PLANS:
                 self.standing.popitem(last=False)
@@ -435,7 +438,7 @@ class Requester:
     async def _replan(self, standing: Standing, loaded: LoadedModel, cluster: Cluster, strategy: str,
                       links: tuple[Any, ...]) -> None:
         try:
-            plan = await asyncio.get_running_loop().run_in_executor(None, make_plan, loaded.trunk, cluster, strategy)
+            plan = await asyncio.get_running_loop().run_in_executor(PLANNER, make_plan, loaded.trunk, cluster, strategy)
             if plan.digest() != standing.plan.digest():
                 standing.plan, standing.awarded, standing.bids_for = plan, None, None
             standing.links, standing.made = links, time.monotonic()
@@ -553,6 +556,19 @@ class Requester:
                   "learned %s", plan.strategy, model, ",".join(sorted(computing)), predicted[0] * 1e3,
                   predicted[1] * 1e3, measured_s * 1e3, learned)
 
+
+def _lower_priority() -> None:
+    """The planner thread yields to the tile compute and the event loop (Linux: a thread's
+    nice value is its own): a background re-plan must not slow the requests it serves."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), PLANNER_NICE)
+    except (AttributeError, OSError):  # another OS, or not allowed: plan at normal priority
+        pass
+
+
+# one planning thread per process, below the compute thread's priority (`_lower_priority`)
+PLANNER_NICE = 10
+PLANNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshci-plan", initializer=_lower_priority)
 
 __all__ = ["MAX_INPUT_SIDE", "Requester", "RequesterContext", "request_input"]
 

@@ -16,7 +16,7 @@ from meshci.trunk import Region
 
 STANDING_PLANS = 16  # standing plans kept (least recently used beyond)
 LINK_STEP = 2.0  # a standing plan is made again when a link's measured cost moves by this factor
-RATIO_STEP = 1.05  # ... or a device's learned compute ratio moves by this factor
+RATIO_STEP = 1.25  # ... or a device's learned compute ratio moves by this factor (devices correct their own curves)
 REPLAN_MIN_S = 10.0  # ... at most this often: planning competes with tiles for the CPU
 # a standing award is auctioned again at most this often: an auction costs every bidder
 # CPU, and the load it reacts to is mostly the requests it serves

@@ -31,3 +31,10 @@ def test_the_correction_follows_the_device_back_and_ignores_noise() -> None:
     assert not speed.observe("m", 0.100, float("nan")) and not speed.observe("m", 0.100, 0.0)
     speed.observe("m", 0.100, 1e6)  # a stalled tile counts at most 10x
     assert speed.ratios["m"] <= 10.0
+
+
+def test_noise_at_a_steps_edge_does_not_flap_the_advertised_curves() -> None:
+    speed = SpeedCorrection(alpha=0.3, step=1.15)
+    speed.observe("m", 0.100, 0.1075)  # halfway between two steps (1.0 and 1.15)
+    changes = sum(speed.observe("m", 0.100, t) for t in [0.104, 0.111, 0.103, 0.112, 0.105, 0.110] * 5)
+    assert changes == 0  # each change re-plans the mesh: noise must not cause one
