@@ -26,8 +26,9 @@ over the best other, the ideal bound and the share of it reached, predicted vs m
 trace-event format) and, where matplotlib is installed, ``latency.png``, ``simulated.png``
 and ``timeline.png``.
 
-The ideal bound is the trunk's FLOPs over the cluster's total measured speed plus the input
-that must leave the requester (the share of the work its speed cannot do, over its link).
+The ideal bound is the model's work over the cluster's total speed, each device's speed as
+measured alone on this model at the client (speeds add), plus the input that must leave the
+requester (the share of the work its speed cannot do, over its link).
 """
 
 from __future__ import annotations
@@ -170,17 +171,14 @@ def _row(scenario: str, r: dict[str, Any], run: int, checked: dict[tuple[str, st
             "shares": json.dumps(r.get("shares", {}), sort_keys=True)}
 
 
-def ideal_s(model: str, size: tuple[int, int], gflops: dict[str, float], requester: str,
-            requester_mbps: float) -> float:
-    """Trunk FLOPs over the cluster's total speed, plus the input the requester cannot keep."""
-    from meshci.models import build_model
-    from meshci.trunk import extract_trunk
-
-    trunk = extract_trunk(build_model(model), (3, *size), model)
-    total = sum(gflops.values())
-    away = 1.0 - gflops.get(requester, 0.0) / total
+def ideal_s(alone_s: dict[str, float], size: tuple[int, int], requester: str, requester_mbps: float) -> float:
+    """The cluster's whole speed on this model, as each device alone was measured at the
+    client (speeds add: 1 / sum of 1/alone), plus the input that must leave the requester
+    (the share of the work its speed cannot do, over its link)."""
+    total = sum(1.0 / s for s in alone_s.values())
+    away = 1.0 - (1.0 / alone_s[requester]) / total
     input_bits = 3 * size[0] * size[1] * 4 * 8
-    return trunk.flops / (total * 1e9) + away * input_bits / (requester_mbps * 1e6)
+    return 1.0 / total + away * input_bits / (requester_mbps * 1e6)
 
 
 def summarise(result: dict[str, Any], requester_mbps: float) -> list[str]:
@@ -194,7 +192,7 @@ def summarise(result: dict[str, Any], requester_mbps: float) -> list[str]:
     for model in sorted({r["model"] for r in result["rows"]}):
         alone = result["alone_s"][model]
         fastest = min(alone, key=alone.__getitem__)
-        ideal = ideal_s(model, tuple(result["size"]), result["gflops"], result["requester"], requester_mbps)
+        ideal = ideal_s(alone, tuple(result["size"]), result["requester"], requester_mbps)
         lines += [f"**{model}**: fastest device alone {fastest} {alone[fastest] * 1000:.0f} ms; ideal bound "
                   f"{ideal * 1000:.0f} ms (x{alone[fastest] / ideal:.2f})", "",
                   "| strategy | median ms | min-max ms | x fastest alone | share of ideal | predicted ms | "
