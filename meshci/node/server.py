@@ -18,17 +18,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import ssl
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import torch
 
-from meshci import __version__
 from meshci.auction.errors import MessageFormatError
 from meshci.auction.messages import Award, CallForBids, Close, Outgoing
 from meshci.cost.cluster import LinkSpec
@@ -39,16 +37,15 @@ from meshci.node.connections import TLS_HANDSHAKE_TIMEOUT_S, Connections
 from meshci.node.fields import MAX_SECONDS, number, reason, shown
 from meshci.node.gossip import Gossip
 from meshci.node.latency import BoundaryCosts
-from meshci.node.memory import peak_rss_mb, rss_mb
-from meshci.node.membership import (HEARTBEAT_INTERVAL_S, LEFT_THE_MESH, MAX_ADVERT_LINKS, Address, Advert,
+from meshci.node.membership import (HEARTBEAT_INTERVAL_S, LEFT_THE_MESH, Address, Advert,
                                     Membership)
 from meshci.node.metrics import NodeMetrics
 from meshci.node.pieces import Piece, decode as decode_pieces, encode as encode_pieces
 from meshci.node.request import Action, Compute, RequestStateError, RunHead, SendPiece, tensor_bytes
+from meshci.node.reports import NodeReports
 from meshci.node.requester import Requester
 from meshci.node.runtime import Runtime
-from meshci.node.trace import Span, TraceLog, wall_of
-from meshci.node.view import member_row, mesh_view
+from meshci.node.trace import Span, TraceLog
 from meshci.node.worker import Worker
 from meshci.trunk import Region
 from meshci.wire import Connection, Message, MsgType
@@ -111,7 +108,7 @@ REQUESTER_STAGES = frozenset({"gather", "logits"})  # pieces for the request's r
 BIDDER_MESSAGES = (CallForBids, Award, Close)  # auctioneer -> bidder; the rest go the other way
 
 
-class Node:
+class Node(NodeReports):
     """One mesh node. `await start()`, then `await wait_closed()`; `stop()` from anywhere."""
 
     def __init__(self, config: NodeConfig, runtime: Runtime | None = None) -> None:
@@ -483,101 +480,6 @@ class Node:
         self.requester.sweep(now)
         self.worker.sweep(now)
 
-    # ---- what this node says about itself --------------------------------------------
-    def advert(self) -> Advert:
-        backlog = max(0.0, self.runtime.queued_s)
-        advert = self.runtime.advert(self.config.gflops, backlog, self.link_view(),
-                                     _sig3((self.boundary.handling_s or 0.0) * 1000.0))
-        return replace(advert, version=__version__)
-
-    def link_view(self) -> tuple[tuple[str, float, float], ...]:
-        """(peer, Mbit/s, per-message ms) per measured link: bandwidth as delivered here
-        (bytes of the tile frames received from the peer over the time they took to land;
-        0 when nothing large came from it yet); the per-message latency is the one-way delivery this node measured on tile messages
-        (half the heartbeat round trip before any); this node's per-tile handling travels
-        beside it (`Advert.tile_ms`), charged per tile. Rounded to 3
-        significant digits: they ride in the advert, which is resent when it changes."""
-        known = self.links.known()
-        names = sorted(n for n in set(known) | set(self.boundary.peers()) if self.membership.is_alive(n))
-        names = names[:MAX_ADVERT_LINKS]  # what a peer accepts in an advert
-        fallback = self.config.default_link
-        # bandwidth 0: not measured here (the planner takes the peer's figure, or its default)
-        return tuple((n, _sig3(self.links.measured_mbps(n) or 0.0),
-                      _sig3(self.boundary.link_latency_ms(n, known[n].latency_ms if n in known
-                                                          else fallback.latency_ms)))
-                     for n in names)
-
-    def link_s(self, n_bytes: int, peer: str) -> float:
-        """A bidder's price for moving `n_bytes` to or from `peer`: the same measured
-        per-message cost the planner sees (`link_view`), plus the bytes' wire time."""
-        if peer == self.name:
-            return 0.0
-        spec = self.links.estimate(peer, self.config.default_link)
-        latency_ms = self.boundary.link_latency_ms(peer, spec.latency_ms)
-        return LinkSpec(spec.mbps, latency_ms).transfer_s(n_bytes)
-
-    def _trace_receive(self, rid: int, sender: str, arrival: Any, received_at: float) -> None:
-        """A PLAN or TILE frame's arrival in the request's timeline: from its first byte read
-        to its last."""
-        if arrival is None:
-            self.trace.record(rid, Span(f"receive from {sender}", "receive", received_at, 0.0, {"from": sender}))
-            return
-        start = wall_of(arrival.began)
-        self.trace.record(rid, Span(f"receive from {sender}", "receive", start, max(0.0, arrival.ended - arrival.began),
-                                    {"from": sender, "bytes": arrival.nbytes}))
-
-    def trace_answer(self, rid: Any) -> dict[str, Any]:
-        """This node's spans of request `rid`, and its clock offsets to its peers (their clock
-        minus ours, from heartbeat echoes) so a client can align every device's times."""
-        if isinstance(rid, bool) or not isinstance(rid, int):
-            raise ValueError("a trace request names its request id: {'op': 'trace', 'request': ID}")
-        offsets = {p.name: offset for p in self.membership.alive()
-                   if (offset := self.boundary.clock_offset(p.name)) is not None}
-        return {"name": self.name, "spans": [s.to_json() for s in self.trace.spans(rid)], "clock_offsets": offsets}
-
-    def members(self) -> list[dict[str, Any]]:
-        """The mesh as this node sees it: itself, then every member it believes up."""
-        own = member_row(self.name, str(self.address), "self", self.advert(), 0.0)
-        own["requests_in_flight"] = len(self.requester.contexts)
-        own["tiles_computed"] = self.runtime.tiles_computed
-        return mesh_view(own, self.membership.alive(), time.monotonic())
-
-    def stats(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "gflops": self.config.gflops,
-            "sent_bytes": dict(self.connections.sent_bytes),
-            "received_bytes": dict(self.connections.received_bytes),
-            "relayed_boundary_bytes": self.relayed_boundary_bytes,
-            "tiles_computed": self.runtime.tiles_computed,
-            "compute_s": self.runtime.compute_s,
-            # CPU of the event-loop thread (stats runs on it) less the tiles it computed inline
-            "loop_cpu_s": time.thread_time() - self.runtime.inline_cpu_s,
-            "requests_served": self.requester.requests_served,
-            "errors_replied": self.errors_replied,
-            "peers": {p.name: p.status.value if p.heard_directly else "known"
-                      for p in self.membership.peers()},
-            "links": {peer: {"mbps": spec.mbps, "latency_ms": spec.latency_ms}
-                      for peer, spec in sorted(self.links.known().items())},
-            "planned_links": {peer: {"mbps": mbps, "latency_ms": ms} for peer, mbps, ms in self.link_view()},
-            "tile_handling_ms": (self.boundary.handling_s or 0.0) * 1000.0,
-            "advert": self.advert().to_json(),
-            "rss_mb": rss_mb(),
-            "peak_rss_mb": peak_rss_mb(),
-        }
-
-    def request_state(self) -> dict[str, Any]:
-        """Everything requests leave on this node until they end; all zero/empty when idle."""
-        return {
-            "requests": len(self.requester.contexts),
-            "work": len(self.worker.contexts),
-            "auctions": len(self.requester.auctions),
-            "bid_auctions": len(self.worker.bid_auctions),
-            "bidder_auctions": self.worker.bidder.auctions(),
-            "bidder_backlog_s": self.worker.bidder.backlog_s - self.worker.bidder.base_backlog_s,
-            "queued_s": round(self.runtime.queued_s, 9),
-        }
-
 
 # a frame streams at least this many bytes after its first read to be a bandwidth sample: the
 # receiver sees arrivals only when its event loop runs, and on a device in a CPU quota that
@@ -590,13 +492,3 @@ def _path(meta: dict[str, Any], received_at: float) -> float:
     path = number(meta.get("path_s", 0.0), "path_s")
     sent = number(meta.get("sent_at", received_at), "sent_at", lo=-MAX_WALL_S, hi=MAX_WALL_S)
     return path + min(MAX_SECONDS, max(0.0, received_at - sent))
-
-
-def _sig3(value: float) -> float:
-    """3 significant digits, within what a peer accepts in an advert (a figure that went
-    infinite here must not make this node's own adverts refused everywhere)."""
-    value = value if math.isfinite(value) else MAX_ADVERTISED
-    return float(f"{min(max(value, 0.0), MAX_ADVERTISED):.3g}")
-
-
-MAX_ADVERTISED = 6e4  # ms or Mbit/s: within every advert bound (`membership.MAX_TILE_MS`)
