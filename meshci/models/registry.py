@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from meshci.errors import MeshciError, UnknownModelError
-from meshci.models import convnext, densenet, googlenet, resnet, squeezenet, vgg
+from meshci.models import convnext, densenet, googlenet, mobile, resnet, shufflenet, squeezenet, vgg
 from meshci.weights import held_file, split_model_name
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,9 @@ BUILDERS: dict[str, Callable[[], nn.Module]] = {
     "googlenet": googlenet.googlenet,
     "densenet121": densenet.densenet121,
     "convnext_tiny": convnext.convnext_tiny,
+    "shufflenet_v2_x1_0": shufflenet.shufflenet_v2_x1_0,
+    "mobilenet_v3_small": mobile.mobilenet_v3_small,
+    "efficientnet_b0": mobile.efficientnet_b0,
 }
 MODEL_NAMES: tuple[str, ...] = tuple(BUILDERS)
 

@@ -150,6 +150,12 @@ def pool_cuts(trunk: Trunk) -> list[int]:
     return [seg.index + 1 for seg in trunk.segments if seg.kind == "pool" and seg.index + 1 < n]
 
 
+def gate_cuts(trunk: Trunk) -> list[int]:
+    """The boundaries where an SE gate starts a block (`meshci.trunk.gate`): a tiled block
+    must not hold one inside it, so tiled plans cut there."""
+    return [seg.index for seg in trunk.segments if seg.kind == "gate" and seg.index > 0]
+
+
 def stage_cuts(trunk: Trunk) -> list[int]:
     """Cuts between resolution stages: after each pooling, before each other downsampling segment."""
     cuts = set(pool_cuts(trunk))

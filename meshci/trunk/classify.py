@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
+from meshci.trunk.channels import CHANNEL_MODULES, ChannelOp
 from meshci.trunk.ops import INPUT, BatchNorm, ConvOp, ElementwiseCall, Op, PerPixel, PointwiseOp, PoolOp, Window
 
 # leaf modules that act elementwise in eval mode
@@ -55,7 +56,7 @@ IN_PLACE_FUNCTIONS: frozenset[Callable[..., Any]] = frozenset({operator.iadd, op
 class Item:
     """What one graph node is, seen as a spatially local op."""
 
-    kind: str  # "conv" | "bn" | "pool" | "pointwise"
+    kind: str  # "conv" | "bn" | "pool" | "pointwise" | "channel" (a split or shuffle) | "gate" (an SE gate)
     node: fx.Node
     module: nn.Module | None = None
     op: Op | None = None
@@ -177,6 +178,12 @@ def _classify_module(node: fx.Node, m: nn.Module) -> Item | None:
         op = _pool_op("avg", m.kernel_size, m.stride, m.padding, 1, m.ceil_mode, m.count_include_pad,
                       m.divisor_override)  # fmt: skip
         return Item("pool", node, module=m, op=op)
+    if isinstance(m, CHANNEL_MODULES):
+        return Item("channel", node, module=m, op=ChannelOp(m))  # type: ignore[arg-type]
+    from meshci.trunk.gate import SqueezeGate  # it imports this module
+
+    if isinstance(m, SqueezeGate):
+        return Item("gate", node, module=m)
     if isinstance(m, PerPixel):
         return Item("pointwise", node, module=m, op=PointwiseOp(m, m.text, m.flops_per_channel))
     if isinstance(m, ELEMENTWISE_MODULES):

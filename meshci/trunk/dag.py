@@ -113,6 +113,8 @@ def walk_fork(start: fx.Node, modules: dict[str, nn.Module]) -> DagStep | Unjoin
             item = classify(node, inputs[0], modules) if len(inputs) == 1 else None
             if item is None:
                 return Unjoined(node, why_not_local(node, modules))
+            if item.kind == "gate":
+                return Unjoined(node, "a squeeze-and-excitation gate inside branches (it must start a block)")
             previous = run_ending.pop(inputs[0], None)
             if previous is not None and len(inputs[0].users) == 1:
                 previous.items.append(item)

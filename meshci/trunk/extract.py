@@ -6,7 +6,10 @@ the input, each step consumes one segment:
 * a convolution, with the eval-mode batch norm after it and the elementwise activation
   after that (`conv`);
 * a max/avg pooling (`pool`);
-* a run of elementwise ops: batch norm, activations, scalar arithmetic (`pointwise`);
+* a run of elementwise ops: batch norm, activations, scalar arithmetic, channel splits and
+  shuffles (`pointwise`; meshci.trunk.channels);
+* the gate of a squeeze-and-excitation unit (`gate`; meshci.trunk.gate): its global pooling
+  becomes an exchange of per-channel partial sums at the boundary before it;
 * a fork whose two paths are chains of the above and re-join at an addition, with the
   activation right after the addition (`residual`; one path may be the identity);
 * any other fork whose branches are local ops and re-join by channel concatenation,
@@ -34,8 +37,11 @@ from meshci.errors import TraceError
 from meshci.trunk.classify import ADD_FUNCTIONS, ADD_METHODS, Item, classify, node_inputs, ops_from_items, writes_into_shared
 from meshci.trunk.block import BranchSegment
 from meshci.trunk.channels_last import fuse_channels_last
+from meshci.trunk.channels import fuse_channel_ops
+from meshci.trunk.gate import GateSegment, carry_squeeze_excitation
 from meshci.trunk.dag import DagStep, build_branch_segment, dag_step, drop_single_concats, share_concat_prefixes, walk_fork
 from meshci.trunk.ops import Shape
+from meshci.trunk.region import Region
 from meshci.trunk.segment import Chain, Segment
 from meshci.trunk.stop import why_not_local
 from meshci.trunk.trunk import Trunk
@@ -143,6 +149,8 @@ def _next_step(cur: fx.Node, modules: dict[str, nn.Module]) -> _Step | DagStep |
     items = [first]
     if first.kind == "pool":
         return _Step("pool", items)
+    if first.kind == "gate":
+        return _Step("gate", items)
     if first.kind == "conv":
         for wanted in ("bn", "pointwise"):
             nxt = _sole_user(items[-1].node)
@@ -152,10 +160,11 @@ def _next_step(cur: fx.Node, modules: dict[str, nn.Module]) -> _Step | DagStep |
         return _Step("conv", items)
     while (nxt := _sole_user(items[-1].node)) is not None:
         item = classify(nxt, items[-1].node, modules)
-        if item is None or item.kind not in ("bn", "pointwise"):
+        if item is None or item.kind not in ("bn", "pointwise", "channel"):
             break
         items.append(item)
-    if all(it.kind == "pointwise" and it.op.cost == 0 for it in items):  # type: ignore[union-attr]
+    if all(it.kind in ("pointwise", "channel") and it.op.flops(Region(0, 1, 0, 1), (1, 1, 1)) == 0  # type: ignore[union-attr]
+           for it in items):
         # identities only (eval-mode dropout): no segment of their own, which would cost nothing
         # and give the planner a block without work; they join a convolution or pooling after them
         after = _next_step(items[-1].node, modules)
@@ -170,7 +179,7 @@ def _follow(start: fx.Node, fork: fx.Node, modules: dict[str, nn.Module]) -> tup
     prev, node = fork, start
     while not _is_add(node):
         item = classify(node, prev, modules)
-        if item is None or writes_into_shared(node, modules):
+        if item is None or item.kind == "gate" or writes_into_shared(node, modules):
             return None
         items.append(item)
         nxt = _sole_user(node)
@@ -217,9 +226,12 @@ def _segment_name(step: _Step | DagStep) -> str:
     return ".".join(prefix) or step.last.name
 
 
-def _build_segment(index: int, step: _Step | DagStep, in_shape: Shape) -> Segment | BranchSegment:
+def _build_segment(index: int, step: _Step | DagStep, in_shape: Shape) -> Segment | BranchSegment | GateSegment:
     if isinstance(step, DagStep):
         return build_branch_segment(index, _segment_name(step), step, in_shape)
+    if step.kind == "gate":
+        gate = step.main[0].module
+        return GateSegment(index, gate.source, in_shape, gate)  # type: ignore[union-attr,arg-type]
     main = Chain.build(ops_from_items(step.main), in_shape)
     if step.kind != "residual":
         return Segment(index, _segment_name(step), step.kind, main)
@@ -289,6 +301,8 @@ def extract_trunk(model: nn.Module, input_shape: tuple[int, int, int] = (3, 224,
     model.eval()
     gm = trace(model, name)
     fuse_channels_last(gm)
+    fuse_channel_ops(gm, shape)
+    carry_squeeze_excitation(gm, shape)
     modules = dict(gm.named_modules())
     share_concat_prefixes(gm.graph)
     drop_single_concats(gm.graph, modules)
@@ -297,7 +311,7 @@ def extract_trunk(model: nn.Module, input_shape: tuple[int, int, int] = (3, 224,
         raise TraceError(f"model {name!r} takes {len(placeholders)} inputs; meshci needs one image tensor")
     x = placeholders[0]
     cur = x
-    segments: list[Segment | BranchSegment] = []
+    segments: list[Segment | BranchSegment | GateSegment] = []
     consumed: set[fx.Node] = {x}
     boundaries = [x]
     while (step := _next_step(cur, modules)) is not None:
