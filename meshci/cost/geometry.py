@@ -27,6 +27,7 @@ from meshci.trunk import Trunk
 from meshci.trunk.region import Region
 
 BYTES_PER_VALUE = 4  # float32 feature maps
+GATE_BYTES_PER_VALUE = 8  # an SE gate's partial sums travel as float64
 
 
 @dataclass(frozen=True, eq=False)
@@ -70,6 +71,12 @@ class StripTables:
         # bytes of one full-width row at each boundary
         self.row_bytes = [c * w * BYTES_PER_VALUE for c, _, w in shapes]
         self.segment_flops = np.array([float(seg.flops) for seg in trunk.segments])
+        # SE gates (meshci.trunk.gate): segment k pools its input over the whole map, so a
+        # block starting at k receives every previous tile's partial sums (float64, one per
+        # channel) with its rows; a block holding one further inside is one whole-map tile
+        self.gated = np.array([seg.kind == "gate" for seg in trunk.segments] + [False])
+        self.gate_bytes = [int(shapes[k][0]) * GATE_BYTES_PER_VALUE if self.gated[k] else 0
+                           for k in range(self.n_segments + 1)]
         self._lo: list[np.ndarray] = []
         self._hi: list[np.ndarray] = []
         self._up: list[np.ndarray] = []

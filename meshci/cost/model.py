@@ -5,7 +5,9 @@ planner's barrier; the simulator in `meshci.simulate` relaxes it). For a block t
 starts at time ``t0``:
 
 * **receive**: each device needs the input region of its tiles (its output rows plus the
-  halo rows of the fused stack). The data comes from the *holders* of the block's input
+  halo rows of the fused stack), and, for a block that starts at a squeeze-and-excitation
+  gate, every holder's partial sums of the boundary (one float64 per channel, in the same
+  message). The data comes from the *holders* of the block's input
   boundary: the requester for the first block and under ``routing="requester"`` (it
   gathered everything), else the devices that computed the previous block's tiles
   (``routing="p2p"``). One message per (holder, device) pair carries the overlap of what
@@ -278,14 +280,15 @@ class CostModel:
         hi = block.in_hi[r1]
         if comp is None:
             comp = self.strip_compute(block, r0, r1)[devices, np.arange(devices.size)]
+        gate = self.tables.gate_bytes[start]  # partial sums of an SE gate, from every holder
         if holders is None:
             src = np.array([self.requester])
-            n_bytes = ((hi - lo) * row_bytes).astype(np.float64)[:, None]
+            n_bytes = ((hi - lo) * row_bytes).astype(np.float64)[:, None] + gate
             n_bytes[devices == self.requester] = 0.0
         else:
             src, h0, h1 = holders
             rows = np.minimum(hi[:, None], h1[None, :]) - np.maximum(lo[:, None], h0[None, :])
-            n_bytes = np.clip(rows, 0, None).astype(np.float64) * row_bytes
+            n_bytes = np.clip(rows, 0, None).astype(np.float64) * row_bytes + gate
             n_bytes[devices[:, None] == src[None, :]] = 0.0
         recv = self.transfer_matrix(n_bytes, src, devices)
         if gather:
@@ -349,6 +352,12 @@ class CostModel:
                 c0, c1 = max(need.c0, hc0), min(need.c1, hc1)
                 if r0 < r1 and c0 < c1:
                     n_bytes[i, src_pos[h]] += (r1 - r0) * (c1 - c0) * channels_in
+        gate = self.tables.gate_bytes[start]
+        if gate:  # an SE gate starts the block: every holder sends each device its partial sums
+            for i, d in enumerate(devices):
+                for h, j in src_pos.items():
+                    if h != d:
+                        n_bytes[i, j] += gate
         recv = self.transfer_matrix(n_bytes, np.array(src_devices, dtype=np.int64), dests)
         if not gather:
             send = np.zeros(len(devices))

@@ -34,7 +34,7 @@ from torch import nn
 from meshci.errors import MeshciError
 from meshci.models.registry import build_model
 from meshci.planning.plan import Plan
-from meshci.tiling import block_flops, block_input_region
+from meshci.tiling import block_flops, block_input_region, gate_starts
 from meshci.trunk import Region, Trunk, extract_trunk
 from meshci.trunk.head import HeadCost, HeadSplit
 from meshci.weights import child_env
@@ -154,6 +154,12 @@ class PlanGeometry:
                 self.needs.clear()
             region = self.needs[key] = block_input_region(self.trunk, spec.start, spec.end, out)
         return region
+
+    def gated(self, block: int) -> int:
+        start = self.plan.blocks[block].start
+        if not gate_starts(self.trunk, start):
+            return 0
+        return int(self.trunk.boundary_shape(start)[0])
 
     def map_size(self, boundary: int) -> tuple[int, int]:
         blocks = self.plan.blocks

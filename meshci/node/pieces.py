@@ -21,7 +21,7 @@ import torch
 
 from meshci.trunk import Region
 
-STAGES = frozenset({"tile", "gather", "output", "partial", "logits", "input"})
+STAGES = frozenset({"tile", "gather", "output", "partial", "logits", "input", "sum"})
 MAX_PIECES = 256  # per frame
 MAX_INDEX = 1 << 20  # blocks and map coordinates are far below this
 

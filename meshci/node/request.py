@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Protocol
 
 import numpy as np
@@ -36,8 +36,9 @@ from meshci.node.membership import Advert, Peer, curve_key
 from meshci.planning.plan import Plan
 from meshci.tiling import assemble, crop
 from meshci.trunk import Region
+from meshci.trunk.gate import combine, partial_sum
 
-Stage = Literal["tile", "gather", "output", "partial", "logits"]
+Stage = Literal["tile", "gather", "output", "partial", "logits", "sum"]
 
 
 class Geometry(Protocol):
@@ -48,6 +49,10 @@ class Geometry(Protocol):
 
     def map_size(self, boundary: int) -> tuple[int, int]:
         """(H, W) of the feature map entering block `boundary` (len(blocks): trunk output)."""
+
+    def gated(self, block: int) -> int:
+        """Channels of block `block`'s input when the block starts with an SE gate (its tiles
+        then need every previous tile's partial sums), else 0."""
 
 
 # ---- actions ------------------------------------------------------------------------
@@ -61,7 +66,9 @@ class SendPiece:
     stage "output": the trunk output (block == len(plan.blocks)) for the head device's HeadRun;
     stage "partial": a last-block tile's part of the split head's prefix (a vector; the
     region is the tile's) for the head device's HeadRun;
-    stage "logits": the head's output for the requester.
+    stage "logits": the head's output for the requester;
+    stage "sum": a tile's per-channel partial sums of boundary `block` (float64, the region is
+    the tile's) for every device of block `block`, which starts with an SE gate.
     relayed_bytes: bytes of this piece the sender did not compute itself (re-scatter).
     """
 
@@ -86,6 +93,7 @@ class Compute:
     have: Region
     out: Region
     partial: bool = False
+    mean: torch.Tensor | None = None  # the input's per-channel mean, when the block starts with an SE gate
 
 
 @dataclass(frozen=True)
@@ -158,6 +166,9 @@ class WorkerRun:
                 self.pending[b] = mine
         self.outstanding = sum(len(v) for v in self.pending.values())
         self._stores: dict[int, PieceStore] = {}
+        # blocks that start with an SE gate: partial sums by previous tile, tiles waiting for them
+        self._sums: dict[int, dict[Region, torch.Tensor]] = {}
+        self._waiting: dict[int, list[Compute]] = {}
 
     @property
     def done(self) -> bool:
@@ -183,13 +194,57 @@ class WorkerRun:
         if not self.pending[block]:
             del self.pending[block]
             del self._stores[block]  # every tile of this block has its input: free it
+        if actions and self.geometry.gated(block):
+            self._waiting.setdefault(block, []).extend(actions)  # type: ignore[arg-type]
+            return self._gate_ready(block)
         return actions
+
+    def on_sum(self, block: int, region: Region, part: torch.Tensor) -> list[Action]:
+        """A previous-block tile's partial sums of the input of block `block` (an SE gate)."""
+        _check_block(self.plan, block, allow_output=False)
+        channels = self.geometry.gated(block) if block > 0 else 0
+        if not channels:
+            raise RequestStateError(f"block {block} does not start with an SE gate: no partial sums")
+        if block not in self.pending and block not in self._waiting:
+            raise RequestStateError(f"{self.me} holds no waiting tile in block {block}")
+        expected = {t.region for t in self.plan.blocks[block - 1].tiles}
+        if region not in expected:
+            raise RequestStateError(f"no tile {region.to_list()} of block {block - 1} sends partial sums")
+        sums = self._sums.setdefault(block, {})
+        if region in sums:
+            raise RequestStateError(f"a second partial sum from tile {region.to_list()}")
+        if part.dim() != 1 or part.numel() != channels or part.dtype != torch.float64:
+            raise RequestStateError(f"partial sums must be a float64 vector of {channels} values, "
+                                    f"got {part.dtype} of shape {tuple(part.shape)}")
+        sums[region] = part
+        return self._gate_ready(block)
+
+    def _gate_ready(self, block: int) -> list[Action]:
+        """The tiles of a gated block whose input is complete, once every partial sum is in."""
+        sums = self._sums.get(block, {})
+        if len(sums) < len({t.region for t in self.plan.blocks[block - 1].tiles}) or block not in self._waiting:
+            return []
+        h, w = self.geometry.map_size(block)
+        mean = combine([sums[r] for r in sorted(sums)], h * w)
+        ready = [replace(c, mean=mean) for c in self._waiting.pop(block)]
+        if block not in self.pending:
+            self._sums.pop(block, None)
+        return ready  # type: ignore[return-value]
 
     def on_computed(self, block: int, tile: int, output: torch.Tensor) -> list[Action]:
         """A tile finished: route its output rows to whoever needs them next (after the
         last block: the trunk output, or its part of the split head, to the head device)."""
         self.outstanding -= 1
         out = self.plan.blocks[block].tiles[tile].region
+        nxt = block + 1
+        sums: list[Action] = []
+        if nxt < len(self.plan.blocks) and self.geometry.gated(nxt):
+            # the next block pools this boundary: every one of its devices gets this tile's sums
+            part = partial_sum(output)
+            sums = [SendPiece(d, nxt, out, part, "sum") for d in self.plan.blocks[nxt].devices]
+        return sums + self._route(block, out, output)
+
+    def _route(self, block: int, out: Region, output: torch.Tensor) -> list[Action]:
         nxt = block + 1
         if nxt == len(self.plan.blocks):
             head = self.plan.head_plan

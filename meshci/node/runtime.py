@@ -167,6 +167,7 @@ class Runtime:
     async def run_block(self, trunk: Trunk, start: int, end: int, x: torch.Tensor,
                         have: Region, out: Region, *, inline: bool = False,
                         then: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                        mean: torch.Tensor | None = None,
                         ) -> tuple[torch.Tensor, float, float]:
         """Run segments [start, end) (and `then` on the output, in the same place); returns
         (output, compute seconds, hand-off seconds).
@@ -185,7 +186,7 @@ class Runtime:
             began, cpu_began = time.perf_counter(), time.thread_time()
             try:
                 with torch.inference_mode():
-                    y = run_block(trunk, start, end, x, have, out).contiguous()
+                    y = run_block(trunk, start, end, x, have, out, mean).contiguous()
                     if then is not None:
                         y = then(y)
             finally:
@@ -204,7 +205,7 @@ class Runtime:
                 began = time.perf_counter()
                 to_thread = max(0.0, began - max(submitted, self._thread_free_at))
                 with torch.inference_mode():
-                    y = run_block(trunk, start, end, x, have, out).contiguous()
+                    y = run_block(trunk, start, end, x, have, out, mean).contiguous()
                     if then is not None:
                         y = then(y)
             self._thread_free_at = ended = time.perf_counter()

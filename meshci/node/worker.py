@@ -254,6 +254,8 @@ class Worker:
                 if piece.stage == "tile":
                     ctx.path_in[piece.block] = max(ctx.path_in.get(piece.block, 0.0), path)
                     actions += ctx.run.on_piece(piece.block, piece.region, piece.tensor)
+                elif piece.stage == "sum":
+                    actions += ctx.run.on_sum(piece.block, piece.region, piece.tensor)
                 elif piece.stage == "input":
                     ctx.check_input = piece.tensor
                 elif ctx.head is None:
@@ -277,7 +279,7 @@ class Worker:
         if piece.stage in ("tile", "input") and (piece.block == 0 or plan.routing == "requester"
                                                  or piece.stage == "input"):
             allowed: set[str] = {plan.requester}
-        elif piece.stage == "tile":
+        elif piece.stage in ("tile", "sum"):
             if not 0 < piece.block < len(plan.blocks):
                 return False  # no device produces a block the plan does not have
             allowed = set(plan.blocks[piece.block - 1].devices)
@@ -315,7 +317,7 @@ class Worker:
         try:
             y, seconds, handoff = await self.runtime.run_block(
                 ctx.loaded.trunk, action.start, action.end, action.x, action.have, action.out,
-                inline=inline, then=then)
+                inline=inline, then=then, mean=action.mean)
         except (RuntimeError, ValueError, MeshciError) as exc:
             # a tile that cannot be computed (shape mismatch, out of memory): fail the request
             await self.node.fail_request(rid, ctx.requester, f"{self.name} failed a tile: {exc}")

@@ -25,6 +25,7 @@ import math
 import numpy as np
 
 from meshci.cost.model import CostModel
+from meshci.tiling import gate_cuts
 from meshci.planning.evaluate import timeline
 from meshci.tiling import grid_regions
 from meshci.trunk.region import Region
@@ -74,7 +75,9 @@ def plan_deepthings(model: CostModel) -> list[tuple[int, int, list[tuple[int, Re
     while a larger side still lowers the latency."""
     n_seg = model.n_segments
     best: tuple[float, list] | None = None
-    for layers in range(1, n_seg + 1):
+    # the fused stack may end at an SE gate but not hold one (its tiles could not pool)
+    deepest = min(gate_cuts(model.trunk), default=n_seg)
+    for layers in range(1, deepest + 1):
         h, w = model.tables.heights[layers], model.tables.widths[layers]
         here = np.inf  # the best latency at this depth
         for side in range(1, max_grid(model.n_devices) + 1):

@@ -143,6 +143,7 @@ class _Block:
         self.offsets = np.cumsum([0, *sizes[:-1]])
         self.bounds: list[int] = np.cumsum([0, *sizes]).tolist()
         self.row_bytes = tables.row_bytes[start]
+        self.gate_bytes = tables.gate_bytes[start]
         lo = block.in_lo[r0]
         hi = block.in_hi[r1]
         self.lo_col = lo[:, None]
@@ -202,8 +203,14 @@ class _Block:
             else:
                 src = pred.devices
                 rows = np.minimum(self.hi_col, pred.r1) - np.maximum(self.lo_col, pred.r0)
-            sent = (rows > 0) & (self.dev_col != src)
-            recv = np.where(sent, self.lat_t[:, src] + (rows * self.row_bytes) * self.spb_t[:, src], 0.0)
+            if self.gate_bytes:
+                # an SE gate starts the block: every holder also sends its partial sums
+                sent = self.dev_col != src
+                n_bytes = np.maximum(rows, 0) * self.row_bytes + self.gate_bytes
+                recv = np.where(sent, self.lat_t[:, src] + n_bytes * self.spb_t[:, src], 0.0)
+            else:
+                sent = (rows > 0) & (self.dev_col != src)
+                recv = np.where(sent, self.lat_t[:, src] + (rows * self.row_bytes) * self.spb_t[:, src], 0.0)
             hit = self._recv[pred] = recv.sum(axis=1) if self.model.shared else recv.max(axis=1)
         return hit
 
@@ -272,6 +279,10 @@ def dpfl(
             if not preds or preds[0].end_time + rest_l[s] > limit:
                 continue
             layouts = candidates(s, e)
+            if tables.gated[s + 1:e].any():
+                # an SE gate inside the block: only one device holding the whole map can pool it
+                layouts = [lay for lay in layouts if lay.devices.size == 1 and int(lay.r0[0]) == 0
+                           and int(lay.r1[0]) == tables.heights[e]]
             if not layouts:
                 continue
             costs = memo.block(s, e, gather, layouts)

@@ -133,9 +133,26 @@ def walk_fork(start: fx.Node, modules: dict[str, nn.Module]) -> DagStep | Unjoin
         if node.users:
             open_values.add(node)
         if joined and open_values == {node}:
-            return DagStep(start, node, runs)
+            return DagStep(start, *_with_channel_tail(node, runs, modules))
         node = node.next
     return Unjoined(node, f"the branches do not re-join within {MAX_BLOCK_NODES} nodes")
+
+
+def _with_channel_tail(end: fx.Node, runs: list[_Run], modules: dict[str, nn.Module]) -> tuple[fx.Node, list[_Run]]:
+    """The block's end and runs, with the channel shuffles right after its join taken in (a
+    ShuffleNet unit ends with one: a segment of its own would be a block without work)."""
+    tail: list[Item] = []
+    node = end
+    while len(node.users) == 1:
+        nxt = next(iter(node.users))
+        item = classify(nxt, node, modules)
+        if item is None or item.kind != "channel":
+            break
+        tail.append(item)
+        node = nxt
+    if tail:
+        runs = [*runs, _Run("chain", [end], tail)]
+    return node, runs
 
 
 def build_branch_segment(index: int, name: str, step: DagStep, in_shape: Shape) -> BranchSegment:

@@ -213,7 +213,8 @@ def _segment_name(step: _Step | DagStep) -> str:
     if isinstance(step, _Step) and step.kind != "residual":
         node = next((it.node for it in step.main if it.kind in ("conv", "pool")), step.main[0].node)
         return str(node.target) if node.op == "call_module" else node.name
-    paths = [str(n.target).split(".") for n in step.nodes if n.op == "call_module"]
+    paths = [str(n.target).split(".") for n in step.nodes if n.op == "call_module"
+             and not str(n.target).startswith("_meshci")]  # modules the rewrites added
     if not paths:
         return step.last.name
     prefix: list[str] = []

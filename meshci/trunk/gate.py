@@ -21,7 +21,6 @@ split; a block holding a gate inside runs as one whole-map tile.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.fx as fx

@@ -82,11 +82,13 @@ class Router:
                     assert action.dest == self.plan.head_plan.device
                     take = self.head.on_partial if action.stage == "partial" else self.head.on_output
                     self._push(action.dest, take(action.region, action.tensor))
+                elif action.stage == "sum":
+                    self._push(action.dest, self.workers[action.dest].on_sum(action.block, action.region, action.tensor))
                 else:
                     self._push(action.dest, self.workers[action.dest].on_piece(action.block, action.region, action.tensor))
             elif isinstance(action, Compute):
                 assert action.have == PlanGeometry(self.trunk, self.plan).need(action.block, action.out)
-                y = run_block(self.trunk, action.start, action.end, action.x, action.have, action.out)
+                y = run_block(self.trunk, action.start, action.end, action.x, action.have, action.out, action.mean)
                 if action.partial:
                     y = self.split.partial(action.out, y)
                 self._push(sender, self.workers[sender].on_computed(action.block, action.tile, y))
