@@ -50,8 +50,9 @@ def test_branch_block_input_is_the_union_and_each_branch_computes_only_its_outpu
     assert torch.equal(tile, reference[..., 10:12, 3:9])
 
 
-class SqueezeExcite(nn.Module):
-    """A fork whose other branch is a global pooling: not local, the trunk stops at the fork."""
+class PooledShift(nn.Module):
+    """A fork whose other branch is a global pooling that is added, not a gate (a
+    squeeze-and-excitation multiplies: meshci.trunk.gate): the trunk stops at the fork."""
 
     def __init__(self):
         super().__init__()
@@ -60,7 +61,7 @@ class SqueezeExcite(nn.Module):
 
     def forward(self, x):
         y = self.conv(x)
-        return y * torch.sigmoid(self.fc(F.adaptive_avg_pool2d(y, 1)))
+        return y + torch.sigmoid(self.fc(F.adaptive_avg_pool2d(y, 1)))
 
 
 class SharedInPlace(nn.Module):
@@ -101,7 +102,7 @@ class RowConcat(nn.Module):
 
 
 @pytest.mark.parametrize("model, reason", [
-    (SqueezeExcite(), "adaptive_avg_pool2d"), (SharedInPlace(), "in place"), (AliasInPlace(), "in place"),
+    (PooledShift(), "adaptive_avg_pool2d"), (SharedInPlace(), "in place"), (AliasInPlace(), "in place"),
     (RowConcat(), "cat"),
 ])  # fmt: skip
 @torch.no_grad()
