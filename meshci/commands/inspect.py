@@ -16,6 +16,7 @@ from meshci.tiling import (
     redundant_flops,
     check_tiled,
     stage_cuts,
+    gate_cuts,
     uniform_blocks,
 )
 from meshci.trunk import Trunk, extract_trunk
@@ -73,6 +74,11 @@ def parse_grid(text: str) -> tuple[int, int]:
 
 
 def parse_cuts(text: str | None, trunk: Trunk, n_devices: int) -> list[int]:
+    """The cuts asked for, and a cut at every SE gate (a tiled block must start there)."""
+    return sorted(set(_asked_cuts(text, trunk, n_devices)) | set(gate_cuts(trunk)))
+
+
+def _asked_cuts(text: str | None, trunk: Trunk, n_devices: int) -> list[int]:
     if text is None:
         return stage_cuts(trunk)
     if text == "none":
