@@ -66,6 +66,20 @@ class SqueezeExcitation(nn.Module):
         return self._scale(x) * x
 
 
+class _PooledClassifier(nn.Module):
+    """features, global average pooling, flatten, classifier (both families end so)."""
+
+    features: nn.Module
+    avgpool: nn.Module
+    classifier: nn.Module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)
+        x = self.avgpool(x)
+        x = torch.flatten(x, 1)
+        return self.classifier(x)
+
+
 # ---- MobileNetV3 --------------------------------------------------------------------------
 
 @dataclass
@@ -106,7 +120,7 @@ class InvertedResidual(nn.Module):
         return result
 
 
-class MobileNetV3(nn.Module):
+class MobileNetV3(_PooledClassifier):
     def __init__(self, setting: list[InvertedResidualConfig], last_channel: int, num_classes: int = 1000,
                  dropout: float = 0.2) -> None:
         super().__init__()
@@ -126,12 +140,6 @@ class MobileNetV3(nn.Module):
             nn.Dropout(p=dropout, inplace=True),
             nn.Linear(last_channel, num_classes),
         )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(x)
-        x = self.avgpool(x)
-        x = torch.flatten(x, 1)
-        return self.classifier(x)
 
 
 def mobilenet_v3_small(num_classes: int = 1000) -> MobileNetV3:
@@ -191,7 +199,7 @@ class MBConv(nn.Module):
         return result
 
 
-class EfficientNet(nn.Module):
+class EfficientNet(_PooledClassifier):
     def __init__(self, setting: list[MBConvConfig], dropout: float, stochastic_depth_prob: float = 0.2,
                  num_classes: int = 1000) -> None:
         super().__init__()
@@ -217,12 +225,6 @@ class EfficientNet(nn.Module):
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Sequential(nn.Dropout(p=dropout, inplace=True), nn.Linear(last_out, num_classes))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(x)
-        x = self.avgpool(x)
-        x = torch.flatten(x, 1)
-        return self.classifier(x)
 
 
 def efficientnet_b0(num_classes: int = 1000) -> EfficientNet:

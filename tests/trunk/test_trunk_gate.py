@@ -11,15 +11,11 @@ from torch import nn
 
 from meshci.tiling import gate_cuts, run_tiled, uniform_blocks
 from meshci.trunk import extract_trunk
+from tests.trunk.test_trunk_branches import PooledShift
 
 
-class SqueezeExcite(nn.Module):
-    """conv, then an SE unit whose gate multiplies the conv's output."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.fc = nn.Conv2d(4, 4, 1)
+class SqueezeExcite(PooledShift):
+    """conv, then an SE unit whose gate multiplies the conv's output (not adds to it)."""
 
     def forward(self, x):
         y = self.conv(x)
