@@ -316,6 +316,8 @@ def extract_trunk(model: nn.Module, input_shape: tuple[int, int, int] = (3, 224,
     consumed: set[fx.Node] = {x}
     boundaries = [x]
     while (step := _next_step(cur, modules)) is not None:
+        if step.kind == "gate" and not segments:
+            break  # a gate pools the previous block's tiles: the image itself has none
         try:
             seg = _build_segment(len(segments), step, shape)
         except ValueError as exc:

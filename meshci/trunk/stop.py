@@ -33,6 +33,8 @@ def why_not_local(node: fx.Node, modules: dict[str, nn.Module]) -> str:
             return f"{kind} without running statistics normalises over the whole map"
         if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
             return f"{kind} with padding_mode={m.padding_mode!r} (only zero padding is tiled)"
+        if kind == "SqueezeGate":
+            return "a squeeze-and-excitation gate on the input image (it needs a block before it)"
         if len(node_inputs(node)) > 1:
             return f"{kind} reads several tensors"
         return f"{kind} is not a known spatially local module"

@@ -92,3 +92,22 @@ def test_carried_maps_ride_along_the_gate_boundary(carried):
     trunk = extract_trunk(model, (3, 8, 8), "se")
     gate = next(s for s in trunk.segments if s.kind == "gate")
     assert gate.in_shape[0] == (6 + 3 if carried else 6)  # the residual's input as extra channels
+
+
+class GateFirst(nn.Module):
+    """SE on the image itself: no block before it to pool, so no trunk at all."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Conv2d(3, 3, 1)
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return self.conv(x * torch.sigmoid(self.fc(F.adaptive_avg_pool2d(x, 1))))
+
+
+def test_a_gate_on_the_image_is_refused_as_untileable():
+    from meshci.errors import TraceError
+
+    with pytest.raises(TraceError, match="squeeze-and-excitation gate on the input image"):
+        extract_trunk(GateFirst().eval(), (3, 8, 8), "gatefirst")
