@@ -128,6 +128,7 @@ def build_tasks(
     for b, block in enumerate(plan.blocks):
         s, e = block.start, block.end
         c_in = tables.channels[s] * BYTES_PER_VALUE
+        gate = tables.gate_bytes[s]  # an SE gate: every holder's partial sums, whatever it holds
         by_device: dict[str, list[Region]] = defaultdict(list)
         for tile in block.tiles:
             by_device[tile.device].append(tile.region)
@@ -140,13 +141,13 @@ def build_tasks(
                 overlap = sum(
                     (need.intersect(have) or Region(0, 0, 0, 0)).area for need in needs
                 )
-                if overlap == 0:
+                if overlap == 0 and not gate:
                     continue
                 if h_dev == dev:
                     if producer is not None:
                         deps.append(producer)
                     continue
-                n_bytes, producers = per_src.get(h_dev, (0, []))
+                n_bytes, producers = per_src.get(h_dev, (gate, []))
                 per_src[h_dev] = (n_bytes + overlap * c_in, producers + ([producer] if producer is not None else []))
             for h_dev, (n_bytes, producers) in per_src.items():
                 deps.append(message(h_dev, dev, n_bytes, producers, f"b{b} {h_dev}->{dev}"))

@@ -60,3 +60,20 @@ def test_edgeci_splits_gated_blocks_and_prices_the_sums(se_model) -> None:
     finally:
         model.tables.gate_bytes[:] = saved
     assert priced > free
+
+
+def test_the_simulator_replays_the_partial_sums(se_model) -> None:
+    from meshci.simulate import simulate_plan
+
+    _, trunk = se_model
+    cluster = fast_cluster(3)
+    plan = make_plan(trunk, cluster, "edgeci")
+    model = CostModel(trunk, cluster, plan.head_plan.device, plan.head_plan.split)
+    with_sums = simulate_plan(trunk, cluster, plan, model)
+    saved = list(model.tables.gate_bytes)
+    try:
+        model.tables.gate_bytes[:] = [0] * len(saved)
+        without = simulate_plan(trunk, cluster, plan, model)
+    finally:
+        model.tables.gate_bytes[:] = saved
+    assert with_sums.bytes_moved > without.bytes_moved and with_sums.messages >= without.messages
