@@ -116,7 +116,7 @@ SE_ZOO = (
     "        self.late = torch.nn.Sequential(torch.nn.Conv2d(4, 32, 3), torch.nn.Conv2d(32, 32, 3))\n"
     "    def forward(self, x):\n"
     "        y = self.stem(x)\n"
-    "        y = y * torch.sigmoid(y.mean((2, 3), keepdim=True))\n"
+    "        y = y + torch.sigmoid(y.mean((2, 3), keepdim=True))\n"  # added: not an SE gate (those are tiled)
     "        return self.late(y).flatten(1)\n"
 )
 
