@@ -58,6 +58,7 @@ from meshci.node.standing import (
     _link_signature,
     _ratio_signature,
     _shares,
+    judged_award,
 )
 from meshci.node.trace import Span, request_phases, wall_of
 from meshci.planning import Plan, make_plan
@@ -224,7 +225,7 @@ class Requester:
             "devices": list(devices),
             "shares": shares,
             "auction_rounds": plan.auction_rounds,
-            "auction": "standing award" if plan is standing.awarded else "none",
+            "auction": standing.award_note if plan is standing.awarded else "none",
             "routing": plan.routing,
             "blocks": len(plan.blocks),
             "predicted_latency_s": plan.predicted_latency_s,
@@ -455,15 +456,17 @@ class Requester:
         bidders = [d.name for d in cluster.devices]
         try:
             awarded, rounds_s = await self.auction(rid, loaded, plan, bidders)
+            judged, note = await asyncio.get_running_loop().run_in_executor(
+                PLANNER, judged_award, loaded.trunk, cluster, plan, awarded)
         except AuctionError as exc:
             # no assignment this time (nobody answered): keep the layout we have, try later
             log.info("standing auction for %s failed: %s", plan.digest(), exc)
         else:
             if standing.plan is plan:
-                standing.awarded, standing.bids_for = awarded, bids
-            log.info("standing auction of %s %s: %d rounds in %.1f ms, predicted %.1f ms (DPFL %.1f ms)",
+                standing.awarded, standing.award_note, standing.bids_for = judged, note, bids
+            log.info("standing auction of %s %s: %d rounds in %.1f ms, predicted %.1f ms (DPFL %.1f ms); using %s",
                      plan.strategy, plan.model, awarded.auction_rounds, rounds_s * 1e3,
-                     awarded.predicted_latency_s * 1e3, plan.predicted_latency_s * 1e3)
+                     awarded.predicted_latency_s * 1e3, plan.predicted_latency_s * 1e3, note)
         finally:
             standing.auctioned = time.monotonic()
             standing.busy = False
