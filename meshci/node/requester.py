@@ -160,7 +160,7 @@ class Requester:
             raise RequestFailed(f"building {model} at {size[0]}x{size[1]} took over {LOAD_TIMEOUT_S:.0f} s") from exc
         loaded_at = time.perf_counter()
 
-        raw_cluster, cluster = self._clusters(model, size)
+        raw_cluster, cluster = self._clusters(model, size, strategy)
         # by the devices present: a plan never names a device that is gone; what the devices
         # are (speed, curves) and the links cost re-plan in the background (`_refresh`)
         key = (model, seed, size, strategy, frozenset(d.name for d in raw_cluster.devices))
@@ -245,7 +245,7 @@ class Requester:
 
         return result, logits, learn
 
-    def _clusters(self, model: str, size: tuple[int, int]) -> tuple[Cluster, Cluster]:
+    def _clusters(self, model: str, size: tuple[int, int], strategy: str) -> tuple[Cluster, Cluster]:
         """The live mesh as the planner sees it: raw (the peers' adverts) and corrected with
         what this node learned from its own requests (every strategy plans on the latter)."""
         node = self.node
@@ -262,7 +262,7 @@ class Requester:
             if self._curves_seen.get(device.name, seen) != seen:
                 self.calibration.compute_ratio.pop(device.name, None)
             self._curves_seen[device.name] = seen
-        return raw, self.calibration.apply(raw)
+        return raw, self.calibration.apply(raw, strategy)
 
     async def _start(self, rid: int, ctx: RequesterContext, plan: Plan, x: torch.Tensor, model: str,
                      seed: int, size: tuple[int, int], check: bool) -> None:
@@ -554,7 +554,8 @@ class Requester:
             if len(self._predicted) > 64:
                 self._predicted.clear()
             predicted = self._predicted[view] = (raw, scaled)
-        learned = self.calibration.observe(computing, plan_hops(plan), predicted[0], predicted[1], measured_s)
+        learned = self.calibration.observe(computing, plan_hops(plan), predicted[0], predicted[1], measured_s,
+                                           plan.strategy)
         log.debug("%s %s on %s: predicted %.1f ms (uncorrected; %.1f ms with compute ratios), measured %.1f ms; "
                   "learned %s", plan.strategy, model, ",".join(sorted(computing)), predicted[0] * 1e3,
                   predicted[1] * 1e3, measured_s * 1e3, learned)
