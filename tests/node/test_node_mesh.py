@@ -73,8 +73,8 @@ def test_every_strategy_via_every_node_is_exact(mesh3: LocalMesh, model: str) ->
         used.update(meta["devices"])
         if strategy == "local":
             assert meta["devices"] == [mesh3.nodes[via].name]
-        if strategy == "edgeci":
-            assert meta["auction_rounds"] >= 1
+        if strategy == "edgeci" and len(meta["devices"]) > 1:
+            assert meta["auction_rounds"] >= 1  # (DPFL may keep a small input on one device: no auction)
     assert used == {n.name for n in mesh3.nodes}  # the mesh really shared the work
 
 
