@@ -85,6 +85,7 @@ class RequesterContext:
     head_device: str
     messages: dict[str, Message] = field(default_factory=dict)  # PLAN frame per peer
     path_s: float = 0.0  # critical path (compute + transfer) of the logits
+    shipped: dict[str, str] = field(default_factory=dict)  # device -> package it runs (`shipping`)
 
 
 class Requester:
@@ -160,7 +161,7 @@ class Requester:
             raise RequestFailed(f"building {model} at {size[0]}x{size[1]} took over {LOAD_TIMEOUT_S:.0f} s") from exc
         loaded_at = time.perf_counter()
 
-        raw_cluster, cluster = self._clusters(model, size, strategy)
+        raw_cluster, cluster = self._clusters(model, size, strategy, await node.shipping.refusers(model))
         # by the devices present: a plan never names a device that is gone; what the devices
         # are (speed, curves) and the links cost re-plan in the background (`_refresh`)
         key = (model, seed, size, strategy, frozenset(d.name for d in raw_cluster.devices))
@@ -176,13 +177,14 @@ class Requester:
         self.standing.move_to_end(key)
         planned_at = time.perf_counter()
         self._refresh(standing, loaded, raw_cluster, cluster, strategy, links)
-        plan = standing.current
+        plan, shipped = await node.shipping.prepare(standing.current, loaded, model)
 
         rid = random.getrandbits(62) | 1
         run = RequesterRun(plan, self.name, loaded.geometry(plan))
         devices = plan.devices
         loop = asyncio.get_running_loop()
-        ctx = RequesterContext(run, loaded, loop.create_future(), frozenset(devices), plan.head_plan.device)
+        ctx = RequesterContext(run, loaded, loop.create_future(), frozenset(devices), plan.head_plan.device,
+                               shipped=shipped)
         self.contexts[rid] = ctx
         try:
             try:
@@ -245,11 +247,12 @@ class Requester:
 
         return result, logits, learn
 
-    def _clusters(self, model: str, size: tuple[int, int], strategy: str) -> tuple[Cluster, Cluster]:
-        """The live mesh as the planner sees it: raw (the peers' adverts) and corrected with
-        what this node learned from its own requests (every strategy plans on the latter)."""
+    def _clusters(self, model: str, size: tuple[int, int], strategy: str,
+                  leave_out: set[str]) -> tuple[Cluster, Cluster]:
+        """The live mesh as the planner sees it (less `leave_out`): raw (the peers' adverts) and
+        corrected with what this node learned from its own requests (every strategy plans on the latter)."""
         node = self.node
-        peers = node.membership.alive()
+        peers = [p for p in node.membership.alive() if p.name not in leave_out]
         now = time.monotonic()
         heard = node.gossip.advert_heard
         ages = {p.name: now - heard[p.name] for p in peers if p.name in heard}
@@ -284,6 +287,8 @@ class Requester:
                                     "pieces": listed}
             if not self._holds(device, digest):
                 meta["plan"] = plan.to_json()
+            if device in ctx.shipped:
+                meta["shipped"] = ctx.shipped[device]
             if device == self.name:
                 await self.node.worker.on_plan(self.name, Message(MsgType.PLAN, rid, meta, tensors))
                 continue

@@ -31,6 +31,7 @@ from meshci.auction.errors import MessageFormatError
 from meshci.auction.messages import Award, CallForBids, Close, Outgoing
 from meshci.cost.cluster import LinkSpec
 from meshci.cost.links import LinkEstimator
+from meshci.cost.profiling import default_data_dir
 from meshci.errors import MeshciError, RuntimeFailure
 from meshci.node.auction import AUCTION_KINDS, from_message, to_message
 from meshci.node.connections import TLS_HANDSHAKE_TIMEOUT_S, Connections
@@ -45,6 +46,8 @@ from meshci.node.request import Action, Compute, RequestStateError, RunHead, Sen
 from meshci.node.reports import NodeReports
 from meshci.node.requester import Requester
 from meshci.node.runtime import Runtime
+from meshci.node.shipped_store import ShippedStore
+from meshci.node.shipping import Shipping
 from meshci.node.trace import Span, TraceLog
 from meshci.node.worker import Worker
 from meshci.trunk import Region
@@ -101,6 +104,7 @@ class NodeConfig:
     # is none: a request cannot make the node import arbitrary installed code
     allow_models: tuple[str, ...] = ()
     data_dir: Path | None = None  # profile cache and heads (None: the default data dir)
+    accept_shipped_models: bool = False  # run models a requester ships (`meshci.node.shipping`)
 
 
 Handler = Callable[[Connection, Message], Awaitable[None]]
@@ -134,6 +138,7 @@ class Node(NodeReports):
         self.gossip = Gossip(self)
         self.worker = Worker(self)
         self.requester = Requester(self)
+        self.shipping = Shipping(self, ShippedStore((config.data_dir or default_data_dir()) / "shipped"))
         # which part answers which kind of message (unknown kinds: a peer's mistake)
         self._handlers: dict[MsgType, Handler] = {
             MsgType.JOIN: self.gossip.on_join,
@@ -144,6 +149,7 @@ class Node(NodeReports):
             MsgType.TILE: self._on_tile,
             MsgType.STATE: self._on_state,
             MsgType.ERROR: self._on_error,
+            MsgType.MODEL_CODE: self.shipping.on_message,
             **{kind: self._on_auction for kind in AUCTION_KINDS},
         }
 

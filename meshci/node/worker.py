@@ -163,10 +163,13 @@ class Worker:
             if tuple(plan.input_shape[1:]) != size or plan.model != model:
                 raise ValueError(f"the plan is for {plan.model} at {plan.input_shape[1:]}, "
                                  f"the PLAN asks {shown(model)} at {size}")
-            check_model_allowed(model, self.node.config.allow_models)
             pieces = decode(msg.meta, msg.tensors)
-            loaded = await asyncio.wait_for(
-                self.runtime.load(model, seed(msg.meta.get("seed", 0)), size), LOAD_TIMEOUT_S)
+            if "shipped" in msg.meta:  # a model its requester shipped here (`meshci.node.shipping`)
+                load = self.node.shipping.load(msg.meta, plan, model, seed(msg.meta.get("seed", 0)), size)
+            else:
+                check_model_allowed(model, self.node.config.allow_models)
+                load = self.runtime.load(model, seed(msg.meta.get("seed", 0)), size)
+            loaded = await asyncio.wait_for(load, LOAD_TIMEOUT_S)
             if self.contexts.get(rid) is not ctx:
                 return  # cancelled while the model loaded
             ctx.loaded = loaded

@@ -1,0 +1,134 @@
+"""Models shipped on demand (`meshci.node.shipping`): a requester runs a model the other
+nodes do not have; peers take it only with --accept-shipped-models, keep it in a
+content-addressed cache, notice a tampered entry and fetch it again."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from meshci.models.registry import build_model
+from meshci.node.client import infer
+from meshci.node.membership import Address
+from meshci.node.runtime import Runtime
+from meshci.node.server import Node, NodeConfig
+from meshci.node.shipped_store import ShippedStore, ShippingError, pack
+from meshci.trunk import Region, extract_trunk
+
+pytestmark = pytest.mark.timeout(180)
+
+SECRET = os.urandom(32)
+MODEL = "tests.node.shipmodels:tiny"
+SIZE = (32, 32)
+
+
+def _trunk():
+    model = build_model(MODEL, seed=3)
+    trunk = extract_trunk(model, input_shape=(3, *SIZE), name=MODEL)
+    trunk.head = None
+    return model, trunk
+
+
+def test_a_package_holds_no_tensor_and_rebuilds_the_segments_it_was_given(tmp_path: Path) -> None:
+    _, trunk = _trunk()
+    package = pack(trunk, MODEL)
+    assert package.tensors and all(e.digest not in package.code.hex() for e in package.manifest.entries)
+    store = ShippedStore(tmp_path)
+    store.put_package(package.digest, package.code, package.manifest)
+    wanted = package.manifest.wanted({0, 1})
+    assert store.missing(package.manifest, wanted) == wanted
+    for i in wanted:
+        store.put_tensor(package.manifest.entries[i], package.tensors[i])
+    assert store.missing(package.manifest, wanted) == []
+    rebuilt = store.unpack(package.digest, {0, 1})
+    x = torch.randn(1, 3, *SIZE)
+    whole = Region(0, SIZE[0], 0, SIZE[1])
+    for k in (0, 1):
+        y = trunk.segments[k].run(x, whole, whole)
+        assert torch.equal(rebuilt.segments[k].run(x, whole, whole), y)
+        x = y
+    # the segments not asked for hold shapes only
+    assert all(t.device.type == "meta" for t in _tensors(rebuilt.segments[-1]))
+    # a tensor that is not what the manifest says is refused
+    with pytest.raises(ShippingError, match="digest"):
+        store.put_tensor(package.manifest.entries[wanted[0]], package.tensors[wanted[0]] + 1)
+    # a tampered file is found, deleted and reported missing
+    path = tmp_path / f"{package.manifest.entries[wanted[0]].digest}.bin"
+    data = bytearray(path.read_bytes())
+    data[0] ^= 1
+    path.write_bytes(bytes(data))
+    assert store.missing(package.manifest, wanted) == [wanted[0]]
+    assert not path.exists() and store.tampered == 1
+
+
+def _tensors(obj) -> list[torch.Tensor]:
+    found: list[torch.Tensor] = []
+
+    def walk(o, depth=0):
+        if depth > 8:
+            return
+        if isinstance(o, torch.Tensor):
+            found.append(o)
+        elif isinstance(o, (list, tuple)):
+            for v in o:
+                walk(v, depth + 1)
+        elif hasattr(o, "__dict__"):
+            for v in vars(o).values():
+                walk(v, depth + 1)
+    walk(obj)
+    return found
+
+
+async def _mesh(tmp_path: Path, accept: dict[str, bool]) -> list[Node]:
+    nodes: list[Node] = []
+    for name, accepts in accept.items():
+        join = (nodes[0].address,) if nodes else ()
+        allow = ("tests.node.shipmodels.*",) if not nodes else ()
+        node = Node(NodeConfig(name, Address("127.0.0.1", 0), join=join, secret=SECRET, allow_models=allow,
+                               accept_shipped_models=accepts, data_dir=tmp_path / name),
+                    Runtime(1, isolate_builds=False, data_dir=tmp_path / name))
+        await node.start()
+        nodes.append(node)
+    async with asyncio.timeout(30):
+        while not all(len(n.membership.alive()) == len(nodes) - 1 for n in nodes):
+            await asyncio.sleep(0.05)
+    return nodes
+
+
+async def test_a_shipped_model_runs_exact_is_cached_and_a_tampered_entry_is_fetched_again(tmp_path: Path) -> None:
+    nodes = await _mesh(tmp_path, {"req": False, "taker": True, "refuser": False})
+    requester, taker, refuser = nodes
+    try:
+        x = torch.randn(1, 3, *SIZE)
+        expected = build_model(MODEL, seed=0)(x)
+        meta, logits = await infer(requester.address, model=MODEL, size=SIZE, image=x, secret=SECRET,
+                                   strategy="modnn", check=True)
+        assert torch.allclose(logits.flatten(), expected.flatten(), atol=1e-5)
+        assert meta["check_ok"]
+        assert sorted(meta["devices"]) == ["req", "taker"]  # the refuser was left out
+        first = taker.shipping.bytes_received
+        assert first > 0 and refuser.shipping.bytes_received == 0
+        # a second request reuses the cache: nothing shipped again
+        meta, logits = await infer(requester.address, model=MODEL, size=SIZE, image=x, secret=SECRET,
+                                   strategy="modnn")
+        assert torch.allclose(logits.flatten(), expected.flatten(), atol=1e-5)
+        assert taker.shipping.bytes_received == first
+        # tamper with one cached tensor; the taker forgets what it built (as after a restart)
+        cached = sorted((tmp_path / "taker" / "shipped").glob("*.bin"))
+        assert cached
+        data = bytearray(cached[0].read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        cached[0].write_bytes(bytes(data))
+        taker.shipping._loaded.clear()
+        meta, logits = await infer(requester.address, model=MODEL, size=SIZE, image=x, secret=SECRET,
+                                   strategy="modnn")
+        assert torch.allclose(logits.flatten(), expected.flatten(), atol=1e-5)
+        assert taker.shipping.store.tampered == 1
+        assert 0 < taker.shipping.bytes_received - first < first  # that one tensor again, not all
+        assert sorted(meta["devices"]) == ["req", "taker"]
+    finally:
+        await asyncio.gather(*(n.close() for n in nodes))
