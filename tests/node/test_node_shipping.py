@@ -112,6 +112,12 @@ async def test_a_shipped_model_runs_exact_is_cached_and_a_tampered_entry_is_fetc
         assert sorted(meta["devices"]) == ["req", "taker"]  # the refuser was left out
         first = taker.shipping.bytes_received
         assert first > 0 and refuser.shipping.bytes_received == 0
+        # shipped straight to the peer that does not take shipped code: refused, with the reason
+        package = next(iter(requester.shipping._packages.values()))
+        with pytest.raises(ShippingError, match="refuser does not take shipped models "
+                                                r"\(start it with --accept-shipped-models\)"):
+            await requester.shipping._ship("refuser", MODEL, package, {0})
+        assert refuser.shipping.bytes_received == 0 and not (tmp_path / "refuser" / "shipped").exists()
         # a second request reuses the cache: nothing shipped again
         meta, logits = await infer(requester.address, model=MODEL, size=SIZE, image=x, secret=SECRET,
                                    strategy="modnn")
@@ -132,3 +138,48 @@ async def test_a_shipped_model_runs_exact_is_cached_and_a_tampered_entry_is_fetc
         assert sorted(meta["devices"]) == ["req", "taker"]
     finally:
         await asyncio.gather(*(n.close() for n in nodes))
+
+
+async def test_a_model_only_the_requester_process_can_import_runs_across_the_mesh(tmp_path: Path) -> None:
+    """The requester is a `meshci node` process whose PYTHONPATH alone holds the model's
+    module; the peers (this process) never import it: they get its code shipped."""
+    import sys
+
+    module_dir = tmp_path / "usercode"
+    module_dir.mkdir()
+    source = (Path(__file__).parent / "shipmodels.py").read_text()
+    (module_dir / "tinycnn_only_here.py").write_text(source)
+    secret_file = tmp_path / "mesh.key"
+    secret_file.write_text(SECRET.hex())
+    secret_file.chmod(0o600)
+    peers = await _mesh(tmp_path, {"taker": True, "refuser": False})
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(module_dir), os.environ.get("PYTHONPATH", "")])}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "meshci", "node", "--name", "req", "--listen", "127.0.0.1:0", "--gflops", "1",
+        "--join", str(peers[0].address), "--secret-file", str(secret_file), "--data-dir", str(tmp_path / "req"),
+        "--allow-model", "tinycnn_only_here.*", "-v", env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 120)).decode()
+        assert "listening on" in line, line
+        host, port = line.rsplit(" ", 1)[1].strip().rsplit(":", 1)
+        address = Address(host, int(port))
+        async with asyncio.timeout(60):
+            while len(peers[0].membership.alive()) < 2:
+                await asyncio.sleep(0.1)
+        meta, logits = await infer(address, model="tinycnn_only_here:tiny", size=SIZE, secret=SECRET,
+                                   strategy="modnn", check=True, timeout=120)
+        assert meta["check_ok"], meta
+        assert sorted(meta["devices"]) == ["req", "taker"]
+        assert peers[0].shipping.bytes_received > 0 and peers[1].shipping.bytes_received == 0
+        assert "tinycnn_only_here" not in sys.modules  # the taker ran it from shipped code
+        with pytest.raises(ModuleNotFoundError):
+            __import__("tinycnn_only_here")
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            await proc.wait()
+        await asyncio.gather(*(n.close() for n in peers))
+        if proc.stderr is not None and proc.returncode not in (0, -15):
+            print((await proc.stderr.read()).decode()[-3000:])
