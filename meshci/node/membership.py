@@ -71,6 +71,7 @@ class Advert:
     curves: tuple[tuple[str, tuple[tuple[float, float], ...]], ...] = ()
     tile_ms: float = 0.0  # measured per-tile overhead beyond compute (a boundary's CPU here)
     version: str = ""  # the meshci version the node runs ("": not stated)
+    memory_mb: int = 0  # its memory budget for tiles (`meshci.node.memory_budget`; 0: not stated)
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"gflops": self.gflops, "backlog_s": self.backlog_s,
@@ -81,6 +82,8 @@ class Advert:
             data["tile_ms"] = self.tile_ms
         if self.version:
             data["version"] = self.version
+        if self.memory_mb:
+            data["memory_mb"] = self.memory_mb
         return data
 
     @classmethod
@@ -119,7 +122,8 @@ class Advert:
         version = data.get("version", "")
         if not isinstance(version, str) or len(version) > MAX_VERSION_CHARS or not version.isprintable():
             raise FieldError(f"bad advert version: want at most {MAX_VERSION_CHARS} printable characters")
-        return cls(gflops, backlog, tuple(links), tuple(curves), tile_ms, version)
+        memory_mb = int(number(data.get("memory_mb", 0), "advert memory_mb", hi=MAX_MEMORY_MB))
+        return cls(gflops, backlog, tuple(links), tuple(curves), tile_ms, version, memory_mb)
 
 
 MAX_ADVERT_CURVES = 8
@@ -133,6 +137,7 @@ MAX_CANDIDATES = 64  # peers heard of (gossip, beacons) but not yet heard from d
 MAX_PEERS = 1024  # every entry of the table, tombstones included
 MAX_TILE_MS = 60_000.0
 MAX_VERSION_CHARS = 32
+MAX_MEMORY_MB = 1 << 24  # 16 TB
 MAX_CURVE_SEGMENTS = 256
 MIN_GFLOPS = 1e-6
 MAX_GFLOPS = 1e6  # a petaflop device: far beyond any board, and far below overflow in plans

@@ -26,7 +26,7 @@ class NodeReports:
         backlog = max(0.0, self.runtime.queued_s)
         advert = self.runtime.advert(self.config.gflops, backlog, self.link_view(),
                                      _sig3((self.boundary.handling_s or 0.0) * 1000.0))
-        return replace(advert, version=__version__)
+        return replace(advert, version=__version__, memory_mb=self.memory_budget_mb)
 
     def link_view(self: Node) -> tuple[tuple[str, float, float], ...]:
         """(peer, Mbit/s, per-message ms) per measured link: bandwidth as delivered here

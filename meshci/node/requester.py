@@ -45,6 +45,7 @@ from meshci.node.auction import NetworkAuction, auction_items, awarded_plan
 from meshci.node.fields import shown
 from meshci.node.inputs import MAX_INPUT_SIDE, head_report, parse_infer, request_input
 from meshci.node.latency import PlanCalibration, plan_hops
+from meshci.node.memory_budget import MemoryFit
 from meshci.node.model_cache import LOAD_TIMEOUT_S, LoadedModel
 from meshci.node.pieces import encode as encode_pieces
 from meshci.node.request import RequesterRun, RequestStateError, SendPiece, cluster_from_view, device_signature
@@ -103,6 +104,7 @@ class Requester:
         # order it keeps them (the same bound and order, so we know what it has)
         self._sent_plans: dict[tuple[str, int], OrderedDict[str, None]] = {}
         self.calibration = PlanCalibration()  # learned from this node's own completed requests
+        self.memory = MemoryFit()  # peers a model's plans do not fit (`meshci.node.memory_budget`)
         self._warm: set[tuple[str, str, int, tuple[int, int]]] = set()  # (device, model, seed, size) built
         self._predicted: dict[tuple[str, Any], tuple[float, float]] = {}  # calibration predictions
         self._curves_seen: dict[str, int] = {}  # device -> hash of the curves last planned with
@@ -161,7 +163,9 @@ class Requester:
             raise RequestFailed(f"building {model} at {size[0]}x{size[1]} took over {LOAD_TIMEOUT_S:.0f} s") from exc
         loaded_at = time.perf_counter()
 
-        raw_cluster, cluster = self._clusters(model, size, strategy, await node.shipping.refusers(model))
+        budgets = {p.name: p.advert.memory_mb for p in node.membership.alive()}  # `memory_budget`
+        leave_out = await node.shipping.refusers(model) | self.memory.leave_out(model, size, budgets)
+        raw_cluster, cluster = self._clusters(model, size, strategy, leave_out)
         # by the devices present: a plan never names a device that is gone; what the devices
         # are (speed, curves) and the links cost re-plan in the background (`_refresh`)
         key = (model, seed, size, strategy, frozenset(d.name for d in raw_cluster.devices))
@@ -177,6 +181,8 @@ class Requester:
         self.standing.move_to_end(key)
         planned_at = time.perf_counter()
         self._refresh(standing, loaded, raw_cluster, cluster, strategy, links)
+        if self.memory.check(model, size, loaded.trunk, standing.current, budgets, self.name):
+            return await self.infer(msg)  # planned again without the peers it did not fit
         plan, shipped = await node.shipping.prepare(standing.current, loaded, model)
 
         rid = random.getrandbits(62) | 1

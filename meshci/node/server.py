@@ -40,6 +40,7 @@ from meshci.node.gossip import Gossip
 from meshci.node.latency import BoundaryCosts
 from meshci.node.membership import (HEARTBEAT_INTERVAL_S, LEFT_THE_MESH, Address, Advert,
                                     Membership)
+from meshci.node.memory_budget import default_budget_mb
 from meshci.node.metrics import NodeMetrics
 from meshci.node.pieces import Piece, decode as decode_pieces, encode as encode_pieces
 from meshci.node.request import Action, Compute, RequestStateError, RunHead, SendPiece, tensor_bytes
@@ -105,6 +106,7 @@ class NodeConfig:
     allow_models: tuple[str, ...] = ()
     data_dir: Path | None = None  # profile cache and heads (None: the default data dir)
     accept_shipped_models: bool = False  # run models a requester ships (`meshci.node.shipping`)
+    memory_mb: int | None = None  # memory budget for tiles (None: what the machine has, `memory_budget`)
 
 
 Handler = Callable[[Connection, Message], Awaitable[None]]
@@ -118,6 +120,7 @@ class Node(NodeReports):
     def __init__(self, config: NodeConfig, runtime: Runtime | None = None) -> None:
         self.config = config
         self.name = config.name
+        self.memory_budget_mb = config.memory_mb or default_budget_mb()
         self.runtime = runtime or Runtime(config.threads, curves=config.measure_curves,
                                           data_dir=config.data_dir)
         self.membership = Membership(config.name, config.listen, incarnation=time.time_ns(),

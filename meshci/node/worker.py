@@ -29,6 +29,7 @@ from meshci.errors import MeshciError
 from meshci.models.registry import check_model_allowed
 from meshci.node.fields import shown
 from meshci.node.inputs import input_size, model_name, seed
+from meshci.node.memory_budget import MemoryBudgetError, item_bytes, mb, plan_bytes
 from meshci.node.model_cache import LOAD_TIMEOUT_S, LoadedModel
 from meshci.node.pieces import OrphanBudget, Piece, PieceFormatError, decode, nbytes
 from meshci.node.request import Compute, HeadRun, RequestStateError, RunHead, WorkerRun
@@ -71,6 +72,7 @@ class WorkerContext:
     plan_pending: bool = False  # a PLAN arrived and its model is loading: not an orphan
     waiting_for_plan: Message | None = None  # a PLAN by digest we did not know: asked for it
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)  # its tile and head work here
+    reserved: int = 0  # bytes of this device's memory budget its tiles hold (`memory_budget`)
 
     def stop_work(self) -> None:
         """Cancel this request's queued or running tile and head work (a tile already on
@@ -94,7 +96,8 @@ class Worker:
         self.runtime = node.runtime
         self.contexts: dict[int, WorkerContext] = {}
         self.plans: OrderedDict[str, OrderedDict[str, Plan]] = OrderedDict()  # requester -> digest -> plan
-        self.bidder = Bidder(node.name, self._compute_s, node.link_s)
+        self.bidder = Bidder(node.name, self._compute_s, node.link_s, item_bytes=item_bytes,
+                             memory_bytes=lambda: node.memory_budget_mb * 2**20)
         # auction id -> (when this node's bidder first heard of it, its auctioneer): the
         # commitment is released, and the entry deleted, together and exactly once
         self.bid_auctions: dict[str, tuple[float, str]] = {}
@@ -173,6 +176,7 @@ class Worker:
             if self.contexts.get(rid) is not ctx:
                 return  # cancelled while the model loaded
             ctx.loaded = loaded
+            ctx.reserved = self._reserve(rid, plan, loaded)
             geometry = loaded.geometry(plan)
             ctx.run = WorkerRun(plan, self.name, geometry)
             head = plan.head_plan
@@ -196,6 +200,17 @@ class Worker:
         for peer, later, path in early:
             await self._take(rid, ctx, peer, later, path)
         self._finish_if_done(rid, ctx)
+
+    def _reserve(self, rid: int, plan: Plan, loaded: LoadedModel) -> int:
+        """The bytes of this device's memory budget the plan's tiles need here; refused
+        (MemoryBudgetError) when they do not fit what the other requests leave."""
+        need = plan_bytes(loaded.trunk, plan, self.name)
+        held = sum(c.reserved for r, c in self.contexts.items() if r != rid)
+        budget = self.node.memory_budget_mb * 2**20
+        if need + held > budget:
+            raise MemoryBudgetError(f"its tiles need {mb(need)}, over its memory budget of {mb(budget)} "
+                                    f"({mb(held)} held by other requests; --memory-mb)")
+        return need
 
     def _plan_of(self, sender: str, meta: dict[str, Any]) -> Plan | None:
         """The plan a PLAN frame refers to (kept per requester by digest), or None when it
