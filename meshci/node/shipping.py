@@ -253,10 +253,10 @@ class Shipping:
             raise ShippingError("shipping segments must be a list of segment indices")
         loop = asyncio.get_running_loop()
         if op == "code":
+            manifest = Manifest.from_json(meta["manifest"])
             blob = msg.blob
             if blob is None or len(blob) > MAX_CODE_BYTES:
                 raise ShippingError(f"shipped code must come as a blob of at most {MAX_CODE_BYTES} bytes")
-            manifest = Manifest.from_json(meta["manifest"])
             await loop.run_in_executor(None, self.store.put_package, digest, blob, manifest)
             self.bytes_received += len(blob)
         elif op == "weights":

@@ -183,3 +183,67 @@ async def test_a_model_only_the_requester_process_can_import_runs_across_the_mes
         await asyncio.gather(*(n.close() for n in peers))
         if proc.stderr is not None and proc.returncode not in (0, -15):
             print((await proc.stderr.read()).decode()[-3000:])
+
+
+async def _ask(node: Node, meta: dict, *, blob: bytes | None = None, tensors: tuple = (),
+               insecure: bool = False) -> dict:
+    from meshci.node.client import ask
+    from meshci.wire import Message, MsgType
+    reply = await ask(node.address, Message(MsgType.MODEL_CODE, 7, meta, tensors, blob),
+                      secret=None if insecure else SECRET, insecure=insecure, timeout=30)
+    assert reply.kind is MsgType.MODEL_CODE
+    return dict(reply.meta)
+
+
+async def test_hostile_shipping_fields_are_refused_with_a_reason_and_the_node_keeps_serving(tmp_path: Path) -> None:
+    from meshci.node.client import members
+    _, trunk = _trunk()
+    package = pack(trunk, MODEL)
+    node = Node(NodeConfig("taker", Address("127.0.0.1", 0), secret=SECRET, accept_shipped_models=True,
+                           data_dir=tmp_path), Runtime(1, isolate_builds=False, data_dir=tmp_path))
+    await node.start()
+    base = {"model": MODEL, "package": package.digest, "segments": [0]}
+    try:
+        assert (await _ask(node, {**base, "op": "query"}))["status"] == "ship"
+        assert (await _ask(node, {**base, "op": "prepare"})) == {"op": "need", "code": True}
+        for meta, why in [
+            ({**base, "op": "prepare", "package": "zz"}, "40-digit"),
+            ({**base, "op": "prepare", "model": 5}, "names its model"),
+            ({**base, "op": "prepare", "segments": "all"}, "segment indices"),
+            ({**base, "op": "code", "manifest": package.manifest.to_json()}, "blob"),
+            ({**base, "op": "code", "manifest": {"entries": [["0" * 40, "complex64", [1], False]], "segments": []}},
+             "manifest entry"),
+            ({**base, "op": "explode"}, "unknown shipping op"),
+        ]:
+            answer = await _ask(node, meta)
+            assert answer["op"] == "refused" and why in answer["reason"], (meta, answer)
+        # code that does not match its digest (another package's manifest) is refused
+        answer = await _ask(node, {**base, "op": "code", "manifest": {"entries": [], "segments": []}},
+                            blob=package.code)
+        assert answer["op"] == "refused" and "do not match their digest" in answer["reason"]
+        answer = await _ask(node, {**base, "op": "code", "manifest": package.manifest.to_json()}, blob=package.code)
+        wanted = package.manifest.wanted({0})
+        assert answer == {"op": "need", "indices": wanted}
+        # a tensor that is not the one the manifest names; an index count that does not match
+        bad = tuple(package.tensors[i] * 2 for i in wanted)
+        answer = await _ask(node, {**base, "op": "weights", "indices": wanted}, tensors=bad)
+        assert answer["op"] == "refused" and "does not hash to its digest" in answer["reason"]
+        answer = await _ask(node, {**base, "op": "weights", "indices": wanted[:1]}, tensors=bad)
+        assert answer["op"] == "refused" and "one manifest index per tensor" in answer["reason"]
+        answer = await _ask(node, {**base, "op": "weights", "indices": wanted},
+                            tensors=tuple(package.tensors[i] for i in wanted))
+        assert answer == {"op": "ready"}
+        assert len(await members(node.address, secret=SECRET)) == 1  # still serving
+    finally:
+        await node.close()
+    # an --insecure node never takes shipped code: nobody proved a secret (and the wire
+    # carries no blob on an unauthenticated connection at all)
+    loose = Node(NodeConfig("loose", Address("127.0.0.1", 0), insecure=True, accept_shipped_models=True,
+                            data_dir=tmp_path / "loose"), Runtime(1, isolate_builds=False, data_dir=tmp_path))
+    await loose.start()
+    try:
+        answer = await _ask(loose, {**base, "op": "prepare"}, insecure=True)
+        assert answer["op"] == "refused" and "proved the cluster secret" in answer["reason"]
+        assert not (tmp_path / "loose" / "shipped").exists()
+    finally:
+        await loose.close()
