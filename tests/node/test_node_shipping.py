@@ -247,3 +247,32 @@ async def test_hostile_shipping_fields_are_refused_with_a_reason_and_the_node_ke
         assert not (tmp_path / "loose" / "shipped").exists()
     finally:
         await loose.close()
+
+
+async def test_a_built_in_model_with_weights_only_the_requester_holds_is_shipped(tmp_path: Path) -> None:
+    from meshci.weights import hold, with_weights
+
+    model = build_model("squeezenet1_1", seed=5)  # trained weights, as far as the mesh knows
+    path = tmp_path / "trained.pt"
+    torch.save(model.state_dict(), path)
+    digest = hold(path)
+    nodes: list[Node] = []
+    for name, allow in (("req", (f"@{digest}",)), ("taker", ())):
+        join = (nodes[0].address,) if nodes else ()
+        node = Node(NodeConfig(name, Address("127.0.0.1", 0), join=join, secret=SECRET, allow_models=allow,
+                               accept_shipped_models=name == "taker", data_dir=tmp_path / name),
+                    Runtime(1, isolate_builds=False, data_dir=tmp_path / name))
+        await node.start()
+        nodes.append(node)
+    try:
+        async with asyncio.timeout(30):
+            while not all(n.membership.alive() for n in nodes):
+                await asyncio.sleep(0.05)
+        x = torch.randn(1, 3, 64, 64)
+        meta, logits = await infer(nodes[0].address, model=with_weights("squeezenet1_1", digest), size=(64, 64),
+                                   image=x, secret=SECRET, strategy="modnn")
+        assert torch.allclose(logits.flatten(), model(x).flatten(), atol=1e-4)
+        assert sorted(meta["devices"]) == ["req", "taker"]
+        assert nodes[1].shipping.bytes_received > 0
+    finally:
+        await asyncio.gather(*(n.close() for n in nodes))
