@@ -121,6 +121,7 @@ class MemoryFit:
 
     def __init__(self) -> None:
         self._out: OrderedDict[tuple[str, tuple[int, int]], dict[str, int]] = OrderedDict()
+        self._checked: OrderedDict[tuple[Any, ...], tuple[Plan, Any, list[str]]] = OrderedDict()
 
     def leave_out(self, model: str, size: tuple[int, int], budgets: dict[str, int]) -> set[str]:
         out = self._out.get((model, size), {})
@@ -130,8 +131,16 @@ class MemoryFit:
               requester: str) -> list[str]:
         """The peers `plan` gives more than their budget (remembered, so the next plan
         leaves them out); the requester itself is never left out (its worker refuses)."""
-        over = [d for d in plan.devices if d != requester and budgets.get(d, 0) > 0
-                and plan_bytes(trunk, plan, d) > budgets[d] * 2**20]
+        stated = tuple((d, budgets.get(d, 0)) for d in plan.devices if d != requester)
+        key = (id(plan), id(trunk), stated)
+        known = self._checked.get(key)
+        if known is not None and known[0] is plan and known[1] is trunk:
+            over = known[2]  # a standing plan, checked once per budgets (the walk costs ms)
+        else:
+            over = [d for d, budget in stated if budget > 0 and plan_bytes(trunk, plan, d) > budget * 2**20]
+            self._checked[key] = (plan, trunk, over)
+            while len(self._checked) > 64:
+                self._checked.popitem(last=False)
         if over:
             entry = self._out.setdefault((model, size), {})
             entry.update({d: budgets[d] for d in over})

@@ -102,6 +102,9 @@ class NodeReports:
             "advert": self.advert().to_json(),
             "rss_mb": rss_mb(),
             "peak_rss_mb": peak_rss_mb(),
+            "memory_budget_mb": self.memory_budget_mb,
+            "shipped": {"sent_bytes": self.shipping.bytes_sent, "received_bytes": self.shipping.bytes_received,
+                        "tampered": self.shipping.store.tampered},
         }
 
     def request_state(self: Node) -> dict[str, Any]:

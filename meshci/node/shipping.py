@@ -60,6 +60,10 @@ LOADED = 2  # shipped trunks a worker keeps built
 REPLIES = frozenset({"status", "need", "ready", "refused"})
 
 
+def _size(n: float) -> str:
+    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 1024:.1f} KB"
+
+
 def shipped_model(model: str) -> bool:
     """Whether a model may need shipping: everything but the built-in models by name."""
     return not model_allowed(model, ())
@@ -160,15 +164,15 @@ class Shipping:
             op = reply.get("op")
             if op == "ready":
                 if sent:
-                    log.info("shipped %s to %s: %.1f MB of weights", model, device, sent / 2**20)
+                    log.info("shipped %s to %s: %s of weights", model, device, _size(sent))
                 return
             if op == "refused":
                 raise ShippingError(f"{device} refuses the shipped model {model}: {reason(reply.get('reason'))}")
             if op != "need":
                 raise ShippingError(f"{device} answered shipping with {shown(op)}")
             if reply.get("code") is True:
-                log.info("shipping %s to %s: code (%d bytes) and %d tensors, %.1f MB", model, device,
-                         len(package.code), len(wanted), total / 2**20)
+                log.info("shipping %s to %s: code (%s) and %d tensors (%s)", model, device,
+                         _size(len(package.code)), len(wanted), _size(total))
                 self.bytes_sent += len(package.code)
                 reply = await self._ask(device, {"op": "code", **base, "manifest": package.manifest.to_json()},
                                         ROUND_TIMEOUT_S, blob=package.code)
@@ -186,8 +190,8 @@ class Shipping:
                 nbytes += size
             sent += nbytes
             self.bytes_sent += nbytes
-            log.info("shipping %s to %s: weights %.1f of %.1f MB (%d%%)", model, device, sent / 2**20,
-                     total / 2**20, round(100 * sent / total) if total else 100)
+            log.info("shipping %s to %s: weights %s of %s (%d%%)", model, device, _size(sent), _size(total),
+                     round(100 * sent / total) if total else 100)
             reply = await self._ask(device, {"op": "weights", **base, "indices": batch}, ROUND_TIMEOUT_S,
                                     tensors=tuple(package.tensors[i].detach().contiguous() for i in batch))
         raise ShippingError(f"{device} kept asking for {model} after {MAX_ROUNDS} rounds")
