@@ -113,3 +113,36 @@ def test_memory_fit_remembers_who_was_left_out_until_their_budget_grows() -> Non
     assert fit.check(MODEL, SIZE, trunk, plan, {"p": 1}, "r") == ["p"]
     assert fit.leave_out(MODEL, SIZE, {"p": 1}) == {"p"}
     assert fit.leave_out(MODEL, SIZE, {"p": 4096}) == set()
+
+
+def test_the_advert_carries_the_budget_typed_and_bounded() -> None:
+    from meshci.node.fields import FieldError
+    from meshci.node.membership import Advert
+
+    assert Advert.from_json(Advert(gflops=2.0, memory_mb=512).to_json()).memory_mb == 512
+    assert Advert.from_json({"gflops": 2.0}).memory_mb == 0  # not stated: no constraint
+    for bad in (-1, 1e30, "lots", True):
+        with pytest.raises(FieldError, match="memory_mb"):
+            Advert.from_json({"gflops": 2.0, "memory_mb": bad})
+
+
+async def test_meshci_node_takes_its_budget_from_the_flag_and_from_the_environment(tmp_path: Path) -> None:
+    import sys
+
+    from meshci.node.client import stats
+
+    for args, env in ((["--memory-mb", "7"], {}), ([], {"MESHCI_MEMORY_MB": "9"})):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "meshci", "node", "--insecure", "--gflops", "1", "--name", "m",
+            "--data-dir", str(tmp_path), *args, env={**os.environ, **env},
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        try:
+            assert proc.stdout is not None
+            line = (await asyncio.wait_for(proc.stdout.readline(), 120)).decode()
+            host, port = line.rsplit(" ", 1)[1].strip().rsplit(":", 1)
+            answer = await stats(Address(host, int(port)), secret=None, insecure=True)
+            want = int(args[1]) if args else int(env["MESHCI_MEMORY_MB"])
+            assert answer["memory_budget_mb"] == want and answer["advert"]["memory_mb"] == want
+        finally:
+            proc.terminate()
+            await proc.wait()
