@@ -113,6 +113,10 @@ def format_result(meta: dict[str, Any]) -> str:
         + ", ".join(_entry(i, p, name) for (i, p), name in zip(meta["top5"], meta.get("top5_labels")
                                                                    or [None] * len(meta["top5"]))),
     ]
+    if meta.get("shipped_bytes"):
+        lines.append("  shipped the model to: " + ", ".join(
+            f"{d} ({n / 2**20:.1f} MB)" if n >= 2**20 else f"{d} ({n / 1024:.1f} KB)"
+            for d, n in sorted(meta["shipped_bytes"].items())))
     if "max_abs_diff" in meta:
         lines.append(f"  check: max |distributed - single device| = {meta['max_abs_diff']:.3g}")
     return "\n".join(lines)

@@ -183,7 +183,7 @@ class Requester:
         self._refresh(standing, loaded, raw_cluster, cluster, strategy, links)
         if self.memory.check(model, size, loaded.trunk, standing.current, budgets, self.name):
             return await self.infer(msg)  # planned again without the peers it did not fit
-        plan, shipped = await node.shipping.prepare(standing.current, loaded, model)
+        plan, shipped, shipped_bytes = await node.shipping.prepare(standing.current, loaded, model)
 
         rid = random.getrandbits(62) | 1
         run = RequesterRun(plan, self.name, loaded.geometry(plan))
@@ -241,6 +241,8 @@ class Requester:
         for name in ("max_abs_diff", "check_ok"):
             if name in head:
                 result[name] = head[name]
+        if shipped_bytes:  # the model's code and weights this request shipped, per device
+            result["shipped_bytes"] = shipped_bytes
         if asked.details:
             result["plan"] = plan.to_json()
         result["trace_id"] = rid  # `meshci infer --trace`: each device's spans of it

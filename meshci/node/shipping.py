@@ -120,16 +120,18 @@ class Shipping:
             return False
         return self._status.get((device, peer.incarnation, model), ("",))[0] == "ship"
 
-    async def prepare(self, plan: Plan, loaded: LoadedModel, model: str) -> tuple[Plan, dict[str, str]]:
+    async def prepare(self, plan: Plan, loaded: LoadedModel, model: str
+                      ) -> tuple[Plan, dict[str, str], dict[str, int]]:
         """Ship `model` to the plan's devices that need it (code once, the tensors of their
         segments once); the plan (its head kept here when a shipped device would need head
-        weights) and the package digest per shipped device. Raises ShippingError."""
+        weights), the package digest per shipped device and the bytes each was sent now.
+        Raises ShippingError."""
         if not shipped_model(model):
-            return plan, {}
+            return plan, {}, {}
         computing = {t.device for b in plan.blocks for t in b.tiles}
         shipped = {d for d in computing if self._shipped_to(d, model)}
         if not shipped:
-            return plan, {}
+            return plan, {}, {}
         head = plan.head_plan
         last = set(plan.blocks[-1].devices)
         if plan.head is not None and (head.device in shipped or (head.split and last & shipped)
@@ -150,22 +152,22 @@ class Shipping:
             for name in block.devices:
                 if name in segments:
                     segments[name].update(range(block.start, block.end))
-        await asyncio.gather(*(self._ship(device, model, package, segs) for device, segs in segments.items()))
-        return plan, {d: package.digest for d in shipped}
+        sent = await asyncio.gather(*(self._ship(device, model, package, segs) for device, segs in segments.items()))
+        return plan, {d: package.digest for d in shipped}, {d: n for d, n in zip(segments, sent) if n}
 
-    async def _ship(self, device: str, model: str, package: Package, segments: set[int]) -> None:
-        """Bring `device` to hold the package and the tensors of `segments`."""
+    async def _ship(self, device: str, model: str, package: Package, segments: set[int]) -> int:
+        """Bring `device` to hold the package and the tensors of `segments`; the bytes sent."""
         base = {"package": package.digest, "model": model, "segments": sorted(segments)}
         wanted = package.manifest.wanted(segments)
         total = sum(package.manifest.entries[i].nbytes for i in wanted)
         reply = await self._ask(device, {"op": "prepare", **base}, ROUND_TIMEOUT_S)
-        sent = 0
+        sent = code_sent = 0  # weights, code
         for _ in range(MAX_ROUNDS):
             op = reply.get("op")
             if op == "ready":
                 if sent:
                     log.info("shipped %s to %s: %s of weights", model, device, _size(sent))
-                return
+                return sent + code_sent
             if op == "refused":
                 raise ShippingError(f"{device} refuses the shipped model {model}: {reason(reply.get('reason'))}")
             if op != "need":
@@ -174,6 +176,7 @@ class Shipping:
                 log.info("shipping %s to %s: code (%s) and %d tensors (%s)", model, device,
                          _size(len(package.code)), len(wanted), _size(total))
                 self.bytes_sent += len(package.code)
+                code_sent += len(package.code)
                 reply = await self._ask(device, {"op": "code", **base, "manifest": package.manifest.to_json()},
                                         ROUND_TIMEOUT_S, blob=package.code)
                 continue

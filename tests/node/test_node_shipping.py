@@ -112,6 +112,7 @@ async def test_a_shipped_model_runs_exact_is_cached_and_a_tampered_entry_is_fetc
         assert sorted(meta["devices"]) == ["req", "taker"]  # the refuser was left out
         first = taker.shipping.bytes_received
         assert first > 0 and refuser.shipping.bytes_received == 0
+        assert meta["shipped_bytes"] == {"taker": first}  # the client is told what was shipped
         # shipped straight to the peer that does not take shipped code: refused, with the reason
         package = next(iter(requester.shipping._packages.values()))
         with pytest.raises(ShippingError, match="refuser does not take shipped models "
@@ -122,7 +123,7 @@ async def test_a_shipped_model_runs_exact_is_cached_and_a_tampered_entry_is_fetc
         meta, logits = await infer(requester.address, model=MODEL, size=SIZE, image=x, secret=SECRET,
                                    strategy="modnn")
         assert torch.allclose(logits.flatten(), expected.flatten(), atol=1e-5)
-        assert taker.shipping.bytes_received == first
+        assert taker.shipping.bytes_received == first and "shipped_bytes" not in meta
         # tamper with one cached tensor; the taker forgets what it built (as after a restart)
         cached = sorted((tmp_path / "taker" / "shipped").glob("*.bin"))
         assert cached
@@ -173,10 +174,18 @@ async def test_a_model_only_the_requester_process_can_import_runs_across_the_mes
         async with asyncio.timeout(60):
             while len(peers[0].membership.alive()) < 2:
                 await asyncio.sleep(0.1)
+        # the user's command: exit 0 (--check passed), and it says where the model was shipped
+        client = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "meshci", "infer", "--via", str(address), "--model", "tinycnn_only_here:tiny",
+            "--size", str(SIZE[0]), str(SIZE[1]), "--strategy", "modnn", "--check", "--secret-file", str(secret_file),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(client.communicate(), 180)
+        assert client.returncode == 0, err.decode()
+        assert "shipped the model to: taker (" in out.decode(), out.decode()
         meta, logits = await infer(address, model="tinycnn_only_here:tiny", size=SIZE, secret=SECRET,
                                    strategy="modnn", check=True, timeout=120)
         assert meta["check_ok"], meta
-        assert sorted(meta["devices"]) == ["req", "taker"]
+        assert sorted(meta["devices"]) == ["req", "taker"] and "shipped_bytes" not in meta  # cached
         assert peers[0].shipping.bytes_received > 0 and peers[1].shipping.bytes_received == 0
         assert "tinycnn_only_here" not in sys.modules  # the taker ran it from shipped code
         with pytest.raises(ModuleNotFoundError):
@@ -186,7 +195,7 @@ async def test_a_model_only_the_requester_process_can_import_runs_across_the_mes
             proc.terminate()
             await proc.wait()
         await asyncio.gather(*(n.close() for n in peers))
-        if proc.stderr is not None and (proc.returncode not in (0, -15) or os.environ.get("SHOW_REQ")):
+        if proc.stderr is not None and proc.returncode not in (0, -15):
             print((await proc.stderr.read()).decode()[-3000:])
 
 
