@@ -333,7 +333,7 @@ class Worker:
         try:
             y, seconds, handoff = await self.runtime.run_block(
                 ctx.loaded.trunk, action.start, action.end, action.x, action.have, action.out,
-                inline=inline, then=then)
+                inline=inline, then=then, owner=(ctx.requester, rid, ctx.created))
         except (RuntimeError, ValueError, MeshciError) as exc:
             # a tile that cannot be computed (shape mismatch, out of memory): fail the request
             await self.node.fail_request(rid, ctx.requester, f"{self.name} failed a tile: {exc}")
@@ -368,16 +368,17 @@ class Worker:
         head = await self.runtime.head(ctx.loaded)
         if action.split:
             assert head.split is not None
-            logits = await self.runtime.call(head.split.finish, action.input)
+            logits = await self.runtime.call(head.split.finish, action.input, owner=(ctx.requester, rid, ctx.created))
         else:
-            logits = await self.runtime.call(head.run, action.input)
+            logits = await self.runtime.call(head.run, action.input, owner=(ctx.requester, rid, ctx.created))
         head_s = time.perf_counter() - began
         self.node.trace.record(rid, Span("head", "head", time.time() - head_s, head_s, {"split": action.split}))
         check: dict[str, Any] = {}
         if ctx.check_input is not None:
             name, seed, h, w = ctx.loaded.key
             reference = await self.runtime.reference(name, seed, (h, w))
-            expected = await self.runtime.call(reference.trunk.forward, ctx.check_input)
+            expected = await self.runtime.call(reference.trunk.forward, ctx.check_input,
+                                               owner=(ctx.requester, rid, ctx.created))
             check = {"max_abs_diff": float((expected - logits).abs().max()),
                      "check_ok": bool(torch.allclose(logits, expected, rtol=1e-4, atol=1e-5))}
         if self.contexts.get(rid) is not ctx:
