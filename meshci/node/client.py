@@ -51,7 +51,8 @@ def connect_hint(address: Address, exc: WireError) -> str:
 def failure_hint(reason: str) -> str:
     """A node's failure reason with what to do appended where we can tell."""
     lowered = reason.lower()
-    if "MemoryError" in reason or any(words in lowered for words in OUT_OF_MEMORY_WORDS):
+    if ("MemoryError" in reason or any(words in lowered for words in OUT_OF_MEMORY_WORDS)) \
+            and "--size" not in reason:  # a node's own line already says what to do (`meshci.node.oom`)
         return f"{reason}; {OUT_OF_MEMORY_HINT}"
     return reason
 

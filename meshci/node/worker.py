@@ -31,6 +31,7 @@ from meshci.node.fields import shown
 from meshci.node.inputs import input_size, model_name, seed
 from meshci.node.memory_budget import MemoryBudgetError, item_bytes, mb, plan_bytes
 from meshci.node.model_cache import LOAD_TIMEOUT_S, LoadedModel
+from meshci.node.oom import is_out_of_memory, tile_bytes, tile_out_of_memory
 from meshci.node.pieces import OrphanBudget, Piece, PieceFormatError, decode, nbytes
 from meshci.node.request import Compute, HeadRun, RequestStateError, RunHead, WorkerRun
 from meshci.node.trace import Span
@@ -334,9 +335,12 @@ class Worker:
             y, seconds, handoff = await self.runtime.run_block(
                 ctx.loaded.trunk, action.start, action.end, action.x, action.have, action.out,
                 inline=inline, then=then, owner=(ctx.requester, rid, ctx.created))
-        except (RuntimeError, ValueError, MeshciError) as exc:
+        except (RuntimeError, ValueError, MeshciError, MemoryError) as exc:
             # a tile that cannot be computed (shape mismatch, out of memory): fail the request
-            await self.node.fail_request(rid, ctx.requester, f"{self.name} failed a tile: {exc}")
+            reason = tile_out_of_memory(self.name, action.block, action.out, tile_bytes(
+                ctx.loaded.trunk, action.start, action.end, action.out)) if is_out_of_memory(exc) \
+                else f"{self.name} failed a tile: {exc}"
+            await self.node.fail_request(rid, ctx.requester, reason)
             return
         finally:
             self.runtime.queued_s -= estimate
