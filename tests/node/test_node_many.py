@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import statistics
-import sys
 
 import pytest
 
 from meshci.node.client import infer
 from meshci.node.local import LocalMesh, wait_formed
+from logged import logged_mesh
 from meshci.node.session import Session
 
 pytestmark = pytest.mark.slow
@@ -43,8 +43,7 @@ async def _burst(mesh: LocalMesh, requesters: list[int]) -> dict[int, list[dict]
 
 
 def test_two_requesters_at_once_are_exact_and_served_fairly() -> None:
-    mesh = LocalMesh.create()
-    try:
+    with logged_mesh() as mesh:
         mesh.add_many([("m1", 1.0), ("m2", 1.0), ("m3", 1.0), ("m4", 1.0)])
         asyncio.run(wait_formed([n.address for n in mesh.nodes], mesh.secret()))
         requesters = [0, 2]
@@ -64,12 +63,6 @@ def test_two_requesters_at_once_are_exact_and_served_fairly() -> None:
         assert max(a, b) <= 2.0 * min(a, b), means
         used = {d for metas in answers.values() for m in metas for d in m["devices"]}
         assert len(used) >= 3  # the requests really shared the mesh
-    except BaseException:
-        for node in mesh.nodes:
-            sys.stderr.write(f"--- {node.name} log ---\n{node.log_text()[-3000:]}\n")
-        raise
-    finally:
-        mesh.close()
 
 
 async def _burst_warm(mesh: LocalMesh, requesters: list[int]) -> None:

@@ -17,6 +17,7 @@ from meshci.node.client import RequestError, infer, stats
 from meshci.node.local import LocalMesh, wait_formed
 from meshci.planning import STRATEGIES
 from meshci.wire import client_tls_context
+from logged import logged_mesh
 
 pytestmark = pytest.mark.slow
 
@@ -26,17 +27,10 @@ SMALL = (64, 64)
 
 @contextlib.contextmanager
 def _formed_mesh(specs: list[tuple[str, float]]):
-    mesh = LocalMesh.create()
-    try:
+    with logged_mesh() as mesh:
         mesh.add_many(specs)
         asyncio.run(wait_formed([n.address for n in mesh.nodes], mesh.secret()))
         yield mesh
-    except BaseException:
-        for node in mesh.nodes:
-            sys.stderr.write(f"--- {node.name} log ---\n{node.log_text()[-3000:]}\n")
-        raise
-    finally:
-        mesh.close()
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,8 @@ import time
 import pytest
 
 from meshci.node.client import infer
-from meshci.node.local import LocalMesh, wait_formed
+from meshci.node.local import wait_formed
+from logged import logged_mesh
 from meshci.node.oom import is_out_of_memory, tile_bytes, tile_out_of_memory
 from meshci.trunk import Region
 
@@ -54,8 +55,7 @@ def test_the_reason_names_the_device_the_need_and_what_to_do() -> None:
 
 
 def test_a_worker_out_of_memory_reaches_the_client_as_one_line() -> None:
-    mesh = LocalMesh.create()
-    try:
+    with logged_mesh() as mesh:
         mesh.add("r1", gflops=0.2)
         worker = mesh.add("w2", gflops=5.0)
         asyncio.run(wait_formed([n.address for n in mesh.nodes], mesh.secret()))
@@ -79,9 +79,3 @@ def test_a_worker_out_of_memory_reaches_the_client_as_one_line() -> None:
         meta, _ = asyncio.run(infer(via, secret=mesh.secret(), model="vgg16", strategy="modnn", size=SIZE,
                                     check=True))
         assert meta["check_ok"] and "w2" in meta["devices"]
-    except BaseException:
-        for node in mesh.nodes:
-            sys.stderr.write(f"--- {node.name} log ---\n{node.log_text()[-3000:]}\n")
-        raise
-    finally:
-        mesh.close()
