@@ -264,6 +264,11 @@ class Runtime:
             return
 
     def close(self) -> None:
+        with self._queue_lock:  # work that will never run: its waiters are cancelled
+            while (entry := self._queue.pop()) is not None:
+                _, result, loop = entry
+                if not loop.is_closed():
+                    loop.call_soon_threadsafe(result.cancel)
         self._compute.shutdown(wait=False, cancel_futures=True)
         self._loader.shutdown(wait=False, cancel_futures=True)
 

@@ -100,3 +100,23 @@ def test_the_compute_thread_takes_queued_work_in_fair_order() -> None:
     finally:
         runtime.close()
     assert order == ["a0", "b0", "a1", "a2", "raised"]
+
+
+def test_closing_the_runtime_cancels_work_still_queued() -> None:
+    runtime = Runtime(threads=1)
+    gate = threading.Event()
+
+    async def main() -> bool:
+        blocker = runtime.on_compute_thread(lambda: gate.wait(30), ("z", 9, 0.0))
+        await asyncio.sleep(0.05)
+        queued = runtime.on_compute_thread(lambda: "never", ("a", 1, 1.0))
+        runtime.close()
+        gate.set()
+        await blocker
+        try:
+            await asyncio.wait_for(queued, 10)
+        except asyncio.CancelledError:
+            return True
+        return False
+
+    assert asyncio.run(main())
