@@ -84,6 +84,19 @@ class Soak:
         self._restart_lock = asyncio.Lock()
         self.references: list[Any] = []
 
+    async def _tiles(self) -> dict[str, int]:
+        """Tiles each node has computed since it started (its `stats`); a node that does not
+        answer is left out."""
+        from meshci.node.client import RequestError, stats
+
+        out: dict[str, int] = {}
+        for node in list(self.mesh.nodes):
+            try:
+                out[node.name] = int((await stats(node.address, secret=self.mesh.secret()))["tiles_computed"])
+            except (RequestError, KeyError, TypeError, ValueError) as exc:
+                log.info("no stats from %s: %s", node.name, exc)
+        return out
+
     def _memory(self) -> dict[str, float]:
         figures = {n.name: _rss_mb(n.pid) for n in self.mesh.nodes}
         return {name: mb for name, mb in figures.items() if mb is not None}
@@ -103,6 +116,7 @@ class Soak:
                     await sessions[name].infer(model=args.model, strategy=args.strategy, size=tuple(args.size),
                                                input_seed=k % INPUTS, timeout=max(args.timeout, WARM_UP_TIMEOUT_S))
             self.memory_start = self._memory()
+            tiles_start = await self._tiles()
             queue: asyncio.Queue[int] = asyncio.Queue()
             for k in range(args.requests):
                 queue.put_nowait(k)
@@ -114,7 +128,14 @@ class Soak:
         finally:
             for session in sessions.values():
                 await session.close()
-        return self.tally.summary(self.memory_start, self._memory(), self.restarted)
+        summary = self.tally.summary(self.memory_start, self._memory(), self.restarted)
+        tiles_end = await self._tiles()
+        for name, row in summary["memory"].items():
+            # a restarted node counts from 0 again: its tiles since its last start
+            before = 0 if name in self.restarted else tiles_start.get(name)
+            end = tiles_end.get(name)
+            row["tiles"] = end - before if end is not None and before is not None else None
+        return summary
 
     async def _worker(self, session: Any, requester: str, queue: asyncio.Queue[int],
                       restarts: list[asyncio.Task[None]]) -> None:

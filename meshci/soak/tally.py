@@ -112,13 +112,14 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"{r} {v:.3f} s" for r, v in summary["latency_mean_by_requester_s"].items()))
     lines.append(f"restarts: {len(summary['restarts'])} (" + ", ".join(
         f"{r['node']} after {r['after']} requests, up again in {r['seconds']:.1f} s" for r in summary["restarts"]) + ")")
-    lines.append("resident memory (MiB), start -> end:")
+    lines.append("resident memory (MiB) after the warm-up -> at the end, and tiles computed:")
     for name, row in summary["memory"].items():
         growth = "n/a" if row["growth_pct"] is None else f"{row['growth_pct']:+.1f}%"
-        note = " (restarted: from just after its last start, so its model builds count)" if row["restarted"] else ""
+        note = " (restarted: memory and tiles since its last start)" if row["restarted"] else ""
         start = "?" if row["start_mb"] is None else f"{row['start_mb']:.0f}"
         end = "?" if row["end_mb"] is None else f"{row['end_mb']:.0f}"
-        lines.append(f"  {name}: {start} -> {end}  {growth}{note}")
+        tiles = f", {row['tiles']} tiles in the run" if row.get("tiles") is not None else ""
+        lines.append(f"  {name}: {start} -> {end}  {growth}{tiles}{note}")
     return "\n".join(lines)
 
 
