@@ -1,7 +1,8 @@
 """`tools/soak`: many requests from several requesters on a local mesh while peers restart.
 
     tools/soak [--requests 1000] [--requesters 2] [--restart-every 100] [--devices 4]
-               [--model vgg16] [--size H W] [--strategy edgeci] [--in-flight 2] [--warm-up 10] [--retry]
+               [--model vgg16] [--size H W] [--strategy edgeci] [--in-flight 2] [--warm-up 10]
+               [--sample-every 50] [--retry]
                [--seed S] [--json FILE] [--keep DIR]
 
 A local mesh of `--devices` node processes on loopback (`meshci.node.local.LocalMesh`,
@@ -16,7 +17,8 @@ built the way a node builds it): equal (within float tolerance) is ``ok``, else 
 A request that ends in an error is ``lost``; it is never retried silently: with
 ``--retry`` it is sent once more and that outcome is reported apart. Each node's resident
 memory is read (``/proc``) after a warm-up (`--warm-up` requests per requester, not
-counted) and at the end. See `meshci.soak.tally` for what is counted.
+counted), after every `--sample-every` requests (growth that levels off is warm-up, growth
+that keeps on is a leak) and at the end. See `meshci.soak.tally` for what is counted.
 """
 
 from __future__ import annotations
@@ -169,6 +171,8 @@ class Soak:
                     self.tally.retried(exact)
                 break
             self.completed += 1
+            if self.completed % max(1, args.sample_every) == 0:
+                self.tally.memory_samples.append((self.completed, self._memory()))
             # a restart once no request is left would disturb nothing: none then
             due = restarts_due(self.completed, args.restart_every, len(restarts)) if not queue.empty() else 0
             for _ in range(due):
@@ -230,6 +234,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warm-up", type=int, default=10,
                         help="requests per requester before the run, not counted; memory is read after them "
                              "(default 10)")
+    parser.add_argument("--sample-every", type=int, default=50,
+                        help="read every node's resident memory after every N requests (default 50)")
     parser.add_argument("--retry", action="store_true",
                         help="send a lost request once more (reported apart; the first attempt stays lost)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the choice of nodes to restart")

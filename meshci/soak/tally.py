@@ -37,6 +37,7 @@ class Tally:
     wrong_diffs: list[float] = field(default_factory=list)  # max |logits - reference| of wrong answers
     by_requester: dict[str, list[float]] = field(default_factory=dict)
     restarts: list[dict[str, Any]] = field(default_factory=list)  # {"node", "after", "seconds"}
+    memory_samples: list[tuple[int, dict[str, float]]] = field(default_factory=list)  # (requests ended, MiB)
 
     @property
     def total(self) -> int:
@@ -75,6 +76,7 @@ class Tally:
             "latency_mean_by_requester_s": {r: statistics.fmean(v) for r, v in sorted(self.by_requester.items())},
             "restarts": self.restarts,
             "memory": memory_growth(memory_start, memory_end, restarted),
+            "memory_samples": [{"after": after, "mb": mb} for after, mb in self.memory_samples],
         }
 
 
@@ -120,6 +122,13 @@ def format_summary(summary: dict[str, Any]) -> str:
         end = "?" if row["end_mb"] is None else f"{row['end_mb']:.0f}"
         tiles = f", {row['tiles']} tiles in the run" if row.get("tiles") is not None else ""
         lines.append(f"  {name}: {start} -> {end}  {growth}{tiles}{note}")
+    if summary.get("memory_samples"):
+        names = sorted({name for sample in summary["memory_samples"] for name in sample["mb"]})
+        lines.append("resident memory (MiB) along the run, after " + ", ".join(
+            str(sample["after"]) for sample in summary["memory_samples"]) + " requests:")
+        for name in names:
+            lines.append(f"  {name}: " + " ".join(
+                f"{sample['mb'][name]:.0f}" if name in sample["mb"] else "-" for sample in summary["memory_samples"]))
     return "\n".join(lines)
 
 

@@ -19,6 +19,7 @@ def test_every_request_counts_once_and_retries_apart() -> None:
     tally.failed("s2: lost a device during the request: Connection refused\nmore")
     tally.failed("s2: lost a device during the request: Connection refused")
     tally.retried(True)
+    tally.memory_samples += [(50, {"n1": 101.0}), (100, {"n1": 102.0, "n2": 160.0})]
     summary = tally.summary({"n1": 100.0, "n2": 200.0}, {"n1": 104.0, "n2": 150.0, "n3": 90.0}, {"n2"})
     assert (summary["requests"], summary["ok"], summary["wrong"], summary["lost"]) == (5, 2, 1, 2)
     assert (summary["retried_ok"], summary["retried_lost"]) == (1, 0)  # the lost stay lost
@@ -29,7 +30,9 @@ def test_every_request_counts_once_and_retries_apart() -> None:
     assert summary["memory"]["n1"]["growth_pct"] == 4.0 and not summary["memory"]["n1"]["restarted"]
     assert summary["memory"]["n2"]["restarted"] and summary["memory"]["n2"]["growth_pct"] == -25.0
     assert summary["memory"]["n3"]["growth_pct"] is None
+    assert summary["memory_samples"] == [{"after": 50, "mb": {"n1": 101.0}}, {"after": 100, "mb": {"n1": 102.0, "n2": 160.0}}]
     text = format_summary(summary)
+    assert "after 50, 100 requests:" in text and "  n1: 101 102" in text and "  n2: - 160" in text
     assert "ok 2, wrong 1, lost 2" in text and "lost x2: s2: lost a device" in text and "n1: 100 -> 104  +4.0%" in text
 
 
