@@ -9,7 +9,7 @@ import pytest
 
 from meshci.node.liveness import MAX_DEAD_AFTER_S, ArrivalWindow, Redialer
 from meshci.node.membership import (
-    HEARTBEAT_INTERVAL_S, Address, Dial, Membership, PeerDown, PeerStatus, PeerUp,
+    HEARTBEAT_INTERVAL_S, Address, Dial, Membership, PeerDown, PeerUp,
 )
 
 
