@@ -43,6 +43,9 @@ HEARTBEAT_INTERVAL_S = 0.5
 SUSPECT_AFTER_S = 1.5
 DEAD_AFTER_S = 3.0
 TOMBSTONE_S = 60.0
+# the tombstone of a peer that failed (did not leave) is kept, and redialled, this long: a
+# partition of up to ten minutes heals by itself once it ends
+FAILED_TOMBSTONE_S = 600.0
 LEFT_THE_MESH = "left the mesh"  # the PeerDown reason of a clean LEAVE (not a failure)
 
 
@@ -228,7 +231,7 @@ class Membership:
     def __init__(self, name: str, address: Address, incarnation: int, *,
                  advert: Advert | None = None,
                  suspect_after: float = SUSPECT_AFTER_S, dead_after: float = DEAD_AFTER_S,
-                 tombstone_s: float = TOMBSTONE_S) -> None:
+                 tombstone_s: float = TOMBSTONE_S, failed_tombstone_s: float = FAILED_TOMBSTONE_S) -> None:
         self.name = name
         self.address = address
         self.incarnation = incarnation
@@ -236,6 +239,7 @@ class Membership:
         self.suspect_after = suspect_after
         self.dead_after = dead_after
         self.tombstone_s = tombstone_s
+        self.failed_tombstone_s = failed_tombstone_s
         self._peers: dict[str, Peer] = {}
         self._arrivals: dict[str, ArrivalWindow] = {}  # peers heard directly, tombstones too
         self._beat = 0
@@ -392,7 +396,8 @@ class Membership:
 
     def redial_candidates(self) -> list[Peer]:
         """Peers to keep a connection to: heard directly, alive or a tombstone of a failure
-        (a partition heals only if someone dials), not one that left."""
+        (kept `failed_tombstone_s`: a partition heals only if someone dials), not one that
+        left."""
         return [p for p in self.peers() if p.heard_directly and not p.left]
 
     def _window(self, name: str, since: float) -> ArrivalWindow:
@@ -415,7 +420,8 @@ class Membership:
         for name, peer in list(self._peers.items()):
             silent = now - peer.last_heard
             if peer.status is PeerStatus.DEAD:
-                if silent > self.tombstone_s:
+                keep = self.failed_tombstone_s if peer.heard_directly and not peer.left else self.tombstone_s
+                if silent > max(keep, self.tombstone_s):
                     del self._peers[name]
                     self._arrivals.pop(name, None)
                 continue

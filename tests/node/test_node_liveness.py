@@ -146,6 +146,19 @@ def test_tombstone_yields_to_a_fresh_join_and_a_restart_but_not_after_a_leave() 
     assert a.is_alive("b") and a.redial_candidates()[0].incarnation == 2
 
 
+def test_a_failed_peer_is_redialled_for_ten_minutes_one_that_left_is_forgotten_after_one() -> None:
+    a = Membership("a", Address("h", 1), 1)
+    for name, port in (("b", 2), ("c", 3)):
+        a.on_join(Membership(name, Address("h", port), 1).join_payload(), 0.0, sender=name)
+    a.on_leave("c", 0.0)
+    a.tick(10.0)  # b failed (silence), c left
+    assert [p.name for p in a.redial_candidates()] == ["b"]
+    a.tick(10.0 + a.tombstone_s + 1.0)
+    assert a.peer("c") is None and [p.name for p in a.redial_candidates()] == ["b"]
+    a.tick(10.0 + a.failed_tombstone_s + 1.0)
+    assert a.peer("b") is None and a.redial_candidates() == []
+
+
 @pytest.mark.parametrize("beat", [-1, 1.5, "7", True, 1 << 63])
 def test_a_bad_beat_is_refused_and_the_peer_judged_by_silence(beat: object) -> None:
     a = Membership("a", Address("h", 1), 1)
