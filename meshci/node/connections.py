@@ -53,7 +53,7 @@ class Connections:
     def __init__(self, config: NodeConfig, *, dispatch: Dispatch,
                  address_of: Callable[[str], Address | None],
                  greeting: Callable[[], Message],
-                 on_lost: Callable[[str], None],
+                 on_lost: Callable[[str, bool], None],
                  spawn: Callable[[Any], asyncio.Task[Any]]) -> None:
         self.config = config
         self.name = config.name
@@ -207,8 +207,9 @@ class Connections:
             except (ConnectionClosed, RemoteProtocolError) as exc:
                 # peer hung up or sent garbage (wire aborted and logged it): drop this connection
                 log.debug("connection from %r ended: %s", conn.peer_name, exc)
-                if conn.peer_name:
-                    self._on_lost(conn.peer_name)
+                if conn.peer_name:  # and whether it was one of our own lanes to that peer
+                    self._on_lost(conn.peer_name, conn in (self.outbound.get(conn.peer_name),
+                                                           self.control.get(conn.peer_name)))
                 return
             self.received_bytes[msg.kind.name] += conn.bytes_received - before
             _count(self.peer_received, conn.peer_name, conn.bytes_received - before)

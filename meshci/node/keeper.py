@@ -8,7 +8,11 @@ On every heartbeat tick (before the failure detector runs) the keeper
 * redials the peers whose bulk lane is gone, alive ones and the tombstones of failed ones
   (not those that left), as `Redialer` says: at once, then with jittered, capped
   exponential back-off. A redial greets the peer with a JOIN; the peer's answer (or its
-  next heartbeat) is the fresh proof of life that revives a tombstone on either side.
+  next heartbeat) is the fresh proof of life that revives a tombstone on either side;
+* when one of this node's own lanes to a peer breaks, redials it at once and tells the
+  requests that depend on that link: frames written on it may never have arrived, and a
+  link that heals in half a second no longer ends in the peer's death 3 s later, which is
+  how such requests used to learn it (`link_lost`).
 
 Nothing here decides: it only reads connection times and opens connections.
 """
@@ -52,6 +56,17 @@ class LinkKeeper:
         for name in self.redialer.tracked():
             if name not in wanted:
                 self.redialer.forget(name)
+
+    def link_lost(self, name: str) -> None:
+        node = self.node
+        reason = f"the connection to {name} was lost"
+        node.requester.device_down(name, reason)  # our requests that use it
+        for rid in [rid for rid, work in node.worker.contexts.items() if work.requester == name]:
+            node.spawn(node.fail_request(rid, name, reason))  # our work for it: tell it
+        peer = node.membership.peer(name)
+        if peer is not None and peer.heard_directly and not peer.left and not node.connections.is_open(name) \
+                and self.redialer.due(name, time.monotonic()):
+            node.spawn(self._redial(name))
 
     async def _redial(self, name: str) -> None:
         try:

@@ -472,8 +472,10 @@ class Node(NodeReports):
         self.boundary.forget(name)
         self.gossip.forget(name)
 
-    def _connection_lost(self, name: str) -> None:
+    def _connection_lost(self, name: str, ours: bool) -> None:
         self.membership.on_disconnect(name, time.monotonic())
+        if ours and not self.stopped:
+            self.keeper.link_lost(name)
 
     def _address_of(self, name: str) -> Address | None:
         peer = self.membership.peer(name)

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from meshci.node.client import infer
+from meshci.node.client import RequestError, infer
 from meshci.node.membership import Address
 from meshci.node.runtime import Runtime
 from meshci.node.server import Node, NodeConfig
@@ -122,6 +122,36 @@ async def test_a_partition_heals_by_itself_once_it_ends() -> None:
         took = await _until(lambda: _healed(a, b), "rejoined", within=HEAL_S)
         print(f"rejoined {took:.2f} s after the partition ended")
         await _exact_on_both(b)
+    finally:
+        await asyncio.gather(*(n.close() for n in (a, b)))
+
+
+async def test_a_request_whose_frames_were_lost_with_a_cut_link_ends_at_once_not_at_its_timeout() -> None:
+    """A connection that breaks may take frames with it. The link heals in half a second, so
+    the peer is never declared dead: the request must hear of the loss itself."""
+    a, b = await _pair()
+    real_plan = b._handlers[MsgType.PLAN]
+    lost: list[int] = []
+
+    async def plan_lost_in_the_cut(conn: Any, msg: Message) -> None:
+        if not lost:
+            lost.append(msg.request_id)
+            _cut(a, b)  # the PLAN (and the link) are gone
+            return
+        await real_plan(conn, msg)
+
+    b._handlers[MsgType.PLAN] = plan_lost_in_the_cut
+    try:
+        try:
+            meta, _ = await infer(a.address, model="resnet18", strategy="modnn", size=SMALL, secret=SECRET,
+                                  check=True, timeout=WAIT)
+        except RequestError as exc:  # failed with the reason, long before any timeout ...
+            assert "connection to b was lost" in str(exc)
+        else:  # ... or recovered: then exact
+            assert meta["check_ok"]
+        assert lost
+        await _until(lambda: _healed(a, b), "healed", within=HEAL_S)
+        await _exact_on_both(a)
     finally:
         await asyncio.gather(*(n.close() for n in (a, b)))
 
