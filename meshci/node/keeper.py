@@ -61,8 +61,10 @@ class LinkKeeper:
         node = self.node
         reason = f"the connection to {name} was lost"
         node.requester.device_down(name, reason)  # our requests that use it
-        for rid in [rid for rid, work in node.worker.contexts.items() if work.requester == name]:
-            node.spawn(node.fail_request(rid, name, reason))  # our work for it: tell it
+        for rid, work in list(node.worker.contexts.items()):
+            # our work for that requester, or for a request that device takes part in
+            if work.requester == name or (work.run is not None and name in work.run.plan.devices):
+                node.spawn(node.fail_request(rid, work.requester, reason))
         peer = node.membership.peer(name)
         if peer is not None and peer.heard_directly and not peer.left and not node.connections.is_open(name) \
                 and self.redialer.due(name, time.monotonic()):
