@@ -156,6 +156,36 @@ async def test_a_request_whose_frames_were_lost_with_a_cut_link_ends_at_once_not
         await asyncio.gather(*(n.close() for n in (a, b)))
 
 
+async def test_a_worker_whose_link_to_the_requester_broke_tells_the_requester_at_once() -> None:
+    """Only the worker's own lanes to the requester break, with the pieces it had just
+    written: the requester's lanes are fine, so only the worker knows what may be lost."""
+    a, b = await _pair()
+    real_send_to = b.connections.send_to
+    lost: list[int] = []
+
+    async def tile_lost_in_the_cut(name: str, msg: Message) -> None:
+        if msg.kind is MsgType.TILE and name == "a" and not lost:
+            lost.append(msg.request_id)
+            for lane in (b.connections.outbound, b.connections.control):
+                lane["a"].abort()  # written, then the link died under it
+            return
+        await real_send_to(name, msg)
+
+    b.connections.send_to = tile_lost_in_the_cut  # type: ignore[method-assign]
+    try:
+        try:
+            meta, _ = await infer(a.address, model="resnet18", strategy="modnn", size=SMALL, secret=SECRET,
+                                  check=True, timeout=WAIT)
+        except RequestError as exc:
+            assert "connection to a was lost" in str(exc)
+        else:
+            assert meta["check_ok"]
+        assert lost
+        await _until(lambda: _healed(a, b), "healed", within=HEAL_S)
+    finally:
+        await asyncio.gather(*(n.close() for n in (a, b)))
+
+
 class ThrottledProxy:
     """A loopback TCP proxy in front of one node: what clients send through it reaches the
     node at `rate` bytes per second per connection; the way back is not throttled."""
