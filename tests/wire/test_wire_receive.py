@@ -279,7 +279,8 @@ async def test_bytes_of_an_unfinished_frame_and_bytes_nobody_reads_prove_the_pee
         before = server_conn.heard_at()
         await asyncio.sleep(0.05)
         client._transport.write(data[: len(data) // 2])  # half a frame: no message yet
-        await _wait_for(lambda: server_conn.heard_at() > before)
+        await _wait_for(lambda: server_conn._proto._partial >= len(data) // 2)  # all of it read
+        assert server_conn.heard_at() > before
         assert server_conn._proto._messages == deque()
         half = server_conn.heard_at()
         server_conn._proto.transport.pause_reading()  # the receiver reads nothing more
