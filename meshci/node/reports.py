@@ -93,6 +93,9 @@ class NodeReports:
             "loop_cpu_s": time.thread_time() - self.runtime.inline_cpu_s,
             "requests_served": self.requester.requests_served,
             "errors_replied": self.errors_replied,
+            "peer_failures": self.metrics.peer_failures,
+            "redials": self.keeper.redials,
+            "control_lanes": sum(not c.closed for c in self.connections.control.values()),
             "peers": {p.name: p.status.value if p.heard_directly else "known"
                       for p in self.membership.peers()},
             "links": {peer: {"mbps": spec.mbps, "latency_ms": spec.latency_ms}

@@ -4,7 +4,8 @@ Decisions live in the sans-IO cores: who is in the mesh (`membership`), what a r
 does next (`request`), how tiles are auctioned (`meshci.auction`), what the plan is
 (`meshci.planning`). The node is composed of thin IO parts, each in its own module:
 
-* `connections` — sockets: accepted and outbound connections, the read loop;
+* `connections` — sockets: accepted and outbound connections (bulk and control lanes), the read loop;
+* `keeper` — byte-level liveness and redials of lost links;
 * `gossip` — joining, heartbeats and echoes, discovery, this node's advert;
 * `requester` — requests this node received: plan, auction, first tiles, gather, head;
 * `worker` — tiles this node computes for any requester, and its bidder.
@@ -37,6 +38,7 @@ from meshci.node.auction import AUCTION_KINDS, from_message, to_message
 from meshci.node.connections import TLS_HANDSHAKE_TIMEOUT_S, Connections
 from meshci.node.fields import MAX_SECONDS, number, reason, shown
 from meshci.node.gossip import Gossip
+from meshci.node.keeper import LinkKeeper
 from meshci.node.latency import BoundaryCosts
 from meshci.node.membership import (HEARTBEAT_INTERVAL_S, LEFT_THE_MESH, Address, Advert,
                                     Membership)
@@ -139,6 +141,7 @@ class Node(NodeReports):
                                        greeting=lambda: self.gossip.greeting(),
                                        on_lost=self._connection_lost, spawn=self.spawn)
         self.gossip = Gossip(self)
+        self.keeper = LinkKeeper(self)
         self.worker = Worker(self)
         self.requester = Requester(self)
         self.shipping = Shipping(self, ShippedStore((config.data_dir or default_data_dir()) / "shipped"))
@@ -189,7 +192,8 @@ class Node(NodeReports):
     async def close(self) -> None:
         self._stopped.set()
         leave = Message(MsgType.LEAVE, 0, {"name": self.name})
-        sends = [self.send_quietly(conn, leave) for conn in list(self.connections.outbound.values())]
+        lanes = [self.connections.lane(name, MsgType.LEAVE) for name in list(self.connections.outbound)]
+        sends = [self.send_quietly(conn, leave) for conn in lanes if conn is not None]
         try:
             await asyncio.wait_for(asyncio.gather(*sends), LEAVE_TIMEOUT_S)
         except TimeoutError:
@@ -477,8 +481,10 @@ class Node(NodeReports):
         self.boundary.forget(name)
         self.gossip.forget(name)
 
-    def _connection_lost(self, name: str) -> None:
+    def _connection_lost(self, name: str, ours: bool) -> None:
         self.membership.on_disconnect(name, time.monotonic())
+        if ours and not self.stopped:
+            self.keeper.link_lost(name)
 
     def _address_of(self, name: str) -> Address | None:
         peer = self.membership.peer(name)
