@@ -45,6 +45,7 @@ from meshci.node.auction import NetworkAuction, auction_items, awarded_plan
 from meshci.node.fields import shown
 from meshci.node.inputs import MAX_INPUT_SIDE, head_report, parse_infer, request_input
 from meshci.node.latency import PlanCalibration, plan_hops
+from meshci.node.memory_budget import MemoryFit
 from meshci.node.model_cache import LOAD_TIMEOUT_S, LoadedModel
 from meshci.node.pieces import encode as encode_pieces
 from meshci.node.request import RequesterRun, RequestStateError, SendPiece, cluster_from_view, device_signature
@@ -58,6 +59,7 @@ from meshci.node.standing import (
     _link_signature,
     _ratio_signature,
     _shares,
+    judged_award,
 )
 from meshci.node.trace import Span, request_phases, wall_of
 from meshci.planning import Plan, make_plan
@@ -84,6 +86,7 @@ class RequesterContext:
     head_device: str
     messages: dict[str, Message] = field(default_factory=dict)  # PLAN frame per peer
     path_s: float = 0.0  # critical path (compute + transfer) of the logits
+    shipped: dict[str, str] = field(default_factory=dict)  # device -> package it runs (`shipping`)
 
 
 class Requester:
@@ -101,6 +104,7 @@ class Requester:
         # order it keeps them (the same bound and order, so we know what it has)
         self._sent_plans: dict[tuple[str, int], OrderedDict[str, None]] = {}
         self.calibration = PlanCalibration()  # learned from this node's own completed requests
+        self.memory = MemoryFit()  # peers a model's plans do not fit (`meshci.node.memory_budget`)
         self._warm: set[tuple[str, str, int, tuple[int, int]]] = set()  # (device, model, seed, size) built
         self._predicted: dict[tuple[str, Any], tuple[float, float]] = {}  # calibration predictions
         self._curves_seen: dict[str, int] = {}  # device -> hash of the curves last planned with
@@ -159,7 +163,9 @@ class Requester:
             raise RequestFailed(f"building {model} at {size[0]}x{size[1]} took over {LOAD_TIMEOUT_S:.0f} s") from exc
         loaded_at = time.perf_counter()
 
-        raw_cluster, cluster = self._clusters(model, size)
+        budgets = {p.name: p.advert.memory_mb for p in node.membership.alive()}  # `memory_budget`
+        leave_out = await node.shipping.refusers(model) | self.memory.leave_out(model, size, budgets)
+        raw_cluster, cluster = self._clusters(model, size, strategy, leave_out)
         # by the devices present: a plan never names a device that is gone; what the devices
         # are (speed, curves) and the links cost re-plan in the background (`_refresh`)
         key = (model, seed, size, strategy, frozenset(d.name for d in raw_cluster.devices))
@@ -175,13 +181,16 @@ class Requester:
         self.standing.move_to_end(key)
         planned_at = time.perf_counter()
         self._refresh(standing, loaded, raw_cluster, cluster, strategy, links)
-        plan = standing.current
+        if self.memory.check(model, size, loaded.trunk, standing.current, budgets, self.name):
+            return await self.infer(msg)  # planned again without the peers it did not fit
+        plan, shipped, shipped_bytes = await node.shipping.prepare(standing.current, loaded, model)
 
         rid = random.getrandbits(62) | 1
         run = RequesterRun(plan, self.name, loaded.geometry(plan))
         devices = plan.devices
         loop = asyncio.get_running_loop()
-        ctx = RequesterContext(run, loaded, loop.create_future(), frozenset(devices), plan.head_plan.device)
+        ctx = RequesterContext(run, loaded, loop.create_future(), frozenset(devices), plan.head_plan.device,
+                               shipped=shipped)
         self.contexts[rid] = ctx
         try:
             try:
@@ -224,7 +233,7 @@ class Requester:
             "devices": list(devices),
             "shares": shares,
             "auction_rounds": plan.auction_rounds,
-            "auction": "standing award" if plan is standing.awarded else "none",
+            "auction": standing.award_note if plan is standing.awarded else "none",
             "routing": plan.routing,
             "blocks": len(plan.blocks),
             "predicted_latency_s": plan.predicted_latency_s,
@@ -232,6 +241,8 @@ class Requester:
         for name in ("max_abs_diff", "check_ok"):
             if name in head:
                 result[name] = head[name]
+        if shipped_bytes:  # the model's code and weights this request shipped, per device
+            result["shipped_bytes"] = shipped_bytes
         if asked.details:
             result["plan"] = plan.to_json()
         result["trace_id"] = rid  # `meshci infer --trace`: each device's spans of it
@@ -244,11 +255,12 @@ class Requester:
 
         return result, logits, learn
 
-    def _clusters(self, model: str, size: tuple[int, int]) -> tuple[Cluster, Cluster]:
-        """The live mesh as the planner sees it: raw (the peers' adverts) and corrected with
-        what this node learned from its own requests (every strategy plans on the latter)."""
+    def _clusters(self, model: str, size: tuple[int, int], strategy: str,
+                  leave_out: set[str]) -> tuple[Cluster, Cluster]:
+        """The live mesh as the planner sees it (less `leave_out`): raw (the peers' adverts) and
+        corrected with what this node learned from its own requests (every strategy plans on the latter)."""
         node = self.node
-        peers = node.membership.alive()
+        peers = [p for p in node.membership.alive() if p.name not in leave_out]
         now = time.monotonic()
         heard = node.gossip.advert_heard
         ages = {p.name: now - heard[p.name] for p in peers if p.name in heard}
@@ -261,7 +273,7 @@ class Requester:
             if self._curves_seen.get(device.name, seen) != seen:
                 self.calibration.compute_ratio.pop(device.name, None)
             self._curves_seen[device.name] = seen
-        return raw, self.calibration.apply(raw)
+        return raw, self.calibration.apply(raw, strategy)
 
     async def _start(self, rid: int, ctx: RequesterContext, plan: Plan, x: torch.Tensor, model: str,
                      seed: int, size: tuple[int, int], check: bool) -> None:
@@ -283,6 +295,8 @@ class Requester:
                                     "pieces": listed}
             if not self._holds(device, digest):
                 meta["plan"] = plan.to_json()
+            if device in ctx.shipped:
+                meta["shipped"] = ctx.shipped[device]
             if device == self.name:
                 await self.node.worker.on_plan(self.name, Message(MsgType.PLAN, rid, meta, tensors))
                 continue
@@ -455,15 +469,17 @@ class Requester:
         bidders = [d.name for d in cluster.devices]
         try:
             awarded, rounds_s = await self.auction(rid, loaded, plan, bidders)
+            judged, note = await asyncio.get_running_loop().run_in_executor(
+                PLANNER, judged_award, loaded.trunk, cluster, plan, awarded)
         except AuctionError as exc:
             # no assignment this time (nobody answered): keep the layout we have, try later
             log.info("standing auction for %s failed: %s", plan.digest(), exc)
         else:
             if standing.plan is plan:
-                standing.awarded, standing.bids_for = awarded, bids
-            log.info("standing auction of %s %s: %d rounds in %.1f ms, predicted %.1f ms (DPFL %.1f ms)",
+                standing.awarded, standing.award_note, standing.bids_for = judged, note, bids
+            log.info("standing auction of %s %s: %d rounds in %.1f ms, predicted %.1f ms (DPFL %.1f ms); using %s",
                      plan.strategy, plan.model, awarded.auction_rounds, rounds_s * 1e3,
-                     awarded.predicted_latency_s * 1e3, plan.predicted_latency_s * 1e3)
+                     awarded.predicted_latency_s * 1e3, plan.predicted_latency_s * 1e3, note)
         finally:
             standing.auctioned = time.monotonic()
             standing.busy = False
@@ -551,7 +567,8 @@ class Requester:
             if len(self._predicted) > 64:
                 self._predicted.clear()
             predicted = self._predicted[view] = (raw, scaled)
-        learned = self.calibration.observe(computing, plan_hops(plan), predicted[0], predicted[1], measured_s)
+        learned = self.calibration.observe(computing, plan_hops(plan), predicted[0], predicted[1], measured_s,
+                                           plan.strategy)
         log.debug("%s %s on %s: predicted %.1f ms (uncorrected; %.1f ms with compute ratios), measured %.1f ms; "
                   "learned %s", plan.strategy, model, ",".join(sorted(computing)), predicted[0] * 1e3,
                   predicted[1] * 1e3, measured_s * 1e3, learned)
