@@ -77,3 +77,37 @@ def test_the_simulator_replays_the_partial_sums(se_model) -> None:
     finally:
         model.tables.gate_bytes[:] = saved
     assert with_sums.bytes_moved > without.bytes_moved and with_sums.messages >= without.messages
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("routing", ["p2p", "requester"])
+def test_dpfl_prices_the_sums_as_strip_block_does(seed, routing) -> None:
+    """The fast DP's stacked receive (with the gate's partial sums) equals a DP that times
+    every transition by `CostModel.strip_block`, to the bit."""
+    import random
+
+    from torch import nn
+
+    from meshci.cost import random_cluster
+    from meshci.planning.dpfl import dpfl
+    from meshci.planning.edgeci import degree_candidates
+    from tests.planning.test_planning_reference import reference_dpfl, same
+    from tests.trunk.test_trunk_gate import ResidualSE
+
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), *[ResidualSE(16, 3, 1, "adaptive") for _ in range(3)]).eval()
+    trunk = extract_trunk(net, (3, 48, 40), "se3")
+    medium = "shared" if seed % 2 else "switched"
+    if seed < 2:  # slow devices on a fast link: gated blocks are split
+        fast = fast_cluster(2 + seed)
+        cluster = Cluster(fast.devices, fast.default_link, {}, medium, fast.requester)
+    else:
+        cluster = random_cluster(2 + seed, random.Random(700 + seed), medium=medium)
+    model = CostModel(trunk, cluster)
+    cands = {(s, e): [lay for lay in degree_candidates(model, s, e)
+                      if not interior_gates(trunk, s, e) or lay.devices.size == 1]
+             for e in range(1, model.n_segments + 1) for s in range(e)}
+    result = dpfl(model, lambda s, e: cands[(s, e)], routing=routing)
+    assert same(result, reference_dpfl(model, lambda s, e: cands[(s, e)], routing))
+    if seed < 2:
+        assert any(trunk.segments[s].kind == "gate" and lay.devices.size > 1 for s, _, lay in result.blocks)
