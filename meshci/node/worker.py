@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from meshci.node.fields import shown
 from meshci.node.inputs import input_size, model_name, seed
 from meshci.node.model_cache import LOAD_TIMEOUT_S, LoadedModel
 from meshci.node.pieces import OrphanBudget, Piece, PieceFormatError, decode, nbytes
+from meshci.node.recovery import deadline_s
 from meshci.node.request import Compute, HeadRun, RequestStateError, RunHead, WorkerRun
 from meshci.node.trace import Span
 from meshci.planning import Plan
@@ -54,6 +56,7 @@ MAX_REQUESTERS = 64  # requesters whose plans are kept
 MAX_EARLY_CANCELS = 4096  # cancels remembered for requests not seen yet
 MAX_CONTEXTS = 1024  # requests (and orphan piece sets) held at once
 MAX_BID_AUCTIONS = 256  # auctions this node's bidder takes part in at once
+DEADLINE_GRACE_S = 2.0  # a request's state is dropped this long after its deadline
 MAX_CANCELLED = 65536  # cancelled request ids remembered (their late PLANs and pieces refused)
 
 
@@ -71,6 +74,7 @@ class WorkerContext:
     plan_pending: bool = False  # a PLAN arrived and its model is loading: not an orphan
     waiting_for_plan: Message | None = None  # a PLAN by digest we did not know: asked for it
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)  # its tile and head work here
+    expires: float = math.inf  # its requester's deadline (PLAN `deadline_s`) plus a grace: dropped then
 
     def stop_work(self) -> None:
         """Cancel this request's queued or running tile and head work (a tile already on
@@ -164,6 +168,8 @@ class Worker:
                 raise ValueError(f"the plan is for {plan.model} at {plan.input_shape[1:]}, "
                                  f"the PLAN asks {shown(model)} at {size}")
             check_model_allowed(model, self.node.config.allow_models)
+            if "deadline_s" in msg.meta:
+                ctx.expires = time.monotonic() + deadline_s(msg.meta["deadline_s"]) + DEADLINE_GRACE_S
             pieces = decode(msg.meta, msg.tensors)
             loaded = await asyncio.wait_for(
                 self.runtime.load(model, seed(msg.meta.get("seed", 0)), size), LOAD_TIMEOUT_S)
@@ -465,6 +471,9 @@ class Worker:
             if ctx.run is None and not ctx.plan_pending and age > ORPHAN_PIECE_TTL_S:
                 log.warning("dropping %d pieces of request %d: no plan arrived", len(ctx.early), rid)
                 self.cancel(rid, "no plan arrived")
+            elif now > ctx.expires and not ctx.plan_pending:
+                # its requester answered its client by the deadline: nobody waits for it now
+                self.cancel(rid, "its deadline passed")
             elif age > WORK_TTL_S and not ctx.plan_pending:
                 # no cancel reached us (lost with its requester's connection): the request is over
                 self.cancel(rid, f"unfinished after {WORK_TTL_S:.0f} s")
