@@ -17,7 +17,7 @@ import pytest
 from meshci.node.client import DEADLINE_GRACE_S, RequestError, infer
 from meshci.node.server import Node
 from meshci.wire import Connection, Message, MsgType
-from tests.node.inprocess import crash, start_mesh
+from tests.node.inprocess import crash, start_mesh, until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -27,15 +27,6 @@ SECRET = os.urandom(32)
 WAIT = 30.0  # safety net only: no assertion depends on it
 IDLE = {"requests": 0, "work": 0, "auctions": 0, "bid_auctions": 0, "bidder_auctions": (),
         "bidder_backlog_s": 0.0, "queued_s": 0.0}
-
-
-async def _until(predicate: Any, what: str, show: Any = None) -> None:
-    try:
-        async with asyncio.timeout(WAIT):
-            while not predicate():
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        pytest.fail(f"{what}: not after {WAIT} s" + (f"; now {show()}" if show is not None else ""))
 
 
 @pytest.fixture
@@ -98,7 +89,7 @@ async def test_a_worker_lost_while_it_holds_a_tile_is_replaced_and_the_answer_is
     assert meta["attempts"] == 2 and meta["lost"] == [victim.name]
     assert victim.name not in meta["devices"]
     survivors = [n for n in mesh if n is not victim]
-    await _until(lambda: all(n.request_state() == IDLE for n in survivors), "state released",
+    await until(lambda: all(n.request_state() == IDLE for n in survivors), "state released",
                  lambda: _states(survivors))
     # the lost device is backed off: the next request does without it, exact again
     assert victim.name in requester.requester.backoff.avoided(time.monotonic())
@@ -122,7 +113,7 @@ async def test_a_request_nobody_can_finish_fails_with_a_clear_line_by_its_deadli
         await request
     assert time.monotonic() - began < deadline + DEADLINE_GRACE_S  # answered, not timed out at the client
     assert "\n" not in str(failure.value)
-    await _until(lambda: requester.request_state() == IDLE, "requester state released",
+    await until(lambda: requester.request_state() == IDLE, "requester state released",
                  lambda: requester.request_state())
 
 
@@ -137,7 +128,7 @@ async def test_a_client_that_goes_away_cancels_its_request_everywhere(
     await asyncio.wait_for(stuck.get(), WAIT)
     assert requester.requester.contexts and any(n.worker.contexts for n in mesh)
     await client.close()  # the client hangs up mid-request
-    await _until(lambda: all(n.request_state() == IDLE for n in mesh), "state released everywhere",
+    await until(lambda: all(n.request_state() == IDLE for n in mesh), "state released everywhere",
                  lambda: _states(mesh))
 
 
@@ -152,7 +143,7 @@ async def test_a_requester_that_dies_leaves_no_request_state_on_its_peers(
     await crash(requester)
     with pytest.raises(RequestError):
         await request
-    await _until(lambda: all(w.request_state() == IDLE for w in workers), "workers dropped the request",
+    await until(lambda: all(w.request_state() == IDLE for w in workers), "workers dropped the request",
                  lambda: _states(workers))
 
 
