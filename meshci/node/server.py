@@ -485,6 +485,9 @@ class Node(NodeReports):
         # frames of a running attempt may have gone with the connection: the attempts the
         # peer takes part in run again without it (`attempts.py`)
         self.requester.device_down(name, "its connection was lost")
+        for rid, requester in self.worker.with_device(name):
+            # our pieces to it (or its to us) may be lost: its requester runs the request again
+            self.spawn(self.fail_request(rid, requester, f"{self.name} lost its connection to {name}", lost=name))
 
     def _address_of(self, name: str) -> Address | None:
         peer = self.membership.peer(name)

@@ -450,6 +450,13 @@ class Worker:
         else:
             log.warning("ignoring a cancel of request %d from %s, not its requester", rid, sender)
 
+    def with_device(self, name: str) -> list[tuple[int, str]]:
+        """(request id, requester) of the requests held here whose plan has `name` as one
+        of its devices (not as their requester): its connection lost, frames between us may
+        be lost with it, so each of those requesters must hear it (`Node._connection_lost`)."""
+        return [(rid, ctx.requester) for rid, ctx in self.contexts.items()
+                if ctx.run is not None and ctx.requester not in ("", name) and name in ctx.run.plan.devices]
+
     def requester_down(self, name: str, reason: str) -> None:
         """Work for a requester that died will never be gathered: forget it and its commitments."""
         for rid, work in list(self.contexts.items()):

@@ -18,8 +18,10 @@ import pytest
 from meshci.node.client import RequestError, ask, infer
 from meshci.node.local import LocalMesh, start_node, wait_formed
 from meshci.node.membership import Address
+from meshci.node.runtime import Runtime
+from meshci.node.server import Node, NodeConfig
 from meshci.wire import Message, MsgType
-from tests.node.inprocess import start_mesh
+from tests.node.inprocess import start_mesh, until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -97,7 +99,7 @@ def test_sigkill_a_peer_at_random_moments_of_vgg16_requests_all_complete_exact()
     recovered = sum(1 for m in results if m["attempts"] > 1)
     sys.stderr.write(f"{len(results)} of {ROUNDS} complete and exact; {recovered} re-run after losing a device\n")
     assert len(results) == ROUNDS and all(m["check_ok"] for m in results)
-    assert recovered >= 1  # the kills did land mid-request
+    assert recovered >= ROUNDS // 2  # most kills did land mid-request
 
 
 async def test_cut_a_peer_at_random_moments_of_vgg16_requests_all_complete_exact() -> None:
@@ -105,22 +107,41 @@ async def test_cut_a_peer_at_random_moments_of_vgg16_requests_all_complete_exact
     nodes = await start_mesh({"q": 0.2, "w1": 1.0, "w2": 1.0, "w3": 1.0}, SECRET)
     try:
         requester, workers = nodes[0], nodes[1:]
-        warm, _ = await infer(requester.address, model=MODEL, size=SIZE, secret=SECRET, check=True)
+        await infer(requester.address, model=MODEL, size=SIZE, secret=SECRET, check=True)
         results = []
         for i in range(ROUNDS):
-            victim = rng.choice(workers)
             request = asyncio.create_task(infer(requester.address, model=MODEL, size=SIZE, secret=SECRET,
                                                 input_seed=i, check=True, deadline=120.0))
-            await asyncio.sleep(rng.uniform(0.0, warm["latency_s"]))
+            # a random moment while a worker holds tiles of the request (a random worker if
+            # the request ends before one is seen holding any)
+            holding: list[Node] = []
+            while not holding and not request.done():
+                await asyncio.sleep(0.001)
+                holding = [w for w in workers if w.worker.contexts]
+            victim = rng.choice(holding or workers)
+            await asyncio.sleep(rng.uniform(0.0, 0.02))
             victim.connections.abort_all()  # cut off: every connection to and from it reset
             meta, _ = await request
+            sys.stderr.write(f"round {i}: cut {victim.name} (held tiles: {bool(holding)}); "
+                             f"attempts {meta['attempts']}, lost {meta['lost']}\n")
             assert meta["check_ok"], (i, victim.name, meta["max_abs_diff"])
             results.append(meta)
+            # links that heal are another part's work: the cut node leaves, a fresh one (its
+            # model built) takes its place, so every round starts on 4 nodes
+            await victim.close()
+            workers.remove(victim)
+            fresh = Node(NodeConfig(f"w{4 + i}", Address("127.0.0.1", 0), join=(requester.address,),
+                                    secret=SECRET, gflops=1.0), Runtime(1, isolate_builds=False))
+            await fresh.start()
+            nodes.append(fresh)
+            workers.append(fresh)
+            await infer(fresh.address, model=MODEL, size=SIZE, secret=SECRET, strategy="local")
+            await until(lambda: all(len(n.membership.alive()) >= 3 for n in [requester, *workers]), "mesh of 4")
         recovered = sum(1 for m in results if m["attempts"] > 1)
         sys.stderr.write(f"{len(results)} of {ROUNDS} complete and exact; {recovered} re-run after a cut\n")
-        assert recovered >= 1
+        assert recovered >= ROUNDS // 2  # most cuts did land mid-request
     finally:
-        await asyncio.gather(*(n.close() for n in nodes))
+        await asyncio.gather(*(n.close() for n in nodes if not n.stopped))
 
 
 def test_a_requester_killed_mid_request_leaves_no_request_state_on_its_peers() -> None:
