@@ -95,6 +95,8 @@ async def run_attempts(req: Requester, recovery: Recovery, asked: InferRequest, 
                 logits, head = await before_deadline(recovery, asyncio.shield(ctx.done), "while the devices computed")
             finally:
                 req.contexts.pop(rid, None)
+                if not ctx.done.done():
+                    ctx.done.cancel()  # nothing sets it now; nobody waits for it
         except DeviceLost as lost:
             node.cancel_everywhere(rid, set(devices), str(lost))
             now = time.monotonic()
