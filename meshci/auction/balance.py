@@ -6,14 +6,19 @@ a, b)`` predicts when device ``d`` finishes rows ``[a, b)`` of the block's outpu
 backlog, compute including halo rows, transfers). It must be monotone under containment: a
 strip inside another never takes longer. Then:
 
-1. The least achievable makespan ``T*`` is found by bisection on ``T``: for a given ``T`` the
+1. The least achievable makespan ``T*`` is found by search on ``T``: for a given ``T`` the
    greedy that lets each device, in order, take the longest strip it finishes within ``T``
    (skipping a device that cannot finish even one row within ``T``) covers the rows iff any
    order-preserving split does (exchange argument: pushing a boundary down only shrinks the
    strips after it).
 2. Among splits with makespan ``T*`` over the devices that took part, the earliest finish is
-   raised as far as possible (bisection on a floor ``L``), so the devices' finish times end
+   raised as far as possible (search on a floor ``L``), so the devices' finish times end
    close together instead of the last device getting the leftovers.
+
+Both searches are exact and short: ``T*`` and the best floor are strip times, so a trial
+that succeeds moves its bound to its own latest (earliest) finish, and one that fails to
+the next strip time at which the greedy would go differently; bisection while the range is
+wide, then strip time by strip time.
 
 Devices that cannot finish a single row within ``T*`` are left out: the degree of
 parallelism follows from the prediction, not from the device count.
@@ -121,47 +126,65 @@ def _earliest_start(time: _Timer, device: str, b: int, cap: float) -> int:
     return lo
 
 
-def _greedy(time: _Timer, height: int, order: Sequence[str], cap: float) -> list[tuple[str, int, int]] | None:
+def _greedy(
+    time: _Timer, height: int, order: Sequence[str], cap: float
+) -> tuple[list[tuple[str, int, int]] | None, float]:
+    """Each device in order takes the longest strip it finishes within ``cap``. Returns the
+    strips (None when they do not cover the rows) and the least cap above ``cap`` at which
+    some device's strip would grow (inf if none): every cap below it gives the same strips."""
     strips: list[tuple[str, int, int]] = []
     a = 0
+    grows = math.inf
     for device in order:
         if a == height:
             break
         b = _longest(time, device, a, height, cap)
+        if b < height:
+            grows = min(grows, time(device, a, b + 1))
         if b > a:
             strips.append((device, a, b))
             a = b
-    return strips if a == height else None
+    return (strips if a == height else None), grows
 
 
-def _levelled(
-    time: _Timer, height: int, devices: Sequence[str], cap: float, floor: float
-) -> list[tuple[str, int, int]] | None:
-    """A split over all of `devices` with every finish time in [floor, cap], or None."""
+def _starts(time: _Timer, height: int, devices: Sequence[str], cap: float) -> list[int]:
+    """start[k]: the lowest row from which devices[k:] can cover the rest within cap."""
     n = len(devices)
-    # start[k]: the lowest row from which devices[k:] can cover the rest within cap.
     start = [height] * (n + 1)
     b = height
     for k in range(n - 1, -1, -1):
         if b > 0:
             b = _earliest_start(time, devices[k], b, cap)
         start[k] = b
+    return start
+
+
+def _levelled(
+    time: _Timer, height: int, devices: Sequence[str], cap: float, floor: float, start: list[int]
+) -> tuple[list[tuple[str, int, int]] | None, float]:
+    """A split over all of `devices` with every finish time in [floor, cap] (``start``:
+    `_starts` of the same cap), or None; and, when None, the greatest strip time below
+    ``floor`` at which the search would go differently (-inf if none): every floor above it
+    fails too."""
+    n = len(devices)
+    below = -math.inf
     strips: list[tuple[str, int, int]] = []
     a = 0
     for k, device in enumerate(devices):
         if k == n - 1:
             t = time(device, a, height)
             if not floor <= t <= cap:
-                return None
+                return None, max(below, t) if t < floor else below
             strips.append((device, a, height))
-            return strips
+            return strips, below
         last = height - (n - 1 - k)  # leave one row to each later device
         if a + 1 > last:
-            return None
+            return None, below
         # The shortest strip reaching the floor, but long enough for the rest to fit.
         lo, hi = a + 1, last
-        if time(device, a, hi) < floor:
-            return None
+        longest = time(device, a, hi)
+        if longest < floor:
+            return None, max(below, longest)
         if time.linear is not None:  # one row short of the floor, plus one
             lo = max(a + 1, min(hi, a + time.linear.max_rows(device, math.nextafter(floor, -math.inf)) + 1))
             while lo > a + 1 and time(device, a, lo - 1) >= floor:
@@ -175,12 +198,14 @@ def _levelled(
                 hi = mid
             else:
                 lo = mid + 1
+        if lo > a + 1:  # a floor down to this strip's time keeps lo
+            below = max(below, time(device, a, lo - 1))
         b = max(lo, start[k + 1])
         if b > last or time(device, a, b) > cap:
-            return None
+            return None, below
         strips.append((device, a, b))
         a = b
-    return None
+    return None, below
 
 
 def balance_strips(
@@ -192,7 +217,12 @@ def balance_strips(
 ) -> list[tuple[str, int, int]]:
     """Split rows ``[0, height)`` into contiguous strips ``(device, a, b)`` in `order`,
     minimising the latest predicted finish, then levelling the finish times (module
-    docstring). Devices that would slow the block down get no strip."""
+    docstring). Devices that would slow the block down get no strip.
+
+    Both searches are exact: a makespan or floor is one of the strip times, and each trial
+    narrows the range to strip times (a feasible trial to its own latest or earliest
+    finish, a failed one to the next strip time at which it would go differently), by
+    bisection while the range is wider than ``rel_tol``, then one strip time at a time."""
     if height < 1:
         raise AuctionError(f"height must be >= 1, got {height}")
     if not order:
@@ -200,26 +230,32 @@ def balance_strips(
     if len(set(order)) != len(order):
         raise AuctionError(f"order names a device twice: {list(order)}")
     time = _Timer(strip_time)
-    hi = min(time(d, 0, height) for d in order)
-    lo = 0.0
-    while hi - lo > rel_tol * hi:
+    first = min(time(d, 0, height) for d in order)
+    best = _greedy(time, height, order, first)[0]
+    assert best is not None  # one device alone covers the rows within its own time
+    # Every cap below lo fails; hi is the makespan of best.
+    lo, hi = 0.0, max(time(d, a, b) for d, a, b in best)
+    while lo < hi:
         mid = (lo + hi) / 2
-        if _greedy(time, height, order, mid) is None:
-            lo = mid
-        else:
-            hi = mid
-    best = _greedy(time, height, order, hi)
-    assert best is not None  # hi stays feasible throughout the bisection
-    cap = max(time(d, a, b) for d, a, b in best)
-    devices = [d for d, _, _ in best]
-    lo_floor, hi_floor = min(time(d, a, b) for d, a, b in best), cap
-    levelled = best
-    while hi_floor - lo_floor > rel_tol * cap:
-        mid = (lo_floor + hi_floor) / 2
-        trial = _levelled(time, height, devices, cap, mid)
+        if not (hi - lo > rel_tol * hi and lo < mid < hi):
+            mid = lo
+        trial, grows = _greedy(time, height, order, mid)
         if trial is None:
-            hi_floor = mid
+            lo = grows
         else:
-            lo_floor = mid
-            levelled = trial
+            best, hi = trial, max(time(d, a, b) for d, a, b in trial)
+    cap = hi
+    devices = [d for d, _, _ in best]
+    start = _starts(time, height, devices, cap)
+    # Every floor above hi_floor fails; levelled has its earliest finish at lo_floor.
+    levelled, lo_floor, hi_floor = best, min(time(d, a, b) for d, a, b in best), cap
+    while lo_floor < hi_floor:
+        mid = (lo_floor + hi_floor) / 2
+        if not (hi_floor - lo_floor > rel_tol * cap and lo_floor < mid < hi_floor):
+            mid = hi_floor
+        trial, below = _levelled(time, height, devices, cap, mid, start)
+        if trial is None:
+            hi_floor = below
+        else:
+            levelled, lo_floor = trial, min(time(d, a, b) for d, a, b in trial)
     return levelled

@@ -13,6 +13,9 @@ accepted, auction still open) or firm (confirmed by the auction's Close).
   while its committed work stays within ``capacity_s`` and its finish stays within
   ``tolerance`` of what its bids promised; the rest are declined (work won elsewhere in the
   meantime is the usual cause) and the auctioneer re-auctions them.
+* Memory: with `item_bytes` (an item's activation bytes) and `memory_bytes` (the device's
+  budget for one auction's tiles), it bids only on items that fit, and accepts an award's
+  items only while their bytes together fit.
 * Close: the listed items become firm, any other tentative item of that auction is freed.
   The node calls `release` once the auction's tiles ran (or the request died).
 """
@@ -70,6 +73,8 @@ class Bidder:
         backlog_s: float = 0.0,
         capacity_s: float = math.inf,
         tolerance: float = 0.25,
+        item_bytes: Callable[[Item], float] | None = None,
+        memory_bytes: Callable[[], float] | None = None,
     ) -> None:
         if not name:
             raise AuctionError("a bidder needs a name")
@@ -91,6 +96,9 @@ class Bidder:
         self._bid_cost: dict[str, dict[str, float]] = {}
         # Per (auction, round): the reply already given, so a repeated Award gets the same.
         self._replies: dict[tuple[str, int], AwardReply] = {}
+        self._item_bytes = item_bytes
+        self._memory_bytes = memory_bytes
+        self._bid_bytes: dict[str, dict[str, float]] = {}  # auction -> item -> its bytes
 
     @classmethod
     def from_rates(
@@ -142,6 +150,7 @@ class Bidder:
         self._held.pop(auction_id, None)
         self._bid_backlog.pop(auction_id, None)
         self._bid_cost.pop(auction_id, None)
+        self._bid_bytes.pop(auction_id, None)
         for key in [k for k in self._replies if k[0] == auction_id]:
             del self._replies[key]
 
@@ -163,9 +172,12 @@ class Bidder:
         """The pure bid function: (backlog it bids with, one bid per item it can take)."""
         backlog = self.backlog_outside(auction_id)
         room = self.capacity_s - self.backlog_s
+        memory = self._memory_bytes() if self._memory_bytes is not None else math.inf
         bids = []
         for item in items:
             cost = self.cost_s(item, auctioneer)
+            if self._item_bytes is not None and self._item_bytes(item) > memory:
+                continue  # its maps alone do not fit this device
             if math.isfinite(cost) and cost >= 0 and cost <= room:
                 bids.append(Bid(item.item_id, backlog + cost))
         return backlog, tuple(bids)
@@ -191,6 +203,9 @@ class Bidder:
         costs = self._bid_cost.setdefault(call.auction_id, {})
         for bid in bids:
             costs[bid.item_id] = bid.finish_s - backlog
+        if self._item_bytes is not None:
+            sizes = {item.item_id: float(self._item_bytes(item)) for item in call.items}
+            self._bid_bytes.setdefault(call.auction_id, {}).update(sizes)
         return Outgoing(call.sender, BidBundle(call.auction_id, call.round, self.name, backlog, bids))
 
     def _on_award(self, award: Award) -> Outgoing:
@@ -208,17 +223,22 @@ class Bidder:
         accepted: list[str] = []
         declined: list[str] = []
         taken = 0.0
+        sizes = self._bid_bytes.get(award.auction_id, {})
+        memory = self._memory_bytes() if self._memory_bytes is not None else math.inf
+        held_bytes = sum(sizes.get(i, 0.0) for i in held)
         for item_id in dict.fromkeys(award.item_ids):  # each item once, in award order
             cost = costs.get(item_id)
             if cost is None or item_id in held:
                 log.warning("%s: declined %r of auction %s: %s", self.name, item_id, award.auction_id,
                             "never bid on it" if cost is None else "already held")
                 declined.append(item_id)
-            elif committed + taken + cost > self.capacity_s or start + taken + cost > allowed:
+            elif committed + taken + cost > self.capacity_s or start + taken + cost > allowed \
+                    or held_bytes + sizes.get(item_id, 0.0) > memory:
                 declined.append(item_id)
             else:
                 accepted.append(item_id)
                 taken += cost
+                held_bytes += sizes.get(item_id, 0.0)
         for item_id in accepted:
             held[item_id] = Commitment(item_id, costs[item_id], firm=False)
         if declined:

@@ -302,7 +302,8 @@ def _quick_bound(cost: np.ndarray, backlog: np.ndarray) -> float:
     # ends[b, k]: finish of bidder b holding its k+1 cheapest items.
     ends = backlog[:, None] + np.cumsum(np.sort(cost, axis=1), axis=1)
     candidates = np.unique(ends[np.isfinite(ends)])
-    held = sum(np.searchsorted(row, candidates, side="right") for row in ends)
+    # items held within each candidate, summed over bidders: the count of all ends within it
+    held = np.searchsorted(np.sort(ends, axis=None), candidates, side="right")
     counting = float(candidates[np.argmax(held >= n_items)])
     return max(single, counting)
 

@@ -12,12 +12,16 @@ from typing import TYPE_CHECKING, Any
 from meshci.commands.common import add_client_arguments, client_target
 from meshci.errors import MeshciError, RuntimeFailure
 from meshci.images import PREPROCESSING, InputImageError, read_image, read_labels, top_labels
+from meshci.images.declared import declared_preprocessing
+from meshci.images.preprocess import NAMED, TENSOR_SUFFIXES
 from meshci.node.recovery import DEFAULT_DEADLINE_S, MAX_DEADLINE_S, DeadlineError, deadline_s
 
 if TYPE_CHECKING:
     from meshci.node.membership import Address
 
 log = logging.getLogger(__name__)
+
+DEFAULT_SIZE = (224, 224)
 
 __all__ = ["InputImageError", "add_parser", "format_result", "read_image", "run"]
 
@@ -37,12 +41,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", type=Path, metavar="FILE",
                    help="use these trained weights (torchvision-format state_dict); every node "
                         "must hold the same file (`meshci node --weights FILE`)")
-    p.add_argument("--size", type=int, nargs=2, default=(224, 224), metavar=("H", "W"),
-                   help="input size of a seeded input or a picture (default 224 224)")
-    p.add_argument("--preprocess", choices=PREPROCESSING, default="imagenet",
+    p.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                   help="input size of a seeded input or a picture (default: the size a user model "
+                        "declares for pictures, else 224 224)")
+    p.add_argument("--preprocess", choices=PREPROCESSING, default=None,
                    help="for a picture: imagenet (resize to cover --size/0.875, centre crop, scale to "
-                        "[0, 1], ImageNet mean/std; what torchvision's models expect; the default) or "
-                        "unit (no mean/std)")
+                        "[0, 1], ImageNet mean/std; what torchvision's models expect) or unit (no "
+                        "mean/std); default: what the model declares (a user model's "
+                        "meshci_preprocessing), imagenet for the built-in models")
     p.add_argument("--labels", type=Path, metavar="FILE",
                    help="class names, one per line, for a model that is not an ImageNet classifier "
                         "(default: the ImageNet names for a model with 1000 outputs)")
@@ -74,8 +80,8 @@ def run(args: argparse.Namespace) -> int:
         from meshci.weights import weights_digest, with_weights
         model = with_weights(model, weights_digest(args.weights))
     labels = read_labels(args.labels) if args.labels is not None else None
-    image = read_image(args.input, tuple(args.size), args.preprocess) if args.input is not None else None
-    meta, logits, trace = asyncio.run(_ask(args, via, secret, model, image))
+    image, size = _input(args, model)
+    meta, logits, trace = asyncio.run(_ask(args, via, secret, model, image, size))
     meta["top5_labels"] = top_labels(meta["top5"], int(logits.shape[-1]), labels)
     if trace is not None:
         _write_trace(args.trace, trace)
@@ -88,13 +94,27 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _input(args: argparse.Namespace, model: str) -> tuple[Any, tuple[int, int]]:
+    """The request's input picture (None: a seeded input) and size. A picture is prepared
+    by --preprocess when given, else as the model declares (`meshci.images.declared`)."""
+    size = tuple(args.size) if args.size is not None else None
+    if args.input is None:
+        return None, size or DEFAULT_SIZE
+    how = NAMED[args.preprocess] if args.preprocess is not None else None
+    if how is None and args.input.suffix.lower() not in TENSOR_SUFFIXES:
+        how = declared_preprocessing(model)
+    image = read_image(args.input, size or (how.size if how is not None else None) or DEFAULT_SIZE,
+                       how or "imagenet")
+    return image, size or (int(image.shape[-2]), int(image.shape[-1]))
+
+
 async def _ask(args: argparse.Namespace, via: Address, secret: bytes | None, model: str,
-               image: Any) -> tuple[dict[str, Any], Any, dict[str, Any] | None]:
+               image: Any, size: tuple[int, int]) -> tuple[dict[str, Any], Any, dict[str, Any] | None]:
     """The request, and with --trace its timeline, on one event loop."""
     from meshci.node.client import collect_trace, infer
 
     meta, logits = await infer(
-        via, model=model, strategy=args.strategy, seed=args.weights_seed, size=tuple(args.size),
+        via, model=model, strategy=args.strategy, seed=args.weights_seed, size=size,
         image=image, input_seed=args.seed, check=args.check, details=args.json, secret=secret,
         insecure=args.insecure, timeout=args.timeout, deadline=args.deadline)
     trace = None
@@ -123,6 +143,10 @@ def format_result(meta: dict[str, Any]) -> str:
         + ", ".join(_entry(i, p, name) for (i, p), name in zip(meta["top5"], meta.get("top5_labels")
                                                                    or [None] * len(meta["top5"]))),
     ]
+    if meta.get("shipped_bytes"):
+        lines.append("  shipped the model to: " + ", ".join(
+            f"{d} ({n / 2**20:.1f} MB)" if n >= 2**20 else f"{d} ({n / 1024:.1f} KB)"
+            for d, n in sorted(meta["shipped_bytes"].items())))
     if "max_abs_diff" in meta:
         lines.append(f"  check: max |distributed - single device| = {meta['max_abs_diff']:.3g}")
     return "\n".join(lines)

@@ -64,6 +64,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also serve this user model: an exact package.module:callable or a package "
                         "prefix pkg.* (repeatable; built-in models are always served, other user "
                         "models are refused because a request would make the node import them)")
+    p.add_argument("--memory-mb", type=int, metavar="N",
+                   help="memory this node gives the tiles it holds at once (weights of the layers it "
+                        "runs and their maps); it takes no more tiles than fit (default: the memory "
+                        "the machine has available at start)")
+    p.add_argument("--accept-shipped-models", action="store_true",
+                   help="run models a requester ships (its code and the weights of the layers this "
+                        "node runs, cached by digest under --data-dir); off by default: shipped code "
+                        "runs in this node, taken only from peers that proved the cluster secret")
     p.add_argument("--weights", action="append", default=[], type=Path, metavar="FILE",
                    help="trained weights (a torchvision-format state_dict) this node serves, "
                         "repeatable; give every node the same file and ask with `meshci infer "
@@ -112,6 +120,8 @@ def run(given: argparse.Namespace) -> int:
     client_ssl = client_tls_context(*tls) if all(tls) else None
     if not args.join_timeout > 0:
         raise MeshciError("--join-timeout must be positive")
+    if args.memory_mb is not None and args.memory_mb < 1:
+        raise MeshciError("--memory-mb must be at least 1")
     if args.threads < 1:
         raise MeshciError("--threads must be at least 1")
     if args.gflops is not None and not args.gflops > 0:
@@ -138,6 +148,7 @@ def run(given: argparse.Namespace) -> int:
                         threads=args.threads, gflops=gflops, server_ssl=server_ssl,
                         client_ssl=client_ssl, discover=discover, join_timeout_s=args.join_timeout,
                         allow_models=allow_models, measure_curves=args.gflops is None,
+                        accept_shipped_models=args.accept_shipped_models, memory_mb=args.memory_mb,
                         data_dir=data_dir)
     _install_uvloop()
     metrics = (args.metrics_host, args.metrics_port) if args.metrics_port is not None else None

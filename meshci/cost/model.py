@@ -81,14 +81,19 @@ class CostModel:
         self.shared = cluster.medium == "shared"
         names = cluster.names
         n = self.n_devices
-        self.latency = np.zeros((n, n))
-        self.sec_per_byte = np.zeros((n, n))
-        for i in range(n):
-            for j in range(n):
-                if i != j:
-                    spec = cluster.link(names[i], names[j])
-                    self.latency[i, j] = spec.latency_ms / 1000.0
-                    self.sec_per_byte[i, j] = 8.0 / (spec.mbps * 1e6)
+        # every pair on the default link, then the pairs the cluster names (cluster.link's rule)
+        default = cluster.default_link
+        self.latency = np.full((n, n), default.latency_ms / 1000.0)
+        self.sec_per_byte = np.full((n, n), 8.0 / (default.mbps * 1e6))
+        index = {name: i for i, name in enumerate(names)}
+        for pair, spec in cluster.links.items():
+            ends = [index.get(name) for name in pair]
+            if len(ends) == 2 and None not in ends:
+                i, j = ends
+                self.latency[i, j] = self.latency[j, i] = spec.latency_ms / 1000.0
+                self.sec_per_byte[i, j] = self.sec_per_byte[j, i] = 8.0 / (spec.mbps * 1e6)
+        np.fill_diagonal(self.latency, 0.0)
+        np.fill_diagonal(self.sec_per_byte, 0.0)
         self.backlog = np.array([d.backlog_s for d in cluster.devices])
         self.speed = np.array([d.gflops * 1e9 for d in cluster.devices])
         # per-segment (a, b) curves where the device has them for this model, else None

@@ -9,9 +9,10 @@ from meshci.images.preprocess import (
     IMAGENET_STD,
     PREPROCESSING,
     InputImageError,
+    Preprocessing,
     preprocess,
     read_image,
 )
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "PREPROCESSING", "InputImageError", "imagenet_classes",
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "PREPROCESSING", "InputImageError", "Preprocessing", "imagenet_classes",
            "preprocess", "read_image", "read_labels", "top_labels"]

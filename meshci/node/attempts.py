@@ -24,6 +24,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 
 from meshci.node.recovery import DeviceLost, GiveUp, Recovery
+from meshci.node.request import RequesterRun, device_signature
+from meshci.node.standing import STANDING_PLANS, Standing, _link_signature, _ratio_signature
+from meshci.planning import make_plan
 from meshci.wire import Connection
 
 if TYPE_CHECKING:
@@ -31,7 +34,6 @@ if TYPE_CHECKING:
     from meshci.node.inputs import InferRequest
     from meshci.node.model_cache import LoadedModel
     from meshci.node.requester import Requester, RequesterContext
-    from meshci.node.standing import Standing
     from meshci.planning import Plan
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,7 @@ class Outcome:
     head: dict[str, Any]
     planned_at: float  # perf_counter
     sent_at: float
+    shipped_bytes: dict[str, int]  # the model's code and weights shipped, per device
 
 
 async def before_deadline(recovery: Recovery, work: Awaitable[T], during: str, limit_s: float | None = None) -> T:
@@ -69,6 +72,42 @@ async def before_deadline(recovery: Recovery, work: Awaitable[T], during: str, l
         raise RequestFailed(recovery.timed_out(during)) from exc
 
 
+async def standing_plan(req: Requester, asked: InferRequest, loaded: LoadedModel, size: tuple[int, int],
+                        exclude: frozenset[str], recovery: Recovery) -> tuple[Standing, Cluster]:
+    """The standing plan for the request on the devices up now, less `exclude` (lost
+    or backed off), peers refusing a shipped model and peers it does not fit; the first
+    request of its kind (or of a new set of devices) waits for it to be made, within the
+    request's deadline."""
+    from meshci.node.requester import PLANNER
+
+    node = req.node
+    model, seed, strategy = asked.model, asked.seed, asked.strategy
+    while True:
+        budgets = {p.name: p.advert.memory_mb for p in node.membership.alive()}  # `memory_budget`
+        leave_out = (await node.shipping.refusers(model) | req.memory.leave_out(model, size, budgets)
+                     | set(exclude))
+        raw_cluster, cluster = req._clusters(model, size, strategy, leave_out)
+        # by the devices present: a plan never names a device that is gone; what the devices
+        # are (speed, curves) and the links cost re-plan in the background (`_refresh`)
+        key = (model, seed, size, strategy, frozenset(d.name for d in raw_cluster.devices))
+        links = (device_signature(raw_cluster) + _link_signature(cluster)
+                 + _ratio_signature(req.calibration.compute_ratio))
+        standing = req.standing.get(key)
+        if standing is None:
+            # the first request of this kind waits for its plan; later ones never do
+            plan = await before_deadline(recovery, asyncio.get_running_loop().run_in_executor(
+                PLANNER, make_plan, loaded.trunk, cluster, strategy), "while planning")
+            standing = req.standing.get(key) or Standing(plan, links, time.monotonic())
+            req.standing[key] = standing
+            while len(req.standing) > STANDING_PLANS:
+                req.standing.popitem(last=False)
+        req.standing.move_to_end(key)
+        req._refresh(standing, loaded, raw_cluster, cluster, strategy, links)
+        if not req.memory.check(model, size, loaded.trunk, standing.current, budgets, req.name):
+            return standing, raw_cluster
+        # else: planned again without the peers it did not fit
+
+
 async def run_attempts(req: Requester, recovery: Recovery, asked: InferRequest, loaded: LoadedModel,
                        size: tuple[int, int]) -> Outcome:
     """Run the request until one attempt completes; RequestFailed with the reason when it
@@ -80,13 +119,14 @@ async def run_attempts(req: Requester, recovery: Recovery, asked: InferRequest, 
     loop = asyncio.get_running_loop()
     while True:
         exclude = req.backoff.avoided(time.monotonic()) | frozenset(recovery.lost)
-        standing, raw_cluster = await req.standing_plan(asked, loaded, size, exclude, recovery)
+        standing, raw_cluster = await standing_plan(req, asked, loaded, size, exclude, recovery)
         planned_at = time.perf_counter()
-        plan = standing.current
+        # a model the mesh does not know by name goes to the devices first (`shipping`)
+        plan, shipped, shipped_bytes = await node.shipping.prepare(standing.current, loaded, asked.model)
         rid = random.getrandbits(62) | 1
         devices = frozenset(plan.devices)
-        ctx = RequesterContext(req.run_of(plan, loaded), loaded, loop.create_future(), devices,
-                               plan.head_plan.device)
+        ctx = RequesterContext(RequesterRun(plan, req.name, loaded.geometry(plan)), loaded, loop.create_future(), devices,
+                               plan.head_plan.device, shipped=shipped)
         req.contexts[rid] = ctx
         sent_at = time.perf_counter()
         try:
@@ -117,7 +157,7 @@ async def run_attempts(req: Requester, recovery: Recovery, asked: InferRequest, 
             raise
         for device in devices:
             req.backoff.succeeded(device)
-        return Outcome(rid, ctx, plan, standing, raw_cluster, logits, head, planned_at, sent_at)
+        return Outcome(rid, ctx, plan, standing, raw_cluster, logits, head, planned_at, sent_at, shipped_bytes)
 
 
 async def while_connected(conn: Connection, work: Awaitable[T]) -> tuple[bool, T | None]:
@@ -138,4 +178,4 @@ async def while_connected(conn: Connection, work: Awaitable[T]) -> tuple[bool, T
     return True, task.result()
 
 
-__all__ = ["Outcome", "before_deadline", "run_attempts", "while_connected"]
+__all__ = ["Outcome", "before_deadline", "run_attempts", "standing_plan", "while_connected"]

@@ -160,6 +160,18 @@ class NetworkAuction:
         return self.machine.result()
 
 
+def _within_degree(order: list[str], degree: int, won: dict[str, float]) -> list[str]:
+    """The winners of a block, in row order, at most `degree` of them (DPFL's parallelism
+    for the block): the auction chooses which devices run a block, DPFL how many. Items are
+    priced one by one, each with its own halo, so a block DPFL kept on one device (a deep
+    block whose halo covers its whole map) could otherwise be split between two winners
+    that each compute nearly all of it. The devices that won the most work are kept."""
+    if len(order) <= degree:
+        return order
+    keep = set(sorted(order, key=lambda d: (-won.get(d, 0.0), order.index(d)))[:max(1, degree)])
+    return [d for d in order if d in keep]
+
+
 def awarded_plan(trunk: Any, dpfl_plan: Plan, auction: NetworkAuction,
                  flops: Callable[[int, int, Region], float] | None = None) -> Plan:
     """The request's plan from the auction: DPFL's cuts, the auction's devices per block,
@@ -169,16 +181,19 @@ def awarded_plan(trunk: Any, dpfl_plan: Plan, auction: NetworkAuction,
     count = flops if flops is not None else (
         lambda start, end, out: float(block_flops(trunk, start, end, out)))
     first_rows: dict[int, dict[str, int]] = defaultdict(dict)  # block -> owner -> its first row
+    won_flops: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))  # block -> owner -> FLOPs won
     for item_id, owner in result.owner.items():
         item = auction.items[item_id]
         first = first_rows[item.block]
         first[owner] = min(first.get(owner, item.rows[0]), item.rows[0])
+        won_flops[item.block][owner] += item.flops
     blocks: list[BlockPlan] = []
     t = 0.0
     for b, block in enumerate(dpfl_plan.blocks):
         _, h, w = trunk.boundary_shape(block.end)
         first_row = first_rows.get(b, {})
-        order = sorted(first_row, key=lambda d: first_row[d])
+        order = _within_degree(sorted(first_row, key=lambda d: first_row[d]), len(block.tiles),
+                               won_flops.get(b, {}))
         if not order:
             # nobody won anything of this block (every bidder dropped): keep DPFL's tiles
             log.warning("auction %d: block %d unassigned, keeping the DPFL assignment", auction.request_id, b)

@@ -55,7 +55,8 @@ def connect_hint(address: Address, exc: WireError) -> str:
 def failure_hint(reason: str) -> str:
     """A node's failure reason with what to do appended where we can tell."""
     lowered = reason.lower()
-    if "MemoryError" in reason or any(words in lowered for words in OUT_OF_MEMORY_WORDS):
+    if ("MemoryError" in reason or any(words in lowered for words in OUT_OF_MEMORY_WORDS)) \
+            and "--size" not in reason:  # a node's own line already says what to do (`meshci.node.oom`)
         return f"{reason}; {OUT_OF_MEMORY_HINT}"
     return reason
 
@@ -110,25 +111,40 @@ async def infer(address: Address, *, model: str, strategy: str = "edgeci", seed:
     `connect_s`, the part of it spent connecting and authenticating. `deadline`: seconds
     the request may take (the node's default when None); the node answers by then, so the
     wait ends a little after it at the latest."""
+    msg = infer_message(model=model, strategy=strategy, seed=seed, size=size, image=image,
+                        input_seed=input_seed, check=check, details=details, deadline=deadline)
+    if deadline is not None:
+        timeout = min(timeout, deadline + DEADLINE_GRACE_S)
+    timings: dict[str, float] = {}
+    reply = await ask(address, msg, secret=secret, insecure=insecure, ssl_context=ssl_context,
+                      timeout=timeout, timings=timings)
+    answer = result_meta(reply, address)
+    answer["client_latency_s"] = timings["connect_s"] + timings["answer_s"]
+    answer["connect_s"] = timings["connect_s"]
+    return answer, reply.tensors[0]
+
+
+def infer_message(*, model: str, strategy: str = "edgeci", seed: int = 0, size: tuple[int, int] = (224, 224),
+                  image: torch.Tensor | np.ndarray | None = None, input_seed: int = 0, check: bool = False,
+                  details: bool = False, deadline: float | None = None) -> Message:
+    """The INFER message of one request (a fresh random request id); `deadline`: seconds
+    it may take (the node's default when None)."""
     meta: dict[str, Any] = {"model": model, "strategy": strategy, "seed": seed, "size": list(size),
                             "input_seed": input_seed, "check": check, "details": details}
     if deadline is not None:
         meta["deadline_s"] = deadline
-        timeout = min(timeout, deadline + DEADLINE_GRACE_S)
     if isinstance(image, np.ndarray):
         tensors: tuple[Any, ...] = (np.ascontiguousarray(image),)
     else:
         tensors = (image.contiguous(),) if image is not None else ()
-    msg = Message(MsgType.INFER, random.getrandbits(62) | 1, meta, tensors)
-    timings: dict[str, float] = {}
-    reply = await ask(address, msg, secret=secret, insecure=insecure, ssl_context=ssl_context,
-                      timeout=timeout, timings=timings)
+    return Message(MsgType.INFER, random.getrandbits(62) | 1, meta, tensors)
+
+
+def result_meta(reply: Message, address: Address) -> dict[str, Any]:
+    """The meta of a RESULT answer (a copy), after checking it is one."""
     if reply.kind is not MsgType.RESULT or len(reply.tensors) != 1:
         raise RequestError(f"unexpected answer {reply.kind.name} from {address}")
-    answer = dict(reply.meta)
-    answer["client_latency_s"] = timings["connect_s"] + timings["answer_s"]
-    answer["connect_s"] = timings["connect_s"]
-    return answer, reply.tensors[0]
+    return dict(reply.meta)
 
 
 async def stats(address: Address, *, secret: bytes | None, insecure: bool = False,

@@ -7,7 +7,9 @@ a millisecond less for tiles. A heartbeat carries this node's identity and backl
 whole advert (curves, links) only when that changed since the last heartbeat to that peer;
 the gossip list only when the view changed or every `GOSSIP_EVERY_S`. An echo answers a
 heartbeat's timestamp with a few bytes (round trip and clock offset), not a heartbeat.
-Any frame on a peer's connection proves it alive (`Membership.touch`).
+Any bytes on a peer's connections prove it alive (`Membership.touch`, fed by
+`meshci.node.keeper`, which also redials lost connections). Heartbeats and echoes go on
+the control lane (`meshci.node.connections`), never behind a tile frame.
 """
 
 from __future__ import annotations
@@ -131,13 +133,14 @@ class Gossip:
         node = self.node
         while not node.stopped:
             now = time.monotonic()
+            node.keeper.tick(now)
             self.handle(self.membership.tick(now))
             self.membership.set_advert(node.advert())
             advert = self.membership.advert.to_json()
             advert.pop("backlog_s", None)  # rides on every heartbeat on its own
             view = tuple((p.name, p.incarnation) for p in self.membership.alive())
             for peer in self.membership.peers():
-                conn = node.connections.outbound.get(peer.name)
+                conn = node.connections.lane(peer.name, MsgType.GOSSIP)
                 if peer.status.value == "dead" or conn is None or peer.name in self._beating:
                     continue  # at most one heartbeat in flight per peer: a send stuck behind a
                     # blocked connection is not joined by another every interval
@@ -173,8 +176,9 @@ class Gossip:
         if meta.get("name") == conn.peer_name and self.membership.is_alive(conn.peer_name):
             self.advert_heard[conn.peer_name] = now  # its backlog is as of now
         sent = meta.get("sent")
-        if type(sent) is float and math.isfinite(sent) and conn.peer_name in node.connections.outbound:
-            node.spawn(node.send_quietly(node.connections.outbound[conn.peer_name], Message(
+        back = node.connections.lane(conn.peer_name, MsgType.GOSSIP)
+        if type(sent) is float and math.isfinite(sent) and back is not None:
+            node.spawn(node.send_quietly(back, Message(
                 MsgType.GOSSIP, 0, {"op": "echo", "echo": sent, "wall": time.time()})))
 
     def _on_echo(self, peer: str, meta: dict[str, Any]) -> None:
@@ -190,6 +194,7 @@ class Gossip:
         if not 0.0 <= rtt < 60.0:
             return  # not a timestamp we could have sent
         self.node.links.observe_rtt(peer, rtt)
+        self.membership.observe_rtt(peer, rtt)
         now_wall = time.time()
         if type(wall) is float and abs(wall - now_wall) < MAX_CLOCK_SKEW_S:
             self.node.boundary.observe_echo(peer, rtt, wall, now_wall)

@@ -144,18 +144,22 @@ class PlanCalibration:
       measured trunk time / the uncorrected model's prediction for its plan. The device's
       curves (and GFLOP/s) are scaled by it (its measured curves come from timed runs in
       the node's own process; a request's real compute under the cgroup differs).
-    * **per hop**: from a request whose tiles ran on several devices, (measured - the
-      prediction with the compute ratios applied) / `plan_hops`, added to every link's
-      per-message latency: what boundaries cost beyond the measured links.
+    * **per hop, per strategy**: from a request whose tiles ran on several devices, (measured
+      - the prediction with the compute ratios applied) / `plan_hops`, added to every link's
+      per-message latency when that strategy plans: what its boundaries cost beyond the
+      measured links. Kept per strategy: what the model misses differs between layouts (a
+      straggler in a few fused blocks, a gather per layer), and one term shared by all would
+      charge a strategy with many hops (modnn's layer-wise gathers: 25 on ResNet-34) for
+      what a strategy with three missed (measured: modnn predicted 1.9x its latency).
 
-    The planner's cluster is `apply(raw)`; every strategy plans on the same one. Learning
+    The planner's cluster is `apply(raw, strategy)`; every strategy gets the same learning. Learning
     is against predictions made without the term being learned, so applying a term does
     not feed back into it. A simplification: whatever the model misses on a multi-device
     plan beyond the compute ratios (small tiles, a worker's own event loop, waiting on a
     slow device) is charged to its hops."""
 
     alpha: float = 0.3
-    per_hop_s: float = 0.0
+    per_hop_s: dict[str, float] = field(default_factory=dict)  # strategy -> seconds per hop
     hop_samples: int = 0
     compute_ratio: dict[str, float] = field(default_factory=dict)
 
@@ -164,7 +168,7 @@ class PlanCalibration:
             raise ValueError(f"alpha must be in (0, 1], got {self.alpha}")
 
     def observe(self, computing: frozenset[str], hops: int, raw_predicted_s: float,
-                scaled_predicted_s: float, measured_s: float) -> tuple[str, float] | None:
+                scaled_predicted_s: float, measured_s: float, strategy: str = "") -> tuple[str, float] | None:
         """Learn from one warm request. `computing`: the devices that computed its tiles;
         `raw_predicted_s`: the uncorrected model's prediction for its plan;
         `scaled_predicted_s`: the same with the compute ratios applied (`scaled`).
@@ -180,14 +184,15 @@ class PlanCalibration:
         if hops <= 0:
             return None
         sample = (measured_s - scaled_predicted_s) / hops
-        first = self.hop_samples == 0
-        self.per_hop_s = sample if first else (1.0 - self.alpha) * self.per_hop_s + self.alpha * sample
+        old = self.per_hop_s.get(strategy)
+        self.per_hop_s[strategy] = sample if old is None else (1.0 - self.alpha) * old + self.alpha * sample
         self.hop_samples += 1
         return ("hop", sample)
 
-    def extra_latency_ms(self) -> float:
-        """Milliseconds to add to each link's per-message latency (0 before any sample)."""
-        return self.per_hop_s * 1000.0
+    def extra_latency_ms(self, strategy: str = "") -> float:
+        """Milliseconds to add to each link's per-message latency when `strategy` plans (0
+        before any sample of it)."""
+        return self.per_hop_s.get(strategy, 0.0) * 1000.0
 
     def scaled(self, cluster: Cluster) -> Cluster:
         """`cluster` with each device's compute scaled by its learned ratio."""
@@ -196,9 +201,9 @@ class PlanCalibration:
         return replace(cluster, devices=tuple(scale_device(d, self.compute_ratio.get(d.name, 1.0))
                                               for d in cluster.devices))
 
-    def apply(self, cluster: Cluster) -> Cluster:
-        """The cluster to plan on: compute ratios and the per-hop latency applied."""
-        return with_extra_latency(self.scaled(cluster), self.extra_latency_ms())
+    def apply(self, cluster: Cluster, strategy: str = "") -> Cluster:
+        """The cluster `strategy` plans on: compute ratios and its per-hop latency applied."""
+        return with_extra_latency(self.scaled(cluster), self.extra_latency_ms(strategy))
 
 
 def scale_device(device: Device, ratio: float) -> Device:

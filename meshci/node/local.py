@@ -38,6 +38,7 @@ class NodeProcess:
     address: Address
     process: subprocess.Popen[str]
     log_path: Path
+    args: list[str] = field(default_factory=list)  # its `meshci node` arguments (to restart it alike)
 
     @property
     def pid(self) -> int:
@@ -99,7 +100,8 @@ def wait_ready(proc: subprocess.Popen[str], args: list[str], log_path: Path,
             line = proc.stdout.readline()
             match = READY.match(line.strip())
             if match:
-                return NodeProcess(match.group(1), Address(match.group(2), int(match.group(3))), proc, log_path)
+                return NodeProcess(match.group(1), Address(match.group(2), int(match.group(3))), proc, log_path,
+                                   list(args))
             if line == "" and proc.poll() is not None:
                 break
         elif proc.poll() is not None:
@@ -122,6 +124,7 @@ class NodeSpec:
     gflops: float | None = None
     threads: int = 1
     cgroup_procs: Path | None = None  # start it inside this cgroup (see `spawn_node`)
+    own_data_dir: bool = False  # its own data dir (always when it profiles its speed)
 
 
 def _free_ports(n: int) -> list[int]:
@@ -203,7 +206,7 @@ class LocalMesh:
         spawned = []
         for i, (spec, port) in enumerate(zip(specs, ports)):
             args = self.node_args(spec.name, gflops=spec.gflops, threads=spec.threads, port=port,
-                                  join=first if i else None, own_data_dir=spec.gflops is None)
+                                  join=first if i else None, own_data_dir=spec.own_data_dir or spec.gflops is None)
             args += ["--join-timeout", f"{JOIN_TOGETHER_TIMEOUT_S:.0f}"] if i else []
             log_path = self.directory / f"{spec.name}.log"
             spawned.append((spawn_node(args, log_path=log_path, cgroup_procs=spec.cgroup_procs),
@@ -232,6 +235,18 @@ class LocalMesh:
             if node.name == name:
                 return node
         raise KeyError(name)
+
+    def restart(self, name: str, sig: int = signal.SIGKILL) -> NodeProcess:
+        """Stop node `name` with `sig` and start it again with the same arguments (so the
+        same port, when it was started on a fixed one, and the same data dir); its new log
+        goes to `NAME.restartN.log`."""
+        old = self.node(name)
+        old.stop(sig)
+        index = self.nodes.index(old)
+        n = sum(1 for _ in self.directory.glob(f"{name}.restart*.log")) + 1
+        fresh = start_node(old.args, log_path=self.directory / f"{name}.restart{n}.log")
+        self.nodes[index] = fresh
+        return fresh
 
     def close(self) -> None:
         for node in self.nodes:

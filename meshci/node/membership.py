@@ -13,8 +13,16 @@ Lifecycle of a peer entry::
                         └────────────── heartbeat ────────────┘
 
 A DEAD entry is kept as a tombstone so that stale gossip cannot resurrect it: gossip
-only revives it with a newer incarnation (a restarted process); hearing the node
-directly always does.
+about it (even with a newer incarnation) only makes it a candidate to dial; only fresh
+proof of life from the node itself revives it: its own JOIN or heartbeat, on a connection
+authenticated under its name, with a newer incarnation (a restarted process) or, from the
+same process, a newer `beat` (every JOIN and heartbeat a node sends counts one up, so an
+older one, replayed or overtaken by the last one heard, cannot revive it).
+
+Silence is judged per peer (`liveness.ArrivalWindow`): the fixed `suspect_after` and
+`dead_after` are floors, and a peer whose arrivals have been slow or irregular (a busy
+device, a link with long round trips) gets a threshold scaled to what it has shown. Any
+bytes heard from a peer's connections count (`touch`), not only whole frames.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from meshci.node.fields import FieldError, integer, number, shown, text
+from meshci.node.liveness import ArrivalWindow
 from meshci.wire.handshake import valid_name
 
 log = logging.getLogger(__name__)
@@ -34,7 +43,15 @@ HEARTBEAT_INTERVAL_S = 0.5
 SUSPECT_AFTER_S = 1.5
 DEAD_AFTER_S = 3.0
 TOMBSTONE_S = 60.0
+# the tombstone of a peer that failed (did not leave) is kept, and redialled, this long: a
+# partition of up to ten minutes heals by itself once it ends
+FAILED_TOMBSTONE_S = 600.0
 LEFT_THE_MESH = "left the mesh"  # the PeerDown reason of a clean LEAVE (not a failure)
+
+
+def _beat(payload: dict[str, Any]) -> int | None:
+    """The JOIN/heartbeat count a payload states (None: not stated)."""
+    return None if "beat" not in payload else integer(payload["beat"], "beat", lo=0, hi=MAX_BEAT)
 
 
 class PeerStatus(str, enum.Enum):
@@ -71,6 +88,7 @@ class Advert:
     curves: tuple[tuple[str, tuple[tuple[float, float], ...]], ...] = ()
     tile_ms: float = 0.0  # measured per-tile overhead beyond compute (a boundary's CPU here)
     version: str = ""  # the meshci version the node runs ("": not stated)
+    memory_mb: int = 0  # its memory budget for tiles (`meshci.node.memory_budget`; 0: not stated)
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"gflops": self.gflops, "backlog_s": self.backlog_s,
@@ -81,6 +99,8 @@ class Advert:
             data["tile_ms"] = self.tile_ms
         if self.version:
             data["version"] = self.version
+        if self.memory_mb:
+            data["memory_mb"] = self.memory_mb
         return data
 
     @classmethod
@@ -119,7 +139,8 @@ class Advert:
         version = data.get("version", "")
         if not isinstance(version, str) or len(version) > MAX_VERSION_CHARS or not version.isprintable():
             raise FieldError(f"bad advert version: want at most {MAX_VERSION_CHARS} printable characters")
-        return cls(gflops, backlog, tuple(links), tuple(curves), tile_ms, version)
+        memory_mb = int(number(data.get("memory_mb", 0), "advert memory_mb", hi=MAX_MEMORY_MB))
+        return cls(gflops, backlog, tuple(links), tuple(curves), tile_ms, version, memory_mb)
 
 
 MAX_ADVERT_CURVES = 8
@@ -131,8 +152,10 @@ _HOST = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?"
 MAX_GOSSIP_ENTRIES = 128  # per frame: a mesh larger than this learns the rest over several beats
 MAX_CANDIDATES = 64  # peers heard of (gossip, beacons) but not yet heard from directly
 MAX_PEERS = 1024  # every entry of the table, tombstones included
+MAX_BEAT = 1 << 62
 MAX_TILE_MS = 60_000.0
 MAX_VERSION_CHARS = 32
+MAX_MEMORY_MB = 1 << 24  # 16 TB
 MAX_CURVE_SEGMENTS = 256
 MIN_GFLOPS = 1e-6
 MAX_GFLOPS = 1e6  # a petaflop device: far beyond any board, and far below overflow in plans
@@ -168,6 +191,8 @@ class Peer:
     last_heard: float
     advert: Advert = field(default_factory=Advert)
     heard_directly: bool = False
+    beat: int = -1  # the newest JOIN/heartbeat count heard from this process (-1: none)
+    left: bool = False  # DEAD by its own LEAVE (not redialled)
 
     def digest(self) -> dict[str, Any]:
         return {"name": self.name, "host": self.address.host, "port": self.address.port,
@@ -211,7 +236,7 @@ class Membership:
     def __init__(self, name: str, address: Address, incarnation: int, *,
                  advert: Advert | None = None,
                  suspect_after: float = SUSPECT_AFTER_S, dead_after: float = DEAD_AFTER_S,
-                 tombstone_s: float = TOMBSTONE_S) -> None:
+                 tombstone_s: float = TOMBSTONE_S, failed_tombstone_s: float = FAILED_TOMBSTONE_S) -> None:
         self.name = name
         self.address = address
         self.incarnation = incarnation
@@ -219,7 +244,10 @@ class Membership:
         self.suspect_after = suspect_after
         self.dead_after = dead_after
         self.tombstone_s = tombstone_s
+        self.failed_tombstone_s = failed_tombstone_s
         self._peers: dict[str, Peer] = {}
+        self._arrivals: dict[str, ArrivalWindow] = {}  # peers heard directly, tombstones too
+        self._beat = 0
 
     # ---- queries -----------------------------------------------------------------
     def peers(self) -> list[Peer]:
@@ -241,16 +269,21 @@ class Membership:
         return {"name": self.name, "host": self.address.host, "port": self.address.port,
                 "incarnation": self.incarnation}
 
+    def _next_beat(self) -> int:
+        self._beat += 1
+        return self._beat
+
     def join_payload(self) -> dict[str, Any]:
         """Payload of the JOIN a node sends on every new outbound connection."""
-        return {**self.self_digest(), "advert": self.advert.to_json()}
+        return {**self.self_digest(), "beat": self._next_beat(), "advert": self.advert.to_json()}
 
     def heartbeat(self, *, advert: bool = True, gossip: bool = True) -> dict[str, Any]:
         """Payload of a heartbeat: who we are and our backlog; our whole advert when
         `advert` (a receiver keeps the last one it heard, so it rides only when it changed:
         curves and links are most of a heartbeat's bytes and CPU); the gossip of every live
         peer known when `gossip` (when the view changed, and now and then)."""
-        payload: dict[str, Any] = {**self.self_digest(), "backlog_s": self.advert.backlog_s}
+        payload: dict[str, Any] = {**self.self_digest(), "beat": self._next_beat(),
+                                   "backlog_s": self.advert.backlog_s}
         if advert:
             payload["advert"] = self.advert.to_json()
         if gossip:
@@ -274,6 +307,7 @@ class Membership:
         try:
             name, address, incarnation = self._parse_digest(payload, observed_host)
             advert = Advert.from_json(payload.get("advert", {}))
+            beat = _beat(payload)
         except (KeyError, TypeError, ValueError) as exc:
             # malformed JOIN from a peer: refuse it, keep serving
             return [], Refusal(f"malformed join: {exc}")
@@ -292,7 +326,7 @@ class Membership:
                       f"{existing.address}")
             log.warning("refusing join from %s: %s", address, reason)
             return [], Refusal(reason)
-        return self._heard(name, address, incarnation, advert, now), None
+        return self._heard(name, address, incarnation, advert, now, beat), None
 
     def on_welcome(self, payload: dict[str, Any], now: float) -> list[Event]:
         """The node we joined through accepted us and lists its peers (candidates to dial)."""
@@ -318,6 +352,7 @@ class Membership:
                 advert = known.advert if known is not None and known.incarnation == incarnation else Advert()
             if "backlog_s" in payload:
                 advert = replace(advert, backlog_s=number(payload["backlog_s"], "backlog_s"))
+            beat = _beat(payload)
         except (KeyError, TypeError, ValueError) as exc:
             # a malformed heartbeat is dropped; the sender will be judged by its silence
             log.warning("dropping malformed heartbeat from %s: %s", shown(sender), exc)
@@ -330,7 +365,7 @@ class Membership:
             log.warning("ignoring heartbeat for %r from %s: the name belongs to %s",
                         name, address, existing.address)
             return []
-        events = self._heard(name, address, incarnation, advert, now)
+        events = self._heard(name, address, incarnation, advert, now, beat)
         return events + self._learn_all(payload.get("gossip", []), now)
 
     def on_leave(self, name: str, now: float) -> list[Event]:
@@ -338,20 +373,43 @@ class Membership:
         peer = self._peers.get(name)
         if peer is None or peer.status is PeerStatus.DEAD:
             return []
-        self._peers[name] = replace(peer, status=PeerStatus.DEAD, last_heard=now)
+        self._peers[name] = replace(peer, status=PeerStatus.DEAD, last_heard=now, left=True)
         return [PeerDown(name, LEFT_THE_MESH)] if peer.heard_directly else []
 
     def touch(self, name: str, now: float) -> None:
-        """A frame from a peer's own authenticated connection: it is alive (any frame, not
-        only heartbeats: a heartbeat may wait behind a multi-MB tile on a slow link). A
-        peer not yet heard directly, or declared dead, needs a real heartbeat."""
+        """Bytes arrived at `now` on one of a peer's own authenticated connections: it is
+        alive (any bytes, not only whole frames or heartbeats: a frame may take many seconds
+        on a slow link). A peer not yet heard directly, or declared dead, needs a real JOIN
+        or heartbeat; an arrival no newer than the last one heard changes nothing."""
         peer = self._peers.get(name)
-        if peer is None or not peer.heard_directly or peer.status is PeerStatus.DEAD:
+        if peer is None or not peer.heard_directly or peer.status is PeerStatus.DEAD \
+                or now <= peer.last_heard:
             return
-        if peer.status is not PeerStatus.ALIVE:
-            self._peers[name] = replace(peer, status=PeerStatus.ALIVE, last_heard=now)
-        elif now > peer.last_heard:
-            self._peers[name] = replace(peer, last_heard=now)
+        self._window(name, peer.last_heard).heard(now)
+        self._peers[name] = replace(peer, status=PeerStatus.ALIVE, last_heard=now)
+
+    def observe_rtt(self, name: str, rtt: float) -> None:
+        """A measured round trip to a live peer (its silence is judged with it)."""
+        if self.is_alive(name):
+            self._window(name, self._peers[name].last_heard).observe_rtt(rtt)
+
+    def dead_after_for(self, name: str) -> float:
+        """The silence after which `name` is declared dead (the base, or longer for a peer
+        whose arrivals have been slow or irregular)."""
+        window = self._arrivals.get(name)
+        return self.dead_after if window is None else window.threshold(self.dead_after)
+
+    def redial_candidates(self) -> list[Peer]:
+        """Peers to keep a connection to: heard directly, alive or a tombstone of a failure
+        (kept `failed_tombstone_s`: a partition heals only if someone dials), not one that
+        left."""
+        return [p for p in self.peers() if p.heard_directly and not p.left]
+
+    def _window(self, name: str, since: float) -> ArrivalWindow:
+        window = self._arrivals.get(name)
+        if window is None:
+            window = self._arrivals[name] = ArrivalWindow(since, HEARTBEAT_INTERVAL_S)
+        return window
 
     def on_disconnect(self, name: str, now: float) -> list[Event]:
         """The connection to a peer broke: a hint only; silence decides death."""
@@ -367,15 +425,20 @@ class Membership:
         for name, peer in list(self._peers.items()):
             silent = now - peer.last_heard
             if peer.status is PeerStatus.DEAD:
-                if silent > self.tombstone_s:
+                keep = self.failed_tombstone_s if peer.heard_directly and not peer.left else self.tombstone_s
+                if silent > max(keep, self.tombstone_s):
                     del self._peers[name]
+                    self._arrivals.pop(name, None)
                 continue
-            if silent > self.dead_after:
+            dead_after = self.dead_after_for(name)
+            suspect_after = dead_after * self.suspect_after / self.dead_after if self.dead_after > 0 \
+                else self.suspect_after
+            if silent > dead_after:
                 self._peers[name] = replace(peer, status=PeerStatus.DEAD)
                 if peer.heard_directly:
                     events.append(PeerDown(name, f"silent for {silent:.1f} s"))
                     log.info("peer %s is dead (silent for %.1f s)", name, silent)
-            elif silent > self.suspect_after and peer.status is PeerStatus.ALIVE:
+            elif silent > suspect_after and peer.status is PeerStatus.ALIVE:
                 self._peers[name] = replace(peer, status=PeerStatus.SUSPECT)
         return events
 
@@ -397,11 +460,17 @@ class Membership:
         return name, Address(host, port), integer(entry.get("incarnation"), "incarnation")
 
     def _heard(self, name: str, address: Address, incarnation: int, advert: Advert,
-               now: float) -> list[Event]:
+               now: float, beat: int | None = None) -> list[Event]:
         existing = self._peers.get(name)
         if (existing is not None and existing.heard_directly and existing.status is not PeerStatus.DEAD
                 and incarnation < existing.incarnation):
             return []  # an older process of that name while the newer one lives: stale
+        if existing is not None and existing.heard_directly and existing.status is PeerStatus.DEAD \
+                and not (incarnation > existing.incarnation or (
+                    incarnation == existing.incarnation and beat is not None and beat > existing.beat)):
+            # no fresh proof of life: older than the last JOIN/heartbeat heard from it
+            log.info("not reviving dead peer %s: no newer incarnation or beat", name)
+            return []
         if existing is None and len(self._peers) >= MAX_PEERS:
             log.warning("not adding peer %r: the table holds %d peers already", name, MAX_PEERS)
             return []
@@ -411,7 +480,14 @@ class Membership:
             log.info("peer %s is up at %s", name, address)
             if existing is None or existing.address != address or existing.status is PeerStatus.DEAD:
                 events.append(Dial(name, address))
-        self._peers[name] = Peer(name, address, incarnation, PeerStatus.ALIVE, now, advert, True)
+        if existing is None or existing.status is PeerStatus.DEAD or existing.incarnation != incarnation:
+            self._arrivals[name] = ArrivalWindow(now, HEARTBEAT_INTERVAL_S)  # a gap across a death is no gap
+        else:
+            self._window(name, existing.last_heard).heard(now)
+        last_beat = existing.beat if existing is not None and existing.incarnation == incarnation else -1
+        self._peers[name] = Peer(name, address, incarnation, PeerStatus.ALIVE, max(now, existing.last_heard)
+                                 if existing is not None and existing.status is not PeerStatus.DEAD else now,
+                                 advert, True, max(last_beat, -1 if beat is None else beat))
         return events
 
     def learn(self, entry: dict[str, Any], now: float, observed_host: str | None = None) -> list[Event]:
@@ -445,7 +521,12 @@ class Membership:
         existing = self._peers.get(name)
         if existing is not None:
             if existing.status is PeerStatus.DEAD and incarnation > existing.incarnation:
-                pass  # a restarted node: learn it afresh below
+                if existing.heard_directly:
+                    # a restarted node, by hearsay: dial it where it is said to be; the
+                    # tombstone stays until the node's own JOIN or heartbeat revives it
+                    self._peers[name] = replace(existing, address=address)
+                    return [Dial(name, address)]
+                # a candidate never heard from: learn it afresh below
             else:
                 return []
         elif sum(not p.heard_directly for p in self._peers.values()) >= MAX_CANDIDATES:

@@ -47,7 +47,7 @@ BUILD_TIMEOUT_S = 240.0  # the helper process is killed after this
 # never leaves a build running on the single loader thread in front of later loads
 LOAD_TIMEOUT_S = BUILD_TIMEOUT_S + 30.0
 NEED_CACHE_ENTRIES = 65536
-HEAD_FILE_VERSION = 1
+HEAD_FILE_VERSION = 2  # 2: the split head's weight by bin row first
 
 
 @dataclass
@@ -70,7 +70,7 @@ class HeadSource:
                                  strict=True, assign=True)
             split = HeadSplit(self.split.channels, self.split.height, self.split.width, self.split.oh,
                               self.split.ow, state["weight"], state["bias"], rest)
-            _check_shape(split.weight, (split.out_features, split.oh, split.ow, split.channels), self.path)
+            _check_shape(split.weight, (split.oh, split.out_features, split.ow, split.channels), self.path)
             return HeadSource(split, None)
         assert self.whole is not None
         self.whole.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("whole.")},

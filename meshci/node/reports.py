@@ -26,7 +26,7 @@ class NodeReports:
         backlog = max(0.0, self.runtime.queued_s)
         advert = self.runtime.advert(self.config.gflops, backlog, self.link_view(),
                                      _sig3((self.boundary.handling_s or 0.0) * 1000.0))
-        return replace(advert, version=__version__)
+        return replace(advert, version=__version__, memory_mb=self.memory_budget_mb)
 
     def link_view(self: Node) -> tuple[tuple[str, float, float], ...]:
         """(peer, Mbit/s, per-message ms) per measured link: bandwidth as delivered here
@@ -93,6 +93,9 @@ class NodeReports:
             "loop_cpu_s": time.thread_time() - self.runtime.inline_cpu_s,
             "requests_served": self.requester.requests_served,
             "errors_replied": self.errors_replied,
+            "peer_failures": self.metrics.peer_failures,
+            "redials": self.keeper.redials,
+            "control_lanes": sum(not c.closed for c in self.connections.control.values()),
             "peers": {p.name: p.status.value if p.heard_directly else "known"
                       for p in self.membership.peers()},
             "links": {peer: {"mbps": spec.mbps, "latency_ms": spec.latency_ms}
@@ -102,6 +105,9 @@ class NodeReports:
             "advert": self.advert().to_json(),
             "rss_mb": rss_mb(),
             "peak_rss_mb": peak_rss_mb(),
+            "memory_budget_mb": self.memory_budget_mb,
+            "shipped": {"sent_bytes": self.shipping.bytes_sent, "received_bytes": self.shipping.bytes_received,
+                        "tampered": self.shipping.store.tampered},
         }
 
     def request_state(self: Node) -> dict[str, Any]:

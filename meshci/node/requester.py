@@ -46,6 +46,7 @@ from meshci.node.attempts import before_deadline, run_attempts
 from meshci.node.fields import shown
 from meshci.node.inputs import MAX_INPUT_SIDE, InferRequest, head_report, parse_infer, request_input
 from meshci.node.latency import PlanCalibration, plan_hops
+from meshci.node.memory_budget import MemoryFit
 from meshci.node.model_cache import LOAD_TIMEOUT_S, LoadedModel
 from meshci.node.pieces import encode as encode_pieces
 from meshci.node.recovery import MIN_DEADLINE_S, BackOff, DeviceLost, Recovery
@@ -57,9 +58,9 @@ from meshci.node.standing import (
     Standing,
     _bidder_signature,
     _distributed,
-    _link_signature,
     _ratio_signature,
     _shares,
+    judged_award,
 )
 from meshci.node.trace import Span, request_phases, wall_of
 from meshci.planning import Plan, make_plan
@@ -86,6 +87,7 @@ class RequesterContext:
     head_device: str
     messages: dict[str, Message] = field(default_factory=dict)  # PLAN frame per peer
     path_s: float = 0.0  # critical path (compute + transfer) of the logits
+    shipped: dict[str, str] = field(default_factory=dict)  # device -> package it runs (`shipping`)
 
 
 class Requester:
@@ -103,6 +105,7 @@ class Requester:
         # order it keeps them (the same bound and order, so we know what it has)
         self._sent_plans: dict[tuple[str, int], OrderedDict[str, None]] = {}
         self.calibration = PlanCalibration()  # learned from this node's own completed requests
+        self.memory = MemoryFit()  # peers a model's plans do not fit (`meshci.node.memory_budget`)
         self._warm: set[tuple[str, str, int, tuple[int, int]]] = set()  # (device, model, seed, size) built
         self._predicted: dict[tuple[str, Any], tuple[float, float]] = {}  # calibration predictions
         self._curves_seen: dict[str, int] = {}  # device -> hash of the curves last planned with
@@ -161,6 +164,7 @@ class Requester:
         done = await run_attempts(self, recovery, asked, loaded, size)
         plan, standing, raw_cluster, ctx, rid = done.plan, done.standing, done.raw_cluster, done.ctx, done.rid
         logits, head, planned_at, sent_at = done.logits, done.head, done.planned_at, done.sent_at
+        shipped_bytes = done.shipped_bytes
         devices = plan.devices
         done_at = time.perf_counter()
         digest = plan.digest()
@@ -185,7 +189,7 @@ class Requester:
             "devices": list(devices),
             "shares": shares,
             "auction_rounds": plan.auction_rounds,
-            "auction": "standing award" if plan is standing.awarded else "none",
+            "auction": standing.award_note if plan is standing.awarded else "none",
             "routing": plan.routing,
             "blocks": len(plan.blocks),
             "predicted_latency_s": plan.predicted_latency_s,
@@ -195,6 +199,8 @@ class Requester:
         for name in ("max_abs_diff", "check_ok"):
             if name in head:
                 result[name] = head[name]
+        if shipped_bytes:  # the model's code and weights this request shipped, per device
+            result["shipped_bytes"] = shipped_bytes
         if asked.details:
             result["plan"] = plan.to_json()
         result["trace_id"] = rid  # `meshci infer --trace`: each device's spans of it
@@ -207,40 +213,12 @@ class Requester:
 
         return result, logits, learn
 
-    async def standing_plan(self, asked: InferRequest, loaded: LoadedModel, size: tuple[int, int],
-                            exclude: frozenset[str], recovery: Recovery) -> tuple[Standing, Cluster]:
-        """The standing plan for the request on the devices up now, less `exclude` (lost
-        or backed off); the first request of its kind (or of a new set of devices) waits
-        for it to be made, within the request's deadline."""
-        model, seed, strategy = asked.model, asked.seed, asked.strategy
-        raw_cluster, cluster = self._clusters(model, size, exclude)
-        # by the devices present: a plan never names a device that is gone; what the devices
-        # are (speed, curves) and the links cost re-plan in the background (`_refresh`)
-        key = (model, seed, size, strategy, frozenset(d.name for d in raw_cluster.devices))
-        links = (device_signature(raw_cluster) + _link_signature(cluster)
-                 + _ratio_signature(self.calibration.compute_ratio))
-        standing = self.standing.get(key)
-        if standing is None:
-            # the first request of this kind waits for its plan; later ones never do
-            plan = await before_deadline(recovery, asyncio.get_running_loop().run_in_executor(
-                PLANNER, make_plan, loaded.trunk, cluster, strategy), "while planning")
-            standing = self.standing.get(key) or Standing(plan, links, time.monotonic())
-            self.standing[key] = standing
-            while len(self.standing) > STANDING_PLANS:
-                self.standing.popitem(last=False)
-        self.standing.move_to_end(key)
-        self._refresh(standing, loaded, raw_cluster, cluster, strategy, links)
-        return standing, raw_cluster
-
-    def run_of(self, plan: Plan, loaded: LoadedModel) -> RequesterRun:
-        return RequesterRun(plan, self.name, loaded.geometry(plan))
-
-    def _clusters(self, model: str, size: tuple[int, int],
-                  exclude: frozenset[str] = frozenset()) -> tuple[Cluster, Cluster]:
-        """The live mesh as the planner sees it (less `exclude`): raw (the peers' adverts) and corrected with
-        what this node learned from its own requests (every strategy plans on the latter)."""
+    def _clusters(self, model: str, size: tuple[int, int], strategy: str,
+                  leave_out: set[str]) -> tuple[Cluster, Cluster]:
+        """The live mesh as the planner sees it (less `leave_out`): raw (the peers' adverts) and
+        corrected with what this node learned from its own requests (every strategy plans on the latter)."""
         node = self.node
-        peers = [p for p in node.membership.alive() if p.name not in exclude]
+        peers = [p for p in node.membership.alive() if p.name not in leave_out]
         now = time.monotonic()
         heard = node.gossip.advert_heard
         ages = {p.name: now - heard[p.name] for p in peers if p.name in heard}
@@ -253,7 +231,7 @@ class Requester:
             if self._curves_seen.get(device.name, seen) != seen:
                 self.calibration.compute_ratio.pop(device.name, None)
             self._curves_seen[device.name] = seen
-        return raw, self.calibration.apply(raw)
+        return raw, self.calibration.apply(raw, strategy)
 
     async def start(self, rid: int, ctx: RequesterContext, plan: Plan, asked: InferRequest,
                     size: tuple[int, int], deadline_s: float) -> None:
@@ -277,6 +255,8 @@ class Requester:
                                     "pieces": listed, "deadline_s": max(MIN_DEADLINE_S, deadline_s)}
             if not self._holds(device, digest):
                 meta["plan"] = plan.to_json()
+            if device in ctx.shipped:
+                meta["shipped"] = ctx.shipped[device]
             if device == self.name:
                 await self.node.worker.on_plan(self.name, Message(MsgType.PLAN, rid, meta, tensors))
                 continue
@@ -460,15 +440,17 @@ class Requester:
         bidders = [d.name for d in cluster.devices]
         try:
             awarded, rounds_s = await self.auction(rid, loaded, plan, bidders)
+            judged, note = await asyncio.get_running_loop().run_in_executor(
+                PLANNER, judged_award, loaded.trunk, cluster, plan, awarded)
         except AuctionError as exc:
             # no assignment this time (nobody answered): keep the layout we have, try later
             log.info("standing auction for %s failed: %s", plan.digest(), exc)
         else:
             if standing.plan is plan:
-                standing.awarded, standing.bids_for = awarded, bids
-            log.info("standing auction of %s %s: %d rounds in %.1f ms, predicted %.1f ms (DPFL %.1f ms)",
+                standing.awarded, standing.award_note, standing.bids_for = judged, note, bids
+            log.info("standing auction of %s %s: %d rounds in %.1f ms, predicted %.1f ms (DPFL %.1f ms); using %s",
                      plan.strategy, plan.model, awarded.auction_rounds, rounds_s * 1e3,
-                     awarded.predicted_latency_s * 1e3, plan.predicted_latency_s * 1e3)
+                     awarded.predicted_latency_s * 1e3, plan.predicted_latency_s * 1e3, note)
         finally:
             standing.auctioned = time.monotonic()
             standing.busy = False
@@ -556,7 +538,8 @@ class Requester:
             if len(self._predicted) > 64:
                 self._predicted.clear()
             predicted = self._predicted[view] = (raw, scaled)
-        learned = self.calibration.observe(computing, plan_hops(plan), predicted[0], predicted[1], measured_s)
+        learned = self.calibration.observe(computing, plan_hops(plan), predicted[0], predicted[1], measured_s,
+                                           plan.strategy)
         log.debug("%s %s on %s: predicted %.1f ms (uncorrected; %.1f ms with compute ratios), measured %.1f ms; "
                   "learned %s", plan.strategy, model, ",".join(sorted(computing)), predicted[0] * 1e3,
                   predicted[1] * 1e3, measured_s * 1e3, learned)

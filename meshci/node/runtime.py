@@ -32,6 +32,7 @@ import torch
 from meshci.cost.profiling import (Progress, SpeedCorrection, SpeedProfile, default_data_dir, load_or_measure,
                                    stderr_progress)
 from meshci.models.registry import build_model
+from meshci.node.fairness import FairQueue
 from meshci.node.membership import MAX_ADVERT_CURVES, Advert, curve_key
 from meshci.node.model_cache import _BUILD_LOCK, LoadedModel, ModelCache, PlanGeometry
 from meshci.tiling import block_flops, block_input_region, run_block
@@ -41,6 +42,8 @@ __all__ = ["LoadedModel", "PlanGeometry", "Runtime", "measure_gflops"]
 
 log = logging.getLogger(__name__)
 
+Owner = tuple[str, int, float]  # (requester, request id, when the request reached this node)
+NO_OWNER: Owner = ("", 0, 0.0)  # work of no request (it takes its own turn)
 CURVE_FRACTIONS = (0.125, 0.25, 0.5, 1.0)  # output rows measured per segment: small to whole maps
 CURVE_REPEATS = 3
 
@@ -67,6 +70,10 @@ class Runtime:
                                            initializer=torch.set_num_threads,
                                            initargs=(self.threads,))
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshci-load")
+        # work for the compute thread waits here; the thread takes the next by
+        # `meshci.node.fairness` (round-robin between requesters, oldest request first)
+        self._queue: FairQueue[tuple[Callable[[], Any], asyncio.Future[Any], asyncio.AbstractEventLoop]] = FairQueue()
+        self._queue_lock = threading.Lock()
         self.compute_s = 0.0
         self.tiles_computed = 0
         self.queued_s = 0.0  # predicted seconds of tile compute queued or running
@@ -167,14 +174,16 @@ class Runtime:
     async def run_block(self, trunk: Trunk, start: int, end: int, x: torch.Tensor,
                         have: Region, out: Region, *, inline: bool = False,
                         then: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                        ) -> tuple[torch.Tensor, float, float]:
+                        owner: Owner = NO_OWNER) -> tuple[torch.Tensor, float, float]:
         """Run segments [start, end) (and `then` on the output, in the same place); returns
         (output, compute seconds, hand-off seconds).
 
         `inline`: on the calling (event-loop) thread, for tiles short enough that holding
         the loop costs less than the two thread wake-ups a hand-off needs. Otherwise on
         the compute thread; the hand-off is then the wall time of the call that was
-        neither this tile's compute nor waiting behind another task on that thread."""
+        neither this tile's compute nor waiting behind another task on that thread.
+        `owner`: (requester, request id, when the request reached this node), by which the
+        compute thread chooses between waiting tiles (`meshci.node.fairness`)."""
         # torch.fx tracing (a model built or traced in this process) patches every module's
         # call: no tile runs meanwhile; on the loop, a tile then goes to the compute thread
         if inline and _BUILD_LOCK.acquire(blocking=False):
@@ -196,7 +205,6 @@ class Runtime:
             self.compute_s += seconds
             self.tiles_computed += 1
             return y, seconds, 0.0
-        loop = asyncio.get_running_loop()
         submitted = time.perf_counter()
 
         def work() -> tuple[torch.Tensor, float, float, float]:
@@ -210,16 +218,14 @@ class Runtime:
             self._thread_free_at = ended = time.perf_counter()
             return y, ended - began, to_thread, ended
 
-        y, seconds, to_thread, ended = await loop.run_in_executor(self._compute, work)
+        y, seconds, to_thread, ended = await self.on_compute_thread(work, owner)
         handoff = to_thread + max(0.0, time.perf_counter() - ended)
         self.compute_s += seconds
         self.tiles_computed += 1
         return y, seconds, handoff
 
-    async def call(self, fn, *args):  # type: ignore[no-untyped-def]
+    async def call(self, fn, *args, owner: Owner = NO_OWNER):  # type: ignore[no-untyped-def]
         """Run any other torch work (head, monolithic check) on the compute thread."""
-        loop = asyncio.get_running_loop()
-
         def work():  # type: ignore[no-untyped-def]
             try:
                 with _BUILD_LOCK, torch.inference_mode():  # not while a model is traced here
@@ -227,11 +233,53 @@ class Runtime:
             finally:
                 self._thread_free_at = time.perf_counter()
 
-        return await loop.run_in_executor(self._compute, work)
+        return await self.on_compute_thread(work, owner)
+
+    def on_compute_thread(self, work: Callable[[], Any], owner: Owner = NO_OWNER) -> asyncio.Future[Any]:
+        """Queue `work` for the compute thread (fairly among requests: `owner`); its result."""
+        loop = asyncio.get_running_loop()
+        result: asyncio.Future[Any] = loop.create_future()
+        requester, request, since = owner
+        with self._queue_lock:
+            self._queue.push(requester, request, since, (work, result, loop))
+        self._compute.submit(self._run_next)  # one run per item: the thread picks which
+        return result
+
+    def _run_next(self) -> None:
+        """On the compute thread: run the queued work that `FairQueue` says goes next."""
+        while True:
+            with self._queue_lock:
+                entry = self._queue.pop()
+            if entry is None:
+                return
+            work, result, loop = entry
+            if result.cancelled():
+                continue  # its request was cancelled while it waited: the next one instead
+            try:
+                value = work()
+            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+                loop.call_soon_threadsafe(_settle, result, None, exc)
+            else:
+                loop.call_soon_threadsafe(_settle, result, value, None)
+            return
 
     def close(self) -> None:
+        with self._queue_lock:  # work that will never run: its waiters are cancelled
+            while (entry := self._queue.pop()) is not None:
+                _, result, loop = entry
+                if not loop.is_closed():
+                    loop.call_soon_threadsafe(result.cancel)
         self._compute.shutdown(wait=False, cancel_futures=True)
         self._loader.shutdown(wait=False, cancel_futures=True)
+
+
+def _settle(result: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:
+    if result.done():
+        return  # cancelled meanwhile: nobody waits for it
+    if exc is not None:
+        result.set_exception(exc)
+    else:
+        result.set_result(value)
 
 
 PROFILE_MODEL = "resnet34"

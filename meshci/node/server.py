@@ -4,7 +4,8 @@ Decisions live in the sans-IO cores: who is in the mesh (`membership`), what a r
 does next (`request`), how tiles are auctioned (`meshci.auction`), what the plan is
 (`meshci.planning`). The node is composed of thin IO parts, each in its own module:
 
-* `connections` — sockets: accepted and outbound connections, the read loop;
+* `connections` — sockets: accepted and outbound connections (bulk and control lanes), the read loop;
+* `keeper` — byte-level liveness and redials of lost links;
 * `gossip` — joining, heartbeats and echoes, discovery, this node's advert;
 * `requester` — requests this node received: plan, auction, first tiles, gather, head;
 * `worker` — tiles this node computes for any requester, and its bidder.
@@ -31,15 +32,18 @@ from meshci.auction.errors import MessageFormatError
 from meshci.auction.messages import Award, CallForBids, Close, Outgoing
 from meshci.cost.cluster import LinkSpec
 from meshci.cost.links import LinkEstimator
+from meshci.cost.profiling import default_data_dir
 from meshci.errors import MeshciError, RuntimeFailure
 from meshci.node.attempts import while_connected
 from meshci.node.auction import AUCTION_KINDS, from_message, to_message
 from meshci.node.connections import TLS_HANDSHAKE_TIMEOUT_S, Connections
 from meshci.node.fields import MAX_SECONDS, number, reason, shown
 from meshci.node.gossip import Gossip
+from meshci.node.keeper import LinkKeeper
 from meshci.node.latency import BoundaryCosts
 from meshci.node.membership import (HEARTBEAT_INTERVAL_S, LEFT_THE_MESH, Address, Advert,
                                     Membership)
+from meshci.node.memory_budget import default_budget_mb
 from meshci.node.metrics import NodeMetrics
 from meshci.node.pieces import Piece, decode as decode_pieces, encode as encode_pieces
 from meshci.node.recovery import MAX_DEADLINE_S
@@ -47,6 +51,8 @@ from meshci.node.request import Action, Compute, RequestStateError, RunHead, Sen
 from meshci.node.reports import NodeReports
 from meshci.node.requester import Requester
 from meshci.node.runtime import Runtime
+from meshci.node.shipped_store import ShippedStore
+from meshci.node.shipping import Shipping
 from meshci.node.trace import Span, TraceLog
 from meshci.node.worker import Worker
 from meshci.trunk import Region
@@ -103,6 +109,8 @@ class NodeConfig:
     # is none: a request cannot make the node import arbitrary installed code
     allow_models: tuple[str, ...] = ()
     data_dir: Path | None = None  # profile cache and heads (None: the default data dir)
+    accept_shipped_models: bool = False  # run models a requester ships (`meshci.node.shipping`)
+    memory_mb: int | None = None  # memory budget for tiles (None: what the machine has, `memory_budget`)
 
 
 Handler = Callable[[Connection, Message], Awaitable[None]]
@@ -116,6 +124,7 @@ class Node(NodeReports):
     def __init__(self, config: NodeConfig, runtime: Runtime | None = None) -> None:
         self.config = config
         self.name = config.name
+        self.memory_budget_mb = config.memory_mb or default_budget_mb()
         self.runtime = runtime or Runtime(config.threads, curves=config.measure_curves,
                                           data_dir=config.data_dir)
         self.membership = Membership(config.name, config.listen, incarnation=time.time_ns(),
@@ -134,8 +143,10 @@ class Node(NodeReports):
                                        greeting=lambda: self.gossip.greeting(),
                                        on_lost=self._connection_lost, spawn=self.spawn)
         self.gossip = Gossip(self)
+        self.keeper = LinkKeeper(self)
         self.worker = Worker(self)
         self.requester = Requester(self)
+        self.shipping = Shipping(self, ShippedStore((config.data_dir or default_data_dir()) / "shipped"))
         # which part answers which kind of message (unknown kinds: a peer's mistake)
         self._handlers: dict[MsgType, Handler] = {
             MsgType.JOIN: self.gossip.on_join,
@@ -146,6 +157,7 @@ class Node(NodeReports):
             MsgType.TILE: self._on_tile,
             MsgType.STATE: self._on_state,
             MsgType.ERROR: self._on_error,
+            MsgType.MODEL_CODE: self.shipping.on_message,
             **{kind: self._on_auction for kind in AUCTION_KINDS},
         }
 
@@ -182,7 +194,8 @@ class Node(NodeReports):
     async def close(self) -> None:
         self._stopped.set()
         leave = Message(MsgType.LEAVE, 0, {"name": self.name})
-        sends = [self.send_quietly(conn, leave) for conn in list(self.connections.outbound.values())]
+        lanes = [self.connections.lane(name, MsgType.LEAVE) for name in list(self.connections.outbound)]
+        sends = [self.send_quietly(conn, leave) for conn in lanes if conn is not None]
         try:
             await asyncio.wait_for(asyncio.gather(*sends), LEAVE_TIMEOUT_S)
         except TimeoutError:
@@ -480,8 +493,10 @@ class Node(NodeReports):
         self.boundary.forget(name)
         self.gossip.forget(name)
 
-    def _connection_lost(self, name: str) -> None:
+    def _connection_lost(self, name: str, ours: bool) -> None:
         self.membership.on_disconnect(name, time.monotonic())
+        if ours and not self.stopped:
+            self.keeper.link_lost(name)
         # frames of a running attempt may have gone with the connection: the attempts the
         # peer takes part in run again without it (`attempts.py`)
         self.requester.device_down(name, "its connection was lost")

@@ -7,11 +7,13 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from meshci.cost import Cluster
+from meshci.errors import PlanningError
 from meshci.planning import Plan
+from meshci.planning.evaluate import evaluate_plan
 from meshci.trunk import Region
 
 STANDING_PLANS = 16  # standing plans kept (least recently used beyond)
@@ -21,6 +23,7 @@ REPLAN_MIN_S = 10.0  # ... at most this often: planning competes with tiles for 
 # a standing award is auctioned again at most this often: an auction costs every bidder
 # CPU, and the load it reacts to is mostly the requests it serves
 AUCTION_MIN_S = 10.0
+AWARD_SLACK = 0.02  # an award predicted this much slower than DPFL's own layout is not used
 BACKLOG_STEP = 0.25  # a bidder's backlog moves a step per this share of the plan's latency
 
 
@@ -31,7 +34,8 @@ class Standing:
     plan: Plan
     links: tuple[Any, ...]  # the link and ratio signature it was made for
     made: float
-    awarded: Plan | None = None
+    awarded: Plan | None = None  # the layout requests use once the auction ran (the award, or DPFL's if better)
+    award_note: str = "none"  # what `awarded` is, for the request's result
     bids_for: tuple[Any, ...] | None = None  # the bidder states the award was made for
     auctioned: float = -math.inf
     busy: bool = False  # a background re-plan or auction is running
@@ -78,3 +82,23 @@ def _shares(flops: Callable[[int, int, Region], float], plan: Plan) -> dict[str,
             work[tile.device] += flops(block.start, block.end, tile.region)
     total = sum(work.values()) or 1.0
     return {name: value / total for name, value in sorted(work.items())}
+
+
+def judged_award(trunk: Any, cluster: Cluster, dpfl_plan: Plan, awarded: Plan,
+                 slack: float = AWARD_SLACK) -> tuple[Plan, str]:
+    """The layout requests should use, the auction's award or DPFL's own, judged by the one
+    cost model every strategy is measured by (`evaluate_plan` on the cluster the planner
+    used), with the winner's predicted latency from that judge. The award's own figure comes
+    from the bidders' linear strip costs, which miss transfers and the head; an award the
+    judge finds slower than DPFL's layout by more than `slack` is not used (a bidder's
+    backlog it reacted to is in the cluster too). Returns the plan and why."""
+    try:
+        award_s, _ = evaluate_plan(trunk, cluster, awarded)
+        dpfl_s, _ = evaluate_plan(trunk, cluster, dpfl_plan)
+    except PlanningError as exc:
+        # a device of the award left the view meanwhile: the award as it is (its request checks)
+        return awarded, f"not judged ({exc})"
+    if award_s <= dpfl_s * (1.0 + slack):
+        return replace(awarded, predicted_latency_s=award_s), "standing award"
+    return (replace(dpfl_plan, predicted_latency_s=dpfl_s, auction_rounds=awarded.auction_rounds),
+            f"DPFL's layout (the award was predicted {award_s * 1e3:.0f} ms, DPFL's {dpfl_s * 1e3:.0f} ms)")

@@ -30,7 +30,9 @@ from meshci.errors import MeshciError
 from meshci.models.registry import check_model_allowed
 from meshci.node.fields import shown
 from meshci.node.inputs import input_size, model_name, seed
+from meshci.node.memory_budget import MemoryBudgetError, item_bytes, mb, plan_bytes
 from meshci.node.model_cache import LOAD_TIMEOUT_S, LoadedModel
+from meshci.node.oom import is_out_of_memory, tile_bytes, tile_out_of_memory
 from meshci.node.pieces import OrphanBudget, Piece, PieceFormatError, decode, nbytes
 from meshci.node.recovery import deadline_s
 from meshci.node.request import Compute, HeadRun, RequestStateError, RunHead, WorkerRun
@@ -75,6 +77,7 @@ class WorkerContext:
     waiting_for_plan: Message | None = None  # a PLAN by digest we did not know: asked for it
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)  # its tile and head work here
     expires: float = math.inf  # its requester's deadline (PLAN `deadline_s`) plus a grace: dropped then
+    reserved: int = 0  # bytes of this device's memory budget its tiles hold (`memory_budget`)
 
     def stop_work(self) -> None:
         """Cancel this request's queued or running tile and head work (a tile already on
@@ -98,7 +101,8 @@ class Worker:
         self.runtime = node.runtime
         self.contexts: dict[int, WorkerContext] = {}
         self.plans: OrderedDict[str, OrderedDict[str, Plan]] = OrderedDict()  # requester -> digest -> plan
-        self.bidder = Bidder(node.name, self._compute_s, node.link_s)
+        self.bidder = Bidder(node.name, self._compute_s, node.link_s, item_bytes=item_bytes,
+                             memory_bytes=lambda: node.memory_budget_mb * 2**20)
         # auction id -> (when this node's bidder first heard of it, its auctioneer): the
         # commitment is released, and the entry deleted, together and exactly once
         self.bid_auctions: dict[str, tuple[float, str]] = {}
@@ -167,15 +171,19 @@ class Worker:
             if tuple(plan.input_shape[1:]) != size or plan.model != model:
                 raise ValueError(f"the plan is for {plan.model} at {plan.input_shape[1:]}, "
                                  f"the PLAN asks {shown(model)} at {size}")
-            check_model_allowed(model, self.node.config.allow_models)
             if "deadline_s" in msg.meta:
                 ctx.expires = time.monotonic() + deadline_s(msg.meta["deadline_s"]) + DEADLINE_GRACE_S
             pieces = decode(msg.meta, msg.tensors)
-            loaded = await asyncio.wait_for(
-                self.runtime.load(model, seed(msg.meta.get("seed", 0)), size), LOAD_TIMEOUT_S)
+            if "shipped" in msg.meta:  # a model its requester shipped here (`meshci.node.shipping`)
+                load = self.node.shipping.load(msg.meta, plan, model, seed(msg.meta.get("seed", 0)), size)
+            else:
+                check_model_allowed(model, self.node.config.allow_models)
+                load = self.runtime.load(model, seed(msg.meta.get("seed", 0)), size)
+            loaded = await asyncio.wait_for(load, LOAD_TIMEOUT_S)
             if self.contexts.get(rid) is not ctx:
                 return  # cancelled while the model loaded
             ctx.loaded = loaded
+            ctx.reserved = self._reserve(rid, plan, loaded)
             geometry = loaded.geometry(plan)
             ctx.run = WorkerRun(plan, self.name, geometry)
             head = plan.head_plan
@@ -199,6 +207,17 @@ class Worker:
         for peer, later, path in early:
             await self._take(rid, ctx, peer, later, path)
         self._finish_if_done(rid, ctx)
+
+    def _reserve(self, rid: int, plan: Plan, loaded: LoadedModel) -> int:
+        """The bytes of this device's memory budget the plan's tiles need here; refused
+        (MemoryBudgetError) when they do not fit what the other requests leave."""
+        need = plan_bytes(loaded.trunk, plan, self.name)
+        held = sum(c.reserved for r, c in self.contexts.items() if r != rid)
+        budget = self.node.memory_budget_mb * 2**20
+        if need + held > budget:
+            raise MemoryBudgetError(f"its tiles need {mb(need)}, over its memory budget of {mb(budget)} "
+                                    f"({mb(held)} held by other requests; --memory-mb)")
+        return need
 
     def _plan_of(self, sender: str, meta: dict[str, Any]) -> Plan | None:
         """The plan a PLAN frame refers to (kept per requester by digest), or None when it
@@ -321,10 +340,13 @@ class Worker:
         try:
             y, seconds, handoff = await self.runtime.run_block(
                 ctx.loaded.trunk, action.start, action.end, action.x, action.have, action.out,
-                inline=inline, then=then)
-        except (RuntimeError, ValueError, MeshciError) as exc:
+                inline=inline, then=then, owner=(ctx.requester, rid, ctx.created))
+        except (RuntimeError, ValueError, MeshciError, MemoryError) as exc:
             # a tile that cannot be computed (shape mismatch, out of memory): fail the request
-            await self.node.fail_request(rid, ctx.requester, f"{self.name} failed a tile: {exc}")
+            reason = tile_out_of_memory(self.name, action.block, action.out, tile_bytes(
+                ctx.loaded.trunk, action.start, action.end, action.out)) if is_out_of_memory(exc) \
+                else f"{self.name} failed a tile: {exc}"
+            await self.node.fail_request(rid, ctx.requester, reason)
             return
         finally:
             self.runtime.queued_s -= estimate
@@ -356,16 +378,17 @@ class Worker:
         head = await self.runtime.head(ctx.loaded)
         if action.split:
             assert head.split is not None
-            logits = await self.runtime.call(head.split.finish, action.input)
+            logits = await self.runtime.call(head.split.finish, action.input, owner=(ctx.requester, rid, ctx.created))
         else:
-            logits = await self.runtime.call(head.run, action.input)
+            logits = await self.runtime.call(head.run, action.input, owner=(ctx.requester, rid, ctx.created))
         head_s = time.perf_counter() - began
         self.node.trace.record(rid, Span("head", "head", time.time() - head_s, head_s, {"split": action.split}))
         check: dict[str, Any] = {}
         if ctx.check_input is not None:
             name, seed, h, w = ctx.loaded.key
             reference = await self.runtime.reference(name, seed, (h, w))
-            expected = await self.runtime.call(reference.trunk.forward, ctx.check_input)
+            expected = await self.runtime.call(reference.trunk.forward, ctx.check_input,
+                                               owner=(ctx.requester, rid, ctx.created))
             check = {"max_abs_diff": float((expected - logits).abs().max()),
                      "check_ok": bool(torch.allclose(logits, expected, rtol=1e-4, atol=1e-5))}
         if self.contexts.get(rid) is not ctx:

@@ -15,14 +15,14 @@ earliest end of a state is reached from the earliest ends of the states before i
 best plan over every cut set and every choice of candidate layouts — the tests check this
 against brute-force enumeration on small trunks.
 
-Speed: the candidate layouts of a block are timed together (their strips stacked in one
-array, `_Block`), so a predecessor costs a handful of numpy operations for all of them;
-what does not depend on the start time (compute, input rows, receive seconds from given
-holders) is kept in a memo that several passes over the same layouts share (`new_memo`).
-Predecessors are visited in order of their end time and the scan stops when a lower bound
-(the block's compute alone, started no earlier than the predecessor's end) cannot beat the
-best found, which is exact. The timings are the cost model's to the bit (the tests
-compare the DP with one that times every transition by `CostModel.strip_block`).
+Speed: a block is timed once against all the states it can follow: the strips of its
+candidate layouts are stacked (`_Block`), so are the strips of the states at its start
+boundary (`_Holders`, built once per boundary), and a handful of numpy operations give the
+end time of every layout after every state; per layout the earliest wins (the first state,
+by end time, on a tie). What does not depend on the states (compute, input rows, sends, the
+shared medium's receive order) is kept per block in a memo that several passes over the same
+layouts share (`new_memo`). The timings are the cost model's to the bit (the tests compare
+the DP with one that times every transition by `CostModel.strip_block`).
 States at one boundary with the same layout (the requester-only one, and the same split
 reached from different starts) keep only the earliest.
 Under ``routing="requester"`` the holders are always the requester, so one state per
@@ -32,7 +32,7 @@ boundary suffices.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
@@ -57,7 +57,7 @@ class StripLayout:
     @cached_property
     def signature(self) -> bytes:
         """Equal for layouts with the same strips on the same devices."""
-        return b"|".join(np.asarray(a, dtype=np.int64).tobytes() for a in (self.devices, self.r0, self.r1))
+        return np.concatenate((self.devices, self.r0, self.r1)).astype(np.int64, copy=False).tobytes()
 
     def as_tiles(self) -> list[tuple[int, int, int]]:
         return [(int(d), int(a), int(b)) for d, a, b in zip(self.devices, self.r0, self.r1)]
@@ -72,7 +72,6 @@ class _State:
     start: int
     layout: StripLayout
     parent: _State | None
-    comp: np.ndarray = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -121,13 +120,35 @@ class _Layouts:
         return hit
 
 
+class _Holders:
+    """The states at one boundary, earliest end first, with the strips of their layouts
+    stacked: the holders of the next block's input under ``p2p`` routing (else the
+    requester holds it all). Built once per boundary, used by every block starting there."""
+
+    def __init__(self, states: list[_State], p2p: bool) -> None:
+        self.states = sorted(states, key=lambda st: st.end_time)
+        self.t0 = np.array([st.end_time for st in self.states])
+        self.t0_col = self.t0[:, None]
+        self.p2p = p2p
+        if p2p and self.states:
+            layouts = [st.layout for st in self.states]
+            self.devices = np.concatenate([lay.devices for lay in layouts])
+            self.r0 = np.concatenate([lay.r0 for lay in layouts])
+            self.r1 = np.concatenate([lay.r1 for lay in layouts])
+            bounds = np.cumsum([0] + [lay.devices.size for lay in layouts])
+            self.offsets = bounds[:-1]
+            self.spans = list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
+
+
 class _Block:
     """The candidate layouts of one block with their strips stacked, so that one numpy pass
-    times all of them: compute seconds, input rows, output sends; and, per predecessor,
-    every layout's end time (`ends`). Each strip's numbers come from the same elementwise
-    arithmetic as `CostModel.strip_block` on its own layout (bytes are exact integers, so
-    integer rows x row bytes converts to the same float), so the end times agree to the
-    bit; the tests compare them with `CostModel.strip_block`."""
+    times all of them after all the states before them (`best`): compute seconds, input
+    rows, output sends; then, per predecessor, every layout's end time. Each strip's
+    numbers come from the same elementwise arithmetic as `CostModel.strip_block` on its own
+    layout (bytes are exact integers, so integer rows x row bytes converts to the same
+    float; sums over a strip's holders and a layout's strips are taken over the same
+    values in the same order), so the end times agree to the bit; the tests compare them
+    with `CostModel.strip_block`."""
 
     def __init__(
         self, model: CostModel, start: int, end: int, gather: bool, layouts: tuple[StripLayout, ...]
@@ -141,18 +162,16 @@ class _Block:
         r1 = np.concatenate([lay.r1 for lay in layouts])
         sizes = [lay.devices.size for lay in layouts]
         self.offsets = np.cumsum([0, *sizes[:-1]])
-        self.bounds: list[int] = np.cumsum([0, *sizes]).tolist()
+        bounds = np.cumsum([0, *sizes]).tolist()
+        self.spans = list(zip(bounds, bounds[1:]))
         self.row_bytes = tables.row_bytes[start]
         lo = block.in_lo[r0]
         hi = block.in_hi[r1]
         self.lo_col = lo[:, None]
         self.hi_col = hi[:, None]
+        self.devices = devices
         self.dev_col = devices[:, None]
         self.requester_rows = (hi - lo)[:, None]
-        self.requester_src = np.array([model.requester])
-        # [strip, holder device]: the link from the holder to the strip's device
-        self.lat_t = model.latency[:, devices].T
-        self.spb_t = model.sec_per_byte[:, devices].T
         if model.curves_free and bool((r1 > r0).all()):
             # strip_compute's flops / speed, for each strip's own device only
             self.comp = block.flops(r0, r1) / model.speed[devices]
@@ -167,11 +186,7 @@ class _Block:
         if gather and final and model.head_split:
             # strip_block's order: compute, then the strip's part of the split head
             self.comp = self.comp + model.prefix_seconds(devices, r0, r1)
-        spans = list(zip(self.bounds, self.bounds[1:]))
-        self.comps = [self.comp[a:b] for a, b in spans]
-        self.comp_max: list[float] = np.maximum.reduceat(self.comp, self.offsets).tolist()
         self.backlog = model.backlog[devices]
-        self.backlog_max: list[float] = np.maximum.reduceat(self.backlog, self.offsets).tolist()
         if gather:
             out_bytes = ((r1 - r0) * tables.row_bytes[end]).astype(np.float64)
             sender = model.final_send_seconds if final else model.send_seconds
@@ -179,56 +194,90 @@ class _Block:
         else:
             self.send = np.zeros(devices.size)
         self.sends = bool(self.send.any())
-        self._recv: dict[StripLayout | None, np.ndarray] = {}
-        self._ends: dict[tuple[StripLayout | None, float], list[float]] = {}
-
-    def lower(self, i: int, t0: float) -> float:
-        """Layout i's end if it started at ``t0`` with no transfer at all."""
-        if t0 >= self.backlog_max[i]:
-            # max_j(t0 + c_j) == t0 + max_j c_j exactly (rounding is monotone)
-            return t0 + self.comp_max[i]
-        a, b = self.bounds[i], self.bounds[i + 1]
-        return float((np.maximum(self.backlog[a:b], t0) + self.comp[a:b]).max())
-
-    def recv(self, pred: StripLayout | None) -> np.ndarray:
-        """Receive seconds per strip from the holders ``pred`` (None: the requester holds
-        the whole input), reduced over holders as `CostModel.block_timing` reduces them
-        (slowest message on a switched medium, their sum on a shared one)."""
-        hit = self._recv.get(pred)
-        if hit is None:
-            if pred is None:
-                src = self.requester_src
-                rows = self.requester_rows
-            else:
-                src = pred.devices
-                rows = np.minimum(self.hi_col, pred.r1) - np.maximum(self.lo_col, pred.r0)
-            sent = (rows > 0) & (self.dev_col != src)
-            recv = np.where(sent, self.lat_t[:, src] + (rows * self.row_bytes) * self.spb_t[:, src], 0.0)
-            hit = self._recv[pred] = recv.sum(axis=1) if self.model.shared else recv.max(axis=1)
-        return hit
-
-    def ends(self, pred: StripLayout | None, t0: float) -> list[float]:
-        """Every layout's end time when it starts at ``t0`` after holders ``pred``."""
-        key = (pred, t0)
-        hit = self._ends.get(key)
-        if hit is not None:
-            return hit
-        recv = self.recv(pred)
-        model = self.model
         if model.shared:
-            hit = []
-            for i, lay in enumerate(self.layouts):
-                a, b = self.bounds[i], self.bounds[i + 1]
-                # a one-column receive matrix: its row sums are the per-strip sums
-                timing = model.block_timing(t0, lay.devices, self.comp[a:b], recv[a:b, None], self.send[a:b])
-                hit.append(timing[1])
+            self._shared_orders(sizes)
+
+    def _shared_orders(self, sizes: list[int]) -> None:
+        """Per layout, its strips in `CostModel.block_timing`'s receive order (longest
+        compute first, ties by index) and in index order, padded with a dummy strip
+        (index K)."""
+        k = self.comp.size
+        which = np.repeat(np.arange(len(sizes)), sizes)
+        column = np.arange(k) - self.offsets[which]
+        self.by_index = np.full((len(sizes), max(sizes)), k)
+        self.by_index[which, column] = np.arange(k)
+        self.padding = self.by_index == k
+        self.by_comp = np.full((len(sizes), max(sizes)), k)
+        self.by_comp[which, column] = np.lexsort((np.arange(k), -self.comp, which))
+
+    def receive(self, holders: _Holders) -> np.ndarray:
+        """Receive seconds [holder state, strip] from each state's strips (the requester's
+        whole input when not p2p), reduced over a strip's holders as
+        `CostModel.block_timing` reduces them: the slowest message on a switched medium,
+        their sum on a shared one."""
+        model = self.model
+        lat = model.latency
+        spb = model.sec_per_byte
+        if not holders.p2p:
+            req = model.requester
+            sent = (self.requester_rows > 0) & (self.dev_col != req)
+            recv = np.where(sent, lat[req, self.dev_col] + (self.requester_rows * self.row_bytes) * spb[req, self.dev_col], 0.0)
+            recv = recv[:, 0] if not model.shared else recv.sum(axis=1)
+            return np.broadcast_to(recv, (holders.t0.size, recv.size))
+        src = holders.devices
+        rows = np.minimum(self.hi_col, holders.r1) - np.maximum(self.lo_col, holders.r0)
+        sent = (rows > 0) & (self.dev_col != src)
+        recv = np.where(sent, lat[src, self.dev_col] + (rows * self.row_bytes) * spb[src, self.dev_col], 0.0)
+        if model.shared:
+            return np.stack([recv[:, a:b].sum(axis=1) for a, b in holders.spans])
+        return np.maximum.reduceat(recv, holders.offsets, axis=1).T
+
+    def ends(self, holders: _Holders) -> np.ndarray:
+        """Every layout's end time [holder state, layout] when it starts at that state's
+        end, after it."""
+        recv = self.receive(holders)
+        t0 = holders.t0_col
+        if self.model.shared:
+            finish = self._shared_finish(t0, recv)
         else:
             finish = np.maximum(t0 + recv, self.backlog) + self.comp
             if self.sends:
                 finish = finish + self.send
-            hit = np.maximum.reduceat(finish, self.offsets).tolist()
-        self._ends[key] = hit
-        return hit
+        return np.maximum.reduceat(finish, self.offsets, axis=1)
+
+    def lower(self, holders: _Holders) -> np.ndarray:
+        """Every layout's end [holder state, layout] if it started at that state's end with
+        no transfer at all (a lower bound of `ends`)."""
+        finish = np.maximum(self.backlog, holders.t0_col) + self.comp
+        return np.maximum.reduceat(finish, self.offsets, axis=1)
+
+    def _shared_finish(self, t0: np.ndarray, recv: np.ndarray) -> np.ndarray:
+        """`CostModel.block_timing` on a shared medium, for every state and layout at
+        once: each layout's receives one after another in its order, then its sends in
+        order of finish time on the channel."""
+        n_states, k = recv.shape
+        padded = np.concatenate([recv, np.zeros((n_states, 1))], axis=1)
+        done = np.empty((n_states, k + 1))
+        done[:, self.by_comp] = t0[:, :, None] + np.cumsum(padded[:, self.by_comp], axis=2)
+        done = np.where(recv > 0, done[:, :k], t0)
+        finish = np.maximum(done, self.backlog) + self.comp
+        if not self.sends:
+            return finish
+        # the channel is free once all receives are done: t0 + each layout's receive total
+        channel = t0 + np.stack([recv[:, a:b].sum(axis=1) for a, b in self.spans], axis=1)
+        fin = np.concatenate([finish, np.full((n_states, 1), np.inf)], axis=1)[:, self.by_index]
+        send = np.broadcast_to(np.append(self.send, 0.0)[self.by_index], fin.shape)
+        order = np.argsort(fin, axis=2, kind="stable")  # by finish, ties by index
+        for j in range(order.shape[2]):
+            at = order[:, :, j : j + 1]
+            f = np.take_along_axis(fin, at, axis=2)[:, :, 0]
+            s = np.take_along_axis(send, at, axis=2)[:, :, 0]
+            sending = s > 0
+            channel = np.where(sending, np.maximum(channel, f) + s, channel)
+            np.put_along_axis(fin, at, np.where(sending, channel, f)[:, :, None], axis=2)
+        out = np.empty((n_states, k + 1))
+        out[:, self.by_index] = np.where(self.padding, -np.inf, fin)
+        return out[:, :k]
 
 
 def dpfl(
@@ -252,44 +301,44 @@ def dpfl(
     tables = model.tables
     memo = memo if memo is not None and memo.model is model else _Layouts(model)
     init_layout = requester_layout(model, tables.heights[0])
-    init = _State(0.0, -1, init_layout, None, np.zeros(1))
-    states: list[list[_State]] = [[init]] + [[] for _ in range(n_seg)]
-    ordered: list[list[_State] | None] = [None] * (n_seg + 1)
+    init = _State(0.0, -1, init_layout, None)
+    p2p = routing == "p2p"
+    holders: list[_Holders] = [_Holders([init], p2p)]
     transitions = 0
     # rest[k]: lower bound on the time from boundary k to the end of the head
-    seg_lb = segment_lower_bounds(model) if np.isfinite(upper_bound) else np.zeros(n_seg)
+    bounded = bool(np.isfinite(upper_bound))
+    seg_lb = segment_lower_bounds(model) if bounded else np.zeros(n_seg)
     rest = np.append(np.cumsum(seg_lb[::-1])[::-1], 0.0) + model.head_s
     rest_l = rest.tolist()
-    limit = upper_bound * (1.0 + 1e-12) if np.isfinite(upper_bound) else np.inf
-    p2p = routing == "p2p"
+    limit = upper_bound * (1.0 + 1e-12) if bounded else np.inf
     for e in range(1, n_seg + 1):
         gather = e == n_seg or routing == "requester"
         rest_e = rest_l[e]
+        found: list[_State] = []
         for s in range(e):
-            preds = ordered[s]
-            if preds is None:
-                preds = ordered[s] = sorted(states[s], key=lambda st: st.end_time)
-            if not preds or preds[0].end_time + rest_l[s] > limit:
+            preds = holders[s]
+            if not preds.states or preds.states[0].end_time + rest_l[s] > limit:
                 continue
             layouts = candidates(s, e)
             if not layouts:
                 continue
             costs = memo.block(s, e, gather, layouts)
-            for i, layout in enumerate(layouts):
-                best_t = np.inf
-                best_pred: _State | None = None
-                for pred in preds:
-                    lower = costs.lower(i, pred.end_time)
-                    if lower >= best_t or lower + rest_e > limit:
-                        break
-                    t = costs.ends(pred.layout if p2p else None, pred.end_time)[i]
-                    transitions += 1
-                    if t < best_t:
-                        best_t, best_pred = t, pred
-                if best_pred is not None and best_t + rest_e <= limit:
-                    states[e].append(_State(best_t, s, layout, best_pred, costs.comps[i]))
-        states[e] = _dedupe(states[e], everything=routing == "requester")
-    final = min(states[n_seg], key=lambda st: st.end_time)
+            ends = costs.ends(preds)
+            if bounded:
+                # a state whose start alone (no transfer) cannot end the trunk below the bound
+                usable = costs.lower(preds) + rest_e <= limit
+                transitions += int(usable.sum())
+                ends = np.where(usable, ends, np.inf)
+            else:
+                transitions += ends.size
+            # per layout the first (earliest-ending) state with the earliest end
+            pick = ends.argmin(axis=0).tolist()
+            best = ends[pick, range(len(layouts))].tolist()
+            for layout, p, t in zip(layouts, pick, best):
+                if t + rest_e <= limit:
+                    found.append(_State(t, s, layout, preds.states[p]))
+        holders.append(_Holders(_dedupe(found, everything=routing == "requester"), p2p))
+    final = holders[n_seg].states[0]
     blocks: list[tuple[int, int, StripLayout]] = []
     ends: list[float] = []
     node: _State | None = final

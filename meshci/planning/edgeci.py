@@ -285,9 +285,13 @@ def auction_layouts(
         r0, r1, cost = _bids(model, s, e, ITEMS_PER_DEVICE * model.n_devices, gather)
         left = np.maximum(model.backlog - t_start, 0.0)
         result = assign(cost, left)
-        won = [np.flatnonzero(result.owner == d) for d in range(model.n_devices)]
-        bidders = [d for d in range(model.n_devices) if won[d].size]
-        order = sorted(bidders, key=lambda d: (float(r0[won[d]].mean()), d))
+        # winners by the mean first row of what they won (integer sums: exact, as mean())
+        held = result.owner >= 0
+        won = np.bincount(result.owner[held], minlength=model.n_devices)
+        rows = np.bincount(result.owner[held], weights=r0[held].astype(np.float64), minlength=model.n_devices)
+        bidders = np.flatnonzero(won).tolist()
+        mean_row = (rows[won > 0] / won[won > 0]).tolist()
+        order = [d for _, d in sorted(zip(mean_row, bidders))]
         block = model.tables.block(s, e)
         strip_time = _strip_timer(model, s, e, left, gather)
         strips = balance_strips(block.height, [names[d] for d in order], strip_time)

@@ -135,8 +135,13 @@ def water_fill_sets(height: int, members: np.ndarray, rate: np.ndarray, ready: n
     shares[sets, order] = share_sorted
     idle = np.flatnonzero(~(shares > 0).any(axis=1))
     shares[idle, order[idle, np.argmax(inside[idle], axis=1)]] = 1.0
-    # round_rows per set, on the set's own devices (the totals are summed as it sums them)
-    totals = np.array([float(shares[i][members[i]].sum()) for i in range(n_sets)])
+    # round_rows per set, on the set's own devices (the totals are summed as it sums them:
+    # a set's shares in device order, one row per set of the same size, summed along rows)
+    sizes = members.sum(axis=1)
+    totals = np.empty(n_sets)
+    for size in np.unique(sizes).tolist():
+        same = np.flatnonzero(sizes == size)
+        totals[same] = shares[same][members[same]].reshape(same.size, size).sum(axis=1)
     exact = shares * (height / totals)[:, None]
     rows = np.floor(exact).astype(np.int64)
     short = height - rows.sum(axis=1)

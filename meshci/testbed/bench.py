@@ -301,10 +301,10 @@ def _plot_simulated(plt: Any, out: Path, models: list[str]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tools/bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--scenario", action="append", choices=sorted(SCENARIOS))
-    parser.add_argument("--model", action="append", choices=MODELS)
-    parser.add_argument("--strategy", action="append", choices=(*STRATEGIES, *ABLATIONS),
-                        help="a strategy (repeatable; default the five classic ones, not the ablations)")
+    parser.add_argument("--scenario", action="extend", nargs="+", choices=sorted(SCENARIOS))
+    parser.add_argument("--model", action="extend", nargs="+", choices=MODELS)
+    parser.add_argument("--strategy", action="extend", nargs="+", choices=(*STRATEGIES, *ABLATIONS),
+                        help="strategies to compare (default the five classic ones, not the ablations)")
     parser.add_argument("--repeat", type=int, default=5, help="timed rounds after warm-up (default 5)")
     parser.add_argument("--size", type=int, nargs=2, default=(224, 224), metavar=("H", "W"))
     parser.add_argument("--out", type=Path, default=Path("bench-results"))

@@ -11,9 +11,11 @@ device adds the parts, the bias, and runs the rest of the head (``finish``)::
 No device gathers the trunk output, and the fully connected layer's weights are read
 once in all, each device reading only the columns of the pooled bins its tile touches
 (VGG-16's first classifier layer is 411 MB of its 490 MB head). The weights are stored
-with their columns in (bin row, bin column, channel) order, so the columns of a band of
-bin rows are one contiguous block of every output's row: a strip's part is one
-matrix-vector product over a view, with no copy.
+by bin row first, (bin row, output, bin column, channel), so the weights of a band of bin
+rows are one contiguous block: a strip's part is one batched matrix-vector product over a
+view, with no copy, and a device whose head file is mapped from disk reads only its band's
+pages. (In the Linear's own order, a band is a short run in every output's row of the file;
+the kernel's read-ahead then faults in the whole 411 MB on every device.)
 
 `HeadSplit.of` recognises the pattern in a head graph (pooling: adaptive or global
 average, possibly an identity when the trunk output is already ``oh x ow``; flatten;
@@ -48,13 +50,13 @@ class HeadSplit:
     width: int
     oh: int
     ow: int
-    weight: Tensor  # (out, oh, ow, C): the first Linear's weight, columns in (i, j, c) order
+    weight: Tensor  # (oh, out, ow, C): the first Linear's weight, by bin row first
     bias: Tensor  # (out,)
     rest: nn.Module  # the head after the first Linear (takes its output, bias included)
 
     @property
     def out_features(self) -> int:
-        return int(self.weight.shape[0])
+        return int(self.weight.shape[1])
 
     # ---- geometry ---------------------------------------------------------------------
     def row_bins(self, r0: int, r1: int) -> range:
@@ -92,12 +94,12 @@ class HeadSplit:
                     pooled[a, b] = cell.sum(dim=(1, 2)) / ((b1 - b0) * (d1 - d0))
         i0, i1, j0, j1 = rows.start, rows.stop, cols.start, cols.stop
         if j0 == 0 and j1 == self.ow:
-            # whole bin rows: their columns are one strided block (a view, no copy)
-            block = self.weight[:, i0:i1].reshape(self.out_features, -1)
-            return torch.mv(block, pooled.reshape(-1))
+            # whole bin rows: one contiguous block of the weights (a view, no copy)
+            block = self.weight[i0:i1].reshape(i1 - i0, self.out_features, -1)
+            return torch.bmm(block, pooled.reshape(i1 - i0, -1, 1)).sum(dim=0).reshape(-1)
         out = y.new_zeros(self.out_features)
         for a, i in enumerate(rows):
-            out += torch.mv(self.weight[:, i, j0:j1].reshape(self.out_features, -1), pooled[a].reshape(-1))
+            out += torch.mv(self.weight[i, :, j0:j1].reshape(self.out_features, -1), pooled[a].reshape(-1))
         return out
 
     def finish(self, prefix: Tensor) -> Tensor:
@@ -150,8 +152,9 @@ class HeadSplit:
         if fc.in_features != channels * oh * ow:
             return None
         if not weights:
-            return cls(channels, height, width, oh, ow, fc.weight.detach(), torch.zeros(0), nn.Identity())
-        weight = fc.weight.detach().reshape(fc.out_features, channels, oh, ow).permute(0, 2, 3, 1).contiguous()
+            shape_only = torch.empty((oh, fc.out_features, ow, channels), dtype=fc.weight.dtype, device="meta")
+            return cls(channels, height, width, oh, ow, shape_only, torch.zeros(0), nn.Identity())
+        weight = fc.weight.detach().reshape(fc.out_features, channels, oh, ow).permute(2, 0, 3, 1).contiguous()
         bias = (fc.bias.detach().clone() if fc.bias is not None
                 else torch.zeros(fc.out_features, dtype=fc.weight.dtype))
         return cls(channels, height, width, oh, ow, weight, bias, _rest_module(head, linear))

@@ -273,6 +273,10 @@ class Connection:
                 self._abort()
                 raise
 
+    def heard_at(self) -> float:
+        """When bytes from the peer last arrived (`time.monotonic()`), whole frame or not."""
+        return self._proto.heard_at()
+
     def _write(self, data: bytes | memoryview) -> None:
         self._transport.write(data)
         self.bytes_sent += memoryview(data).nbytes

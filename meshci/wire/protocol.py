@@ -121,6 +121,7 @@ class _WireProtocol(asyncio.BufferedProtocol):
         self._write_paused = False
         self._drain_waiters: deque[asyncio.Future[None]] = deque()
         self._closed: asyncio.Future[None] = self._loop.create_future()
+        self.last_read = time.monotonic()  # when bytes were last read (of any frame, or none yet)
         # The stream pair a transport was taken over from (accept): kept alive with us, since
         # a StreamWriter that is garbage collected closes its transport.
         self.streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
@@ -154,6 +155,7 @@ class _WireProtocol(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         now = self._arrived(nbytes)
+        self.last_read = time.monotonic()
         self._partial += nbytes
         if self._direct:
             self.direct_bytes += nbytes
@@ -166,6 +168,7 @@ class _WireProtocol(asyncio.BufferedProtocol):
     def data_received(self, data: bytes) -> None:
         """Bytes that reached us as an object: those a StreamReader had buffered before
         `Connection.accept` took the transport over."""
+        self.last_read = time.monotonic()
         self._partial += len(data)
         if self._error is None:
             self.copied_bytes += len(data)
@@ -229,6 +232,15 @@ class _WireProtocol(asyncio.BufferedProtocol):
             # Nobody waits in recv(): do not run ahead further, even within a frame.
             self._hold()
         self._wake()
+
+    def heard_at(self) -> float:
+        """When bytes last arrived on this connection (`time.monotonic()`): read by us, or
+        received by the kernel while reading is paused (a full receive queue) or the event
+        loop is busy. Any byte counts, not only a whole frame: the peer is alive."""
+        idle = _kernel_idle_s(self._sock) if not self._lost else None
+        if idle is None:
+            return self.last_read
+        return max(self.last_read, time.monotonic() - idle)
 
     def _frame_ended(self, size: int, now: float) -> float:
         """When a frame just completed by a read at `now` had its last byte in the kernel.

@@ -55,9 +55,10 @@ def trunk():
     return extract_trunk(model, input_shape=(3, 48, 40), name="tiny")
 
 
-def run_auction(trunk, speeds: dict[str, float], backlog: dict[str, float] | None = None):
+def run_auction(trunk, speeds: dict[str, float], backlog: dict[str, float] | None = None,
+                link: LinkSpec = LinkSpec(1000.0, 0.2)):
     devices = tuple(Device(n, g) for n, g in speeds.items())
-    cluster = Cluster(devices, LinkSpec(1000.0, 0.2), {}, "switched", devices[0].name)
+    cluster = Cluster(devices, link, {}, "switched", devices[0].name)
     dpfl_plan = make_plan(trunk, cluster, "edgeci")
     items = auction_items(trunk, dpfl_plan)
     bidders = {n: Bidder.from_rates(n, g * 1e-3, 1000.0, 0.2, backlog_s=(backlog or {}).get(n, 0.0))
@@ -103,3 +104,51 @@ def test_a_busy_device_gets_less(trunk) -> None:
     def rows_of(plan, device):
         return sum(t.region.height for blk in plan.blocks for t in blk.tiles if t.device == device)
     assert rows_of(busy, "b") < rows_of(idle, "b")
+
+
+def test_the_award_keeps_dpfl_degree_of_parallelism(trunk) -> None:
+    """Items are priced one by one, each with its halo: without the cap, a block DPFL kept on
+    one device could be split between two winners that each compute nearly all of it."""
+    # a slow link: DPFL keeps blocks on fewer devices than bid (here: on one)
+    dpfl_plan, items, plan = run_auction(trunk, {"a": 1.0, "b": 1.0}, link=LinkSpec(1.0, 50.0))
+    assert any(len(block.tiles) < 2 for block in dpfl_plan.blocks)
+    for dpfl_block, block in zip(dpfl_plan.blocks, plan.blocks):
+        assert len({t.device for t in block.tiles}) <= len(dpfl_block.tiles)
+    x = torch.randn(1, *trunk.input_shape)
+    assert torch.allclose(execute_plan(trunk, plan, x), trunk.forward(x), rtol=1e-4, atol=1e-5)
+
+
+def test_within_degree_keeps_the_devices_that_won_most() -> None:
+    from meshci.node.auction import _within_degree
+
+    assert _within_degree(["a", "b", "c"], 3, {}) == ["a", "b", "c"]
+    assert _within_degree(["a", "b", "c"], 1, {"a": 1.0, "b": 5.0, "c": 2.0}) == ["b"]
+    assert _within_degree(["a", "b", "c"], 2, {"a": 1.0, "b": 5.0, "c": 2.0}) == ["b", "c"]  # row order kept
+
+
+def test_an_award_the_cost_model_finds_slower_is_not_used(trunk) -> None:
+    """The auction's layout is judged by the one cost model every strategy is measured by:
+    an award slower than DPFL's own layout (here: every block split across a device 20x
+    slower) is replaced by DPFL's, with its prediction; a good award is kept, re-predicted."""
+    from dataclasses import replace as dc_replace
+
+    from meshci.node.standing import judged_award
+    from meshci.planning.plan import TileSpec
+    from meshci.trunk import Region
+
+    devices = (Device("a", 10.0), Device("b", 0.5))
+    cluster = Cluster(devices, LinkSpec(100.0, 1.0), {}, "switched", "a")
+    dpfl_plan = make_plan(trunk, cluster, "edgeci")
+    blocks = []
+    for block in dpfl_plan.blocks:
+        _, h, w = trunk.boundary_shape(block.end)
+        half = h // 2
+        tiles = (TileSpec("a", Region(0, half, 0, w)), TileSpec("b", Region(half, h, 0, w)))
+        blocks.append(dc_replace(block, tiles=tiles, finish_s={"a": 0.0, "b": 0.0}))
+    bad = dc_replace(dpfl_plan, blocks=tuple(blocks), predicted_latency_s=1e-6, auction_rounds=2)
+    chosen, note = judged_award(trunk, cluster, dpfl_plan, bad)
+    assert chosen.blocks == dpfl_plan.blocks and "DPFL" in note
+    assert chosen.predicted_latency_s == pytest.approx(dpfl_plan.predicted_latency_s, rel=1e-6)
+    assert chosen.auction_rounds == 2  # the auction did run
+    kept, note = judged_award(trunk, cluster, dpfl_plan, dpfl_plan)
+    assert kept.blocks == dpfl_plan.blocks and note == "standing award"

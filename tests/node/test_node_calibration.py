@@ -114,3 +114,17 @@ def test_an_advertised_backlog_drains_for_as_long_as_the_advert_is_old() -> None
     backlog = {d.name: d.backlog_s for d in cluster.devices}
     # b: 120 ms of its 300 ms drained; c: all of it; d: age unknown, as advertised; a: its own, now
     assert backlog == {"a": 0.05, "b": pytest.approx(0.180), "c": 0.0, "d": 0.200}
+
+
+def test_each_strategy_learns_its_own_per_hop_residual() -> None:
+    """A strategy with few hops that the model under-predicts must not charge one with many
+    hops: each strategy plans with the residual learned from its own requests."""
+    cal = PlanCalibration(alpha=1.0)
+    cal.observe(TWO, 3, raw_predicted_s=0.3, scaled_predicted_s=0.3, measured_s=0.39, strategy="edgeci")
+    cal.observe(TWO, 25, raw_predicted_s=0.9, scaled_predicted_s=0.9, measured_s=0.9, strategy="modnn")
+    assert cal.extra_latency_ms("edgeci") == pytest.approx(30.0)
+    assert cal.extra_latency_ms("modnn") == pytest.approx(0.0)
+    assert cal.extra_latency_ms("aofl") == 0.0  # nothing learned of it yet
+    base = _two_devices()
+    assert cal.apply(base, "edgeci").default_link.latency_ms == pytest.approx(base.default_link.latency_ms + 30.0)
+    assert cal.apply(base, "modnn").default_link == base.default_link

@@ -17,6 +17,7 @@ from meshci.node.client import RequestError, infer, stats
 from meshci.node.local import LocalMesh, wait_formed
 from meshci.planning import STRATEGIES
 from meshci.wire import client_tls_context
+from logged import logged_mesh
 
 pytestmark = pytest.mark.slow
 
@@ -26,17 +27,10 @@ SMALL = (64, 64)
 
 @contextlib.contextmanager
 def _formed_mesh(specs: list[tuple[str, float]]):
-    mesh = LocalMesh.create()
-    try:
+    with logged_mesh() as mesh:
         mesh.add_many(specs)
         asyncio.run(wait_formed([n.address for n in mesh.nodes], mesh.secret()))
         yield mesh
-    except BaseException:
-        for node in mesh.nodes:
-            sys.stderr.write(f"--- {node.name} log ---\n{node.log_text()[-3000:]}\n")
-        raise
-    finally:
-        mesh.close()
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +67,8 @@ def test_every_strategy_via_every_node_is_exact(mesh3: LocalMesh, model: str) ->
         used.update(meta["devices"])
         if strategy == "local":
             assert meta["devices"] == [mesh3.nodes[via].name]
-        if strategy == "edgeci":
-            assert meta["auction_rounds"] >= 1
+        if strategy == "edgeci" and len(meta["devices"]) > 1:
+            assert meta["auction_rounds"] >= 1  # (DPFL may keep a small input on one device: no auction)
     assert used == {n.name for n in mesh3.nodes}  # the mesh really shared the work
 
 

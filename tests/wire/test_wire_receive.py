@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Callable
 
 import pytest
@@ -258,5 +259,38 @@ async def test_a_frame_read_late_is_timed_by_when_its_tail_reached_the_kernel() 
         assert same_message(got, msg)
         _, seconds = server_conn.last_arrival.rate_sample(min_bytes=1)
         assert 0.1 <= seconds < 0.3, seconds  # the ~0.18 s it streamed, not the 0.48 s until read
+    finally:
+        await close_pair(client, server_conn, server)
+
+
+async def test_bytes_of_an_unfinished_frame_and_bytes_nobody_reads_prove_the_peer_alive() -> None:
+    """`heard_at()` moves with every byte that arrives, not with whole frames: half a frame
+    counts, and so do bytes the kernel took while the receiver did not read (its queue full,
+    or its loop busy)."""
+    import time
+
+    from wire_helpers import frame_bytes
+
+    from meshci.wire.protocol import _kernel_idle_s
+
+    client, server_conn, server = await _pair(secret=None)
+    try:
+        data = frame_bytes(Message(MsgType.TILE, 8, {}, (torch.arange(1 << 18, dtype=torch.float32),)))
+        before = server_conn.heard_at()
+        await asyncio.sleep(0.05)
+        client._transport.write(data[: len(data) // 2])  # half a frame: no message yet
+        await _wait_for(lambda: server_conn._proto._partial >= len(data) // 2)  # all of it read
+        assert server_conn.heard_at() > before
+        assert server_conn._proto._messages == deque()
+        half = server_conn.heard_at()
+        server_conn._proto.transport.pause_reading()  # the receiver reads nothing more
+        await asyncio.sleep(0.05)
+        client._transport.write(data[len(data) // 2:])
+        time.sleep(0.05)  # the bytes reach the kernel, not the application
+        if _kernel_idle_s(server_conn._proto._sock) is not None:  # where TCP_INFO tells
+            assert server_conn.heard_at() > half  # the kernel says they came
+        server_conn._proto.transport.resume_reading()
+        got = await asyncio.wait_for(server_conn.recv(), WAIT)
+        assert got.request_id == 8 and server_conn.heard_at() > half
     finally:
         await close_pair(client, server_conn, server)

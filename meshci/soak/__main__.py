@@ -1,0 +1,5 @@
+import sys
+
+from meshci.soak.run import main
+
+sys.exit(main())
