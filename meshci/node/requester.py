@@ -370,6 +370,7 @@ class Requester:
             return False
         if not req.done.done():
             if lost is not None and lost in req.devices and lost != self.name:
+                # `lost` may be the sender itself (it lost its link to us and dropped its work)
                 req.done.set_exception(DeviceLost(lost, reason))
             else:
                 req.done.set_exception(RequestFailed(reason))

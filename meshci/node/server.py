@@ -496,9 +496,10 @@ class Node(NodeReports):
     def _connection_lost(self, name: str, ours: bool) -> None:
         self.membership.on_disconnect(name, time.monotonic())
         if ours and not self.stopped:
-            self.keeper.link_lost(name)
-        # frames of a running attempt may have gone with the connection: the attempts the
-        # peer takes part in run again without it (`attempts.py`)
+            self.keeper.link_lost(name)  # re-dials it; the requests using it run again without it
+            return
+        # a connection it opened to us: frames of a running attempt may have gone with it,
+        # the attempts the peer takes part in run again without it (`attempts.py`)
         self.requester.device_down(name, "its connection was lost")
         for rid, requester in self.worker.with_device(name):
             # our pieces to it (or its to us) may be lost: its requester runs the request again
