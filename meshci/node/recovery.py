@@ -6,9 +6,10 @@
   ends the current attempt; `on_lost` says whether to run the request again on the
   survivors (`Retry`, the lost devices excluded) or to give up with one clear reason
   (`GiveUp`: the deadline passed, too many attempts, nobody left).
-* `BackOff` — devices that keep failing are avoided for a while, the while doubling with
-  each failure up to a cap (as Petals bans unreliable servers), and forgotten after a
-  quiet spell or a request they completed.
+* `BackOff` — devices that keep failing are avoided for a while: from the second failure
+  in a row, the while doubling with each further failure up to a cap (as Petals bans
+  unreliable servers); failures are forgotten after a quiet spell or a request they
+  completed.
 * `deadline_s` — the deadline an INFER or a PLAN carries, checked as hostile input.
 """
 
@@ -23,7 +24,7 @@ DEFAULT_DEADLINE_S = 300.0  # a cold first request builds the model (up to 240 s
 MAX_DEADLINE_S = 900.0  # what a client may ask for; worker state outlives no request longer
 MIN_DEADLINE_S = 0.05
 MAX_ATTEMPTS = 4  # a request is run at most this many times (its first run included)
-BACKOFF_BASE_S = 2.0  # a device that failed once is avoided this long ...
+BACKOFF_BASE_S = 2.0  # a device that failed twice is avoided this long ...
 BACKOFF_MAX_S = 120.0  # ... doubling with each further failure, up to this
 BACKOFF_FORGET_S = 600.0  # failures older than this (with none since) are forgotten
 
@@ -130,7 +131,9 @@ class BackOff:
             failures = 1
         else:
             failures = record.failures + 1
-        wait = min(self.cap_s, self.base_s * 2.0 ** (failures - 1))
+        # once is not "keeps failing" (a link that dropped and healed): the request that lost
+        # it runs on without it anyway; from the second failure on it is avoided
+        wait = 0.0 if failures == 1 else min(self.cap_s, self.base_s * 2.0 ** (failures - 2))
         self._records[name] = _Record(failures, now, now + wait)
         while len(self._records) > self.max_devices:
             del self._records[min(self._records, key=lambda n: self._records[n].last)]

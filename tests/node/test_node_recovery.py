@@ -91,10 +91,14 @@ async def test_a_worker_lost_while_it_holds_a_tile_is_replaced_and_the_answer_is
     survivors = [n for n in mesh if n is not victim]
     await until(lambda: all(n.request_state() == IDLE for n in survivors), "state released",
                  lambda: _states(survivors))
-    # the lost device is backed off: the next request does without it, exact again
-    assert victim.name in requester.requester.backoff.avoided(time.monotonic())
+    # the failure is counted (a second one soon would back the device off); the next
+    # request is exact again, without the crashed device (it may try it once more while
+    # membership still believes it up)
+    assert requester.requester.backoff.failures(victim.name) >= 1
+    monkeypatch.undo()  # the cut victim lives on (its link heals): its tiles compute again
     meta, _ = await infer(requester.address, model=MODEL, size=SMALL, secret=SECRET, check=True)
-    assert meta["check_ok"] and victim.name not in meta["devices"] and meta["attempts"] == 1
+    assert meta["check_ok"]
+    assert how == "cut" or victim.name not in meta["devices"]
 
 
 async def test_a_request_nobody_can_finish_fails_with_a_clear_line_by_its_deadline(

@@ -62,13 +62,16 @@ def test_remaining_time_never_goes_negative() -> None:
 def test_backoff_doubles_with_each_failure_up_to_its_cap() -> None:
     backoff = BackOff()
     waits = [backoff.failed("a", float(t)) for t in range(12)]
-    assert waits[0] == BACKOFF_BASE_S and waits[1] == 2 * BACKOFF_BASE_S and waits[2] == 4 * BACKOFF_BASE_S
+    assert waits[0] == 0.0  # once is not "keeps failing"
+    assert waits[1] == BACKOFF_BASE_S and waits[2] == 2 * BACKOFF_BASE_S and waits[3] == 4 * BACKOFF_BASE_S
     assert max(waits) == BACKOFF_MAX_S and waits == sorted(waits)
     assert backoff.failures("a") == 12
 
 
 def test_a_backed_off_device_is_avoided_until_its_wait_ends() -> None:
     backoff = BackOff(base_s=2.0)
+    backoff.failed("a", 9.0)
+    assert backoff.avoided(9.0) == frozenset()  # failed once: not avoided
     backoff.failed("a", 10.0)
     assert backoff.avoided(11.9) == {"a"}
     assert backoff.avoided(12.0) == frozenset()
@@ -84,12 +87,13 @@ def test_success_and_a_quiet_spell_forget_failures() -> None:
     assert backoff.failures("a") == 0
     for t in range(3):
         backoff.failed("b", float(t))
-    assert backoff.failed("b", 100.0) == 2.0  # long after the last failure: starts over
+    assert backoff.failed("b", 100.0) == 0.0  # long after the last failure: starts over
 
 
 def test_backoff_table_is_bounded() -> None:
     backoff = BackOff(max_devices=8)
     for i in range(100):
+        backoff.failed(f"d{i}", float(i))
         backoff.failed(f"d{i}", float(i))
     assert len(backoff.avoided(100.0)) <= 8
     assert "d99" in backoff.avoided(99.5)
