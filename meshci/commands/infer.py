@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from meshci.commands.common import add_client_arguments, client_target
-from meshci.errors import RuntimeFailure
+from meshci.errors import MeshciError, RuntimeFailure
 from meshci.images import PREPROCESSING, InputImageError, read_image, read_labels, top_labels
 from meshci.images.declared import declared_preprocessing
 from meshci.images.preprocess import NAMED, TENSOR_SUFFIXES
+from meshci.node.recovery import DEFAULT_DEADLINE_S, MAX_DEADLINE_S, DeadlineError, deadline_s
 
 if TYPE_CHECKING:
     from meshci.node.membership import Address
@@ -59,11 +60,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--trace", type=Path, metavar="FILE",
                    help="write the request's timeline to FILE as Chrome trace-event JSON (open it "
                         "in ui.perfetto.dev or chrome://tracing): one track per device")
+    p.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
+                   help="the request completes or fails within this many seconds (default "
+                        f"{DEFAULT_DEADLINE_S:.0f}, at most {MAX_DEADLINE_S:.0f}); devices lost on the way "
+                        "are replaced by the survivors")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the answer")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.deadline is not None:
+        try:
+            deadline_s(args.deadline, "--deadline")
+        except DeadlineError as exc:
+            raise MeshciError(str(exc)) from exc
     via, secret = client_target(args)
     model = args.model
     if args.weights is not None:
@@ -106,7 +116,7 @@ async def _ask(args: argparse.Namespace, via: Address, secret: bytes | None, mod
     meta, logits = await infer(
         via, model=model, strategy=args.strategy, seed=args.weights_seed, size=size,
         image=image, input_seed=args.seed, check=args.check, details=args.json, secret=secret,
-        insecure=args.insecure, timeout=args.timeout)
+        insecure=args.insecure, timeout=args.timeout, deadline=args.deadline)
     trace = None
     if args.trace is not None:
         trace = await collect_trace(via, meta, secret=secret, insecure=args.insecure)

@@ -20,6 +20,10 @@ if TYPE_CHECKING:
     import torch
 
 
+# past its deadline a request's answer (an ERROR saying so) is this late at most
+DEADLINE_GRACE_S = 10.0
+
+
 class RequestError(RuntimeFailure):
     """The node answered with an ERROR, or could not be reached. Exit status 1, or 2 when
     the node said the request itself was wrong (`usage`: unknown model, impossible size)."""
@@ -100,13 +104,17 @@ async def infer(address: Address, *, model: str, strategy: str = "edgeci", seed:
                 size: tuple[int, int] = (224, 224), image: torch.Tensor | np.ndarray | None = None,
                 input_seed: int = 0, check: bool = False, details: bool = False, secret: bytes | None,
                 insecure: bool = False, ssl_context: ssl.SSLContext | None = None,
-                timeout: float = 600.0) -> tuple[dict[str, Any], Any]:
+                timeout: float = 600.0, deadline: float | None = None) -> tuple[dict[str, Any], Any]:
     """One request; returns the answer's meta and the logits (a torch tensor when this
     process has imported torch, else a numpy array). The meta gains `client_latency_s`: the wall time at the client
     from opening the connection to holding the logits (what a user waits for), and
-    `connect_s`, the part of it spent connecting and authenticating."""
+    `connect_s`, the part of it spent connecting and authenticating. `deadline`: seconds
+    the request may take (the node's default when None); the node answers by then, so the
+    wait ends a little after it at the latest."""
     msg = infer_message(model=model, strategy=strategy, seed=seed, size=size, image=image,
-                        input_seed=input_seed, check=check, details=details)
+                        input_seed=input_seed, check=check, details=details, deadline=deadline)
+    if deadline is not None:
+        timeout = min(timeout, deadline + DEADLINE_GRACE_S)
     timings: dict[str, float] = {}
     reply = await ask(address, msg, secret=secret, insecure=insecure, ssl_context=ssl_context,
                       timeout=timeout, timings=timings)
@@ -118,10 +126,13 @@ async def infer(address: Address, *, model: str, strategy: str = "edgeci", seed:
 
 def infer_message(*, model: str, strategy: str = "edgeci", seed: int = 0, size: tuple[int, int] = (224, 224),
                   image: torch.Tensor | np.ndarray | None = None, input_seed: int = 0, check: bool = False,
-                  details: bool = False) -> Message:
-    """The INFER message of one request (a fresh random request id)."""
-    meta = {"model": model, "strategy": strategy, "seed": seed, "size": list(size),
-            "input_seed": input_seed, "check": check, "details": details}
+                  details: bool = False, deadline: float | None = None) -> Message:
+    """The INFER message of one request (a fresh random request id); `deadline`: seconds
+    it may take (the node's default when None)."""
+    meta: dict[str, Any] = {"model": model, "strategy": strategy, "seed": seed, "size": list(size),
+                            "input_seed": input_seed, "check": check, "details": details}
+    if deadline is not None:
+        meta["deadline_s"] = deadline
     if isinstance(image, np.ndarray):
         tensors: tuple[Any, ...] = (np.ascontiguousarray(image),)
     else:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from meshci.node.fields import FieldError, integer, number, text
+from meshci.node.recovery import DEFAULT_DEADLINE_S, deadline_s
 from meshci.planning import STRATEGIES
 
 MAX_INPUT_SIDE = 4096
@@ -33,6 +34,7 @@ class InferRequest:
     check: bool
     details: bool
     x: torch.Tensor  # (1, 3, H, W)
+    deadline_s: float = DEFAULT_DEADLINE_S  # it completes or fails within this (`meshci.node.recovery`)
 
 
 def parse_infer(meta: dict[str, Any], tensors: tuple[torch.Tensor, ...]) -> InferRequest:
@@ -42,7 +44,7 @@ def parse_infer(meta: dict[str, Any], tensors: tuple[torch.Tensor, ...]) -> Infe
         raise RequestInputError(f"unknown strategy {str(strategy)[:40]!r} (known: {', '.join(STRATEGIES)})")
     return InferRequest(model_name(meta.get("model")), seed(meta.get("seed", 0)), strategy,
                         flag(meta.get("check", False), "check"), flag(meta.get("details", False), "details"),
-                        request_input(meta, tensors))
+                        request_input(meta, tensors), deadline_s(meta.get("deadline_s", DEFAULT_DEADLINE_S)))
 
 
 def model_name(value: Any) -> str:

@@ -64,7 +64,10 @@ class LinkKeeper:
         for rid, work in list(node.worker.contexts.items()):
             # our work for that requester, or for a request that device takes part in
             if work.requester == name or (work.run is not None and name in work.run.plan.devices):
-                node.spawn(node.fail_request(rid, work.requester, reason))
+                # `lost`: the device its requester runs the request again without (`attempts.py`):
+                # the one we lost, or, when we lost the requester itself, us
+                lost = node.name if work.requester == name else name
+                node.spawn(node.fail_request(rid, work.requester, reason, lost=lost))
         peer = node.membership.peer(name)
         if peer is not None and peer.heard_directly and not peer.left and not node.connections.is_open(name) \
                 and self.redialer.due(name, time.monotonic()):

@@ -40,6 +40,7 @@ class NodeMetrics:
     auctions_won: int = 0
     auctions_lost: int = 0
     peer_failures: int = 0
+    requests_retried: int = 0  # attempts run again after a device was lost (`node/attempts.py`)
 
     def request_done(self, seconds: float, ok: bool) -> None:
         if ok:
@@ -88,13 +89,16 @@ def families(node: Node) -> list[Any]:
     auctions.add_metric(["lost"], m.auctions_lost)
     failures = CounterMetricFamily("meshci_peer_failures", "Peers this node saw fail (declared dead, unreachable)")
     failures.add_metric([], m.peer_failures)
+    retried = CounterMetricFamily("meshci_request_retries",
+                                  "Requests run again on the survivors after a device was lost")
+    retried.add_metric([], m.requests_retried)
     peers = GaugeMetricFamily("meshci_peers_alive", "Members this node believes up, itself excluded")
     peers.add_metric([], len(node.membership.alive()))
     in_flight = GaugeMetricFamily("meshci_requests_in_flight", "Requests this node is requester of now")
     in_flight.add_metric([], len(node.requester.contexts))
     backlog = GaugeMetricFamily("meshci_backlog_seconds", "Seconds of tile work queued on this node")
     backlog.add_metric([], max(0.0, node.runtime.queued_s))
-    return [requests, latency, sent, received, tiles, auctions, failures, peers, in_flight, backlog]
+    return [requests, latency, sent, received, tiles, auctions, failures, retried, peers, in_flight, backlog]
 
 
 def by_member(table: dict[str, int], node: Node) -> dict[str, int]:

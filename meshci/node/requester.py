@@ -42,12 +42,14 @@ from meshci.cost.cluster import Cluster
 from meshci.errors import MeshciError, PlanningError
 from meshci.models.registry import check_model_allowed
 from meshci.node.auction import NetworkAuction, auction_items, awarded_plan
+from meshci.node.attempts import before_deadline, run_attempts
 from meshci.node.fields import shown
-from meshci.node.inputs import MAX_INPUT_SIDE, head_report, parse_infer, request_input
+from meshci.node.inputs import MAX_INPUT_SIDE, InferRequest, head_report, parse_infer, request_input
 from meshci.node.latency import PlanCalibration, plan_hops
 from meshci.node.memory_budget import MemoryFit
 from meshci.node.model_cache import LOAD_TIMEOUT_S, LoadedModel
 from meshci.node.pieces import encode as encode_pieces
+from meshci.node.recovery import MIN_DEADLINE_S, BackOff, DeviceLost, Recovery
 from meshci.node.request import RequesterRun, RequestStateError, SendPiece, cluster_from_view, device_signature
 from meshci.node.standing import (
     AUCTION_MIN_S,
@@ -56,7 +58,6 @@ from meshci.node.standing import (
     Standing,
     _bidder_signature,
     _distributed,
-    _link_signature,
     _ratio_signature,
     _shares,
     judged_award,
@@ -110,6 +111,7 @@ class Requester:
         self._curves_seen: dict[str, int] = {}  # device -> hash of the curves last planned with
         self._evaluated_at: dict[str, float] = {}  # plan digest -> when its prediction was last computed
         self.requests_served = 0
+        self.backoff = BackOff()  # devices that failed requests recently, avoided for a while
 
     # ---- serving a client ------------------------------------------------------------
     async def on_infer(self, conn: Connection, msg: Message) -> bool:
@@ -148,68 +150,22 @@ class Requester:
         return True
 
     async def infer(self, msg: Message) -> tuple[dict[str, Any], torch.Tensor, Callable[[], None]]:
-        from meshci.node.server import REQUEST_TIMEOUT_S, RequestFailed
-
         node = self.node
         began = time.perf_counter()
         asked = parse_infer(msg.meta, msg.tensors)
+        recovery = Recovery(time.monotonic() + asked.deadline_s, asked.deadline_s)
         model, seed, strategy, x = asked.model, asked.seed, asked.strategy, asked.x
         check_model_allowed(model, node.config.allow_models)
         size = (int(x.shape[-2]), int(x.shape[-1]))
-        try:
-            loaded = await asyncio.wait_for(self.runtime.load(model, seed, size), LOAD_TIMEOUT_S)
-        except TimeoutError as exc:
-            # the build helper is stuck or the model is too large for this node
-            raise RequestFailed(f"building {model} at {size[0]}x{size[1]} took over {LOAD_TIMEOUT_S:.0f} s") from exc
+        # the build helper stuck, or the model too large for this node
+        loaded = await before_deadline(recovery, self.runtime.load(model, seed, size),
+                                       f"building {model} at {size[0]}x{size[1]}", LOAD_TIMEOUT_S)
         loaded_at = time.perf_counter()
-
-        budgets = {p.name: p.advert.memory_mb for p in node.membership.alive()}  # `memory_budget`
-        leave_out = await node.shipping.refusers(model) | self.memory.leave_out(model, size, budgets)
-        raw_cluster, cluster = self._clusters(model, size, strategy, leave_out)
-        # by the devices present: a plan never names a device that is gone; what the devices
-        # are (speed, curves) and the links cost re-plan in the background (`_refresh`)
-        key = (model, seed, size, strategy, frozenset(d.name for d in raw_cluster.devices))
-        links = (device_signature(raw_cluster) + _link_signature(cluster)
-                 + _ratio_signature(self.calibration.compute_ratio))
-        standing = self.standing.get(key)
-        if standing is None:
-            # the first request of this kind waits for its plan; later ones never do
-            plan = await asyncio.get_running_loop().run_in_executor(PLANNER, make_plan, loaded.trunk, cluster, strategy)
-            standing = self.standing[key] = Standing(plan, links, time.monotonic())
-            while len(self.standing) > STANDING_PLANS:
-                self.standing.popitem(last=False)
-        self.standing.move_to_end(key)
-        planned_at = time.perf_counter()
-        self._refresh(standing, loaded, raw_cluster, cluster, strategy, links)
-        if self.memory.check(model, size, loaded.trunk, standing.current, budgets, self.name):
-            return await self.infer(msg)  # planned again without the peers it did not fit
-        plan, shipped, shipped_bytes = await node.shipping.prepare(standing.current, loaded, model)
-
-        rid = random.getrandbits(62) | 1
-        run = RequesterRun(plan, self.name, loaded.geometry(plan))
+        done = await run_attempts(self, recovery, asked, loaded, size)
+        plan, standing, raw_cluster, ctx, rid = done.plan, done.standing, done.raw_cluster, done.ctx, done.rid
+        logits, head, planned_at, sent_at = done.logits, done.head, done.planned_at, done.sent_at
+        shipped_bytes = done.shipped_bytes
         devices = plan.devices
-        loop = asyncio.get_running_loop()
-        ctx = RequesterContext(run, loaded, loop.create_future(), frozenset(devices), plan.head_plan.device,
-                               shipped=shipped)
-        self.contexts[rid] = ctx
-        try:
-            try:
-                sent_at = time.perf_counter()
-                await self._start(rid, ctx, plan, x, model, seed, size, asked.check)
-                logits, head = await asyncio.wait_for(ctx.done, REQUEST_TIMEOUT_S)
-            except WireError as exc:
-                # a device could not be reached (PLAN or input tiles): the request fails, with why
-                raise RequestFailed(f"lost a device during the request: {exc}") from exc
-            except TimeoutError as exc:
-                # pieces never all arrived (a silent device): fail instead of waiting forever
-                raise RequestFailed(f"request timed out after {REQUEST_TIMEOUT_S:.0f} s") from exc
-            finally:
-                self.contexts.pop(rid, None)
-        except Exception as exc:
-            # the request failed here: tell every participant (bidders, devices) to drop its
-            # state and commitments, then let the caller answer the client with the reason
-            node.cancel_everywhere(rid, set(devices), str(exc) or type(exc).__name__)
-            raise
         done_at = time.perf_counter()
         digest = plan.digest()
         shares = standing.shares.get(digest)
@@ -237,6 +193,8 @@ class Requester:
             "routing": plan.routing,
             "blocks": len(plan.blocks),
             "predicted_latency_s": plan.predicted_latency_s,
+            "attempts": recovery.attempt,  # more than 1: devices were lost and it ran again
+            "lost": list(recovery.lost),
         }
         for name in ("max_abs_diff", "check_ok"):
             if name in head:
@@ -275,10 +233,12 @@ class Requester:
             self._curves_seen[device.name] = seen
         return raw, self.calibration.apply(raw, strategy)
 
-    async def _start(self, rid: int, ctx: RequesterContext, plan: Plan, x: torch.Tensor, model: str,
-                     seed: int, size: tuple[int, int], check: bool) -> None:
+    async def start(self, rid: int, ctx: RequesterContext, plan: Plan, asked: InferRequest,
+                    size: tuple[int, int], deadline_s: float) -> None:
         """Send every device of the plan its PLAN frame with its first-block pieces (the
-        plan itself only to peers that do not hold it yet); ourselves last."""
+        plan itself only to peers that do not hold it yet) and the seconds left before the
+        request's deadline; ourselves last. DeviceLost when a device cannot be reached."""
+        x, model, seed, check = asked.x, asked.model, asked.seed, asked.check
         first: dict[str, list[SendPiece]] = defaultdict(list)
         for action in ctx.run.start(x):
             if isinstance(action, SendPiece):
@@ -292,7 +252,7 @@ class Requester:
                 pieces.append((0, Region(0, size[0], 0, size[1]), "input", x))
             listed, tensors = encode_pieces(pieces)
             meta: dict[str, Any] = {"digest": digest, "model": model, "seed": seed, "size": list(size),
-                                    "pieces": listed}
+                                    "pieces": listed, "deadline_s": max(MIN_DEADLINE_S, deadline_s)}
             if not self._holds(device, digest):
                 meta["plan"] = plan.to_json()
             if device in ctx.shipped:
@@ -302,7 +262,10 @@ class Requester:
                 continue
             ctx.messages[device] = Message(MsgType.PLAN, rid, meta, tensors)
             began = time.time()
-            await self.node.send_to(device, ctx.messages[device])
+            try:
+                await self.node.send_to(device, ctx.messages[device])
+            except WireError as exc:
+                raise DeviceLost(device, f"cannot send it its PLAN: {exc}") from exc
             self.node.trace.record(rid, Span(f"plan and input to {device}", "send", began, time.time() - began,
                                              {"to": device, "pieces": len(pieces)}))
             self._sent(device, digest)
@@ -396,32 +359,41 @@ class Requester:
         if not req.done.done():
             req.done.set_result((logits, report))
 
-    def fail(self, rid: int, reason: str) -> bool:
-        """Fail request `rid` if this node is its requester; whether it was."""
+    def fail(self, rid: int, reason: str, *, lost: str | None = None) -> bool:
+        """Fail request `rid`'s attempt if this node is its requester; whether it was.
+        `lost`: a device of the attempt that cannot be reached (the attempt is run again
+        without it, `attempts.run_attempts`); otherwise the request fails with `reason`."""
         from meshci.node.server import RequestFailed
 
         req = self.contexts.get(rid)
         if req is None:
             return False
         if not req.done.done():
-            req.done.set_exception(RequestFailed(reason))
+            if lost is not None and lost in req.devices and lost != self.name:
+                # `lost` may be the sender itself (it lost its link to us and dropped its work)
+                req.done.set_exception(DeviceLost(lost, reason))
+            else:
+                req.done.set_exception(RequestFailed(reason))
         return True
 
-    def on_error(self, sender: str, rid: int, reason: str) -> None:
-        """An ERROR about a request from a peer: only one of its devices may fail it."""
+    def on_error(self, sender: str, rid: int, reason: str, lost: str | None = None) -> None:
+        """An ERROR about a request from a peer: only one of its devices may fail it (and
+        say which other device of it it cannot reach, `lost`)."""
         ctx = self.contexts.get(rid)
         if ctx is not None and sender not in ctx.devices:
             # only a device of the request may fail it: another client's ERROR is not a reason
             log.warning("ignoring an error about request %d from %r, not one of its devices", rid, sender)
         elif ctx is not None:
-            self.fail(rid, f"{sender}: {reason}")
+            self.fail(rid, f"{sender}: {reason}", lost=lost)
         else:
             log.warning("error from %s about request %d: %s", sender, rid, reason)
 
     def device_down(self, name: str, reason: str) -> None:
+        """A device died, left or was cut off: every attempt it takes part in ends (and
+        runs again without it)."""
         for rid, ctx in list(self.contexts.items()):
             if name in ctx.devices:
-                self.fail(rid, f"device {name} failed during the request: {reason}")
+                self.fail(rid, f"device {name} failed during the request: {reason}", lost=name)
 
     def sweep(self, now: float) -> None:
         """Standing plans are kept (least recently used beyond `STANDING_PLANS`); nothing

@@ -34,6 +34,7 @@ from meshci.cost.cluster import LinkSpec
 from meshci.cost.links import LinkEstimator
 from meshci.cost.profiling import default_data_dir
 from meshci.errors import MeshciError, RuntimeFailure
+from meshci.node.attempts import while_connected
 from meshci.node.auction import AUCTION_KINDS, from_message, to_message
 from meshci.node.connections import TLS_HANDSHAKE_TIMEOUT_S, Connections
 from meshci.node.fields import MAX_SECONDS, number, reason, shown
@@ -45,6 +46,7 @@ from meshci.node.membership import (HEARTBEAT_INTERVAL_S, LEFT_THE_MESH, Address
 from meshci.node.memory_budget import default_budget_mb
 from meshci.node.metrics import NodeMetrics
 from meshci.node.pieces import Piece, decode as decode_pieces, encode as encode_pieces
+from meshci.node.recovery import MAX_DEADLINE_S
 from meshci.node.request import Action, Compute, RequestStateError, RunHead, SendPiece, tensor_bytes
 from meshci.node.reports import NodeReports
 from meshci.node.requester import Requester
@@ -62,12 +64,12 @@ log = logging.getLogger(__name__)
 __all__ = ["HEARTBEAT_INTERVAL_S", "JoinFailed", "JoinRefused", "Node", "NodeConfig", "RequestFailed"]
 
 LOOPBACK_LINK = LinkSpec(mbps=1000.0, latency_ms=0.2)
-# Timeouts, one consistent chain: a worker that cannot build its model within
-# REQUEST_TIMEOUT_S fails the request (so its requester hears why before giving up); the
-# requester waits REQUEST_TIMEOUT_S for the trunk and then cancels the request everywhere;
-# worker state no cancel reached is swept WORK_TTL_S after it was created (longer than any
-# request can live).
-REQUEST_TIMEOUT_S = 300.0
+# Timeouts, one consistent chain: every request has a deadline (`meshci infer --deadline`,
+# at most MAX_DEADLINE_S): its requester answers the client by then and cancels the request
+# everywhere; a worker drops a request's state once the deadline its PLAN carried passed
+# (`worker.DEADLINE_GRACE_S` later); worker state no cancel or deadline reached is swept
+# WORK_TTL_S after it was created (longer than any request can live).
+REQUEST_TIMEOUT_S = MAX_DEADLINE_S
 WORK_TTL_S = REQUEST_TIMEOUT_S + 60.0
 CANCEL_SEND_TIMEOUT_S = 5.0
 LEAVE_TIMEOUT_S = 2.0  # close() waits at most this for its LEAVE notices
@@ -269,8 +271,11 @@ class Node(NodeReports):
 
     async def _serve_infer(self, conn: Connection, msg: Message) -> None:
         began = time.perf_counter()
-        ok = await self.requester.on_infer(conn, msg)
-        self.metrics.request_done(time.perf_counter() - began, ok)
+        connected, ok = await while_connected(conn, self.requester.on_infer(conn, msg))
+        if not connected:
+            # the client went away: its request was cancelled everywhere (`attempts.py`)
+            log.info("request %d: the client went away; its work is cancelled", msg.request_id)
+        self.metrics.request_done(time.perf_counter() - began, bool(ok))
 
     async def _on_plan(self, conn: Connection, msg: Message) -> None:
         if msg.meta.get("op") == "need_plan":
@@ -322,8 +327,10 @@ class Node(NodeReports):
             answer = {"members": self.members()}
         elif op == "trace":
             answer = self.trace_answer(msg.meta.get("request"))
+        elif op == "request":
+            answer = {"name": self.name, **self.request_state()}
         else:
-            raise ValueError("STATE is only answered for op stats, peers and trace")
+            raise ValueError("STATE is only answered for op stats, peers, trace and request")
         await self.connections.send(conn, Message(MsgType.STATE, msg.request_id, answer))
 
     async def _on_error(self, conn: Connection, msg: Message) -> None:
@@ -332,7 +339,8 @@ class Node(NodeReports):
         if msg.meta.get("op") == "cancel":
             self.worker.on_cancel(conn.peer_name, rid, why, quiet=msg.meta.get("quiet") is True)
         else:
-            self.requester.on_error(conn.peer_name, rid, why)
+            lost = msg.meta.get("lost")
+            self.requester.on_error(conn.peer_name, rid, why, lost if isinstance(lost, str) else None)
 
     async def _on_auction(self, conn: Connection, msg: Message) -> None:
         try:
@@ -404,7 +412,7 @@ class Node(NodeReports):
                                          "bytes": sum(tensor_bytes(t) for t in tensors)}))
         except WireError as exc:
             # the next device is gone: the request cannot complete, its requester must know
-            await self.fail_request(rid, self._requester_of(rid), f"cannot reach {dest}: {exc}")
+            await self.fail_request(rid, self._requester_of(rid), f"cannot reach {dest}: {exc}", lost=dest)
             return
         # no bandwidth sample here: send() returns when the bytes reach the socket buffer,
         # not the peer; the receiver measures the link as delivered (`_on_tile`)
@@ -443,15 +451,19 @@ class Node(NodeReports):
                                     f"error on {self.name}: {type(exc).__name__}: {exc}")
 
     # ---- failures ------------------------------------------------------------------
-    async def fail_request(self, rid: int, requester: str, reason: str) -> None:
+    async def fail_request(self, rid: int, requester: str, reason: str, *, lost: str | None = None) -> None:
+        """Request `rid` cannot complete here: drop its work and tell its requester why
+        (`lost`: the device of the request this node could not reach, so the requester runs
+        the request again without it)."""
         log.warning("request %d: %s", rid, reason)
         self.worker.cancel(rid, reason)
         if requester == self.name or rid in self.requester.contexts:
-            self.requester.fail(rid, reason)
+            self.requester.fail(rid, reason, lost=lost)
             return
         if requester:
+            meta = {"reason": reason, **({"lost": lost} if lost else {})}
             try:
-                await self.send_to(requester, Message(MsgType.ERROR, rid, {"reason": reason}))
+                await self.send_to(requester, Message(MsgType.ERROR, rid, meta))
             except WireError as exc:
                 # the requester is gone too: nobody left to tell
                 log.info("cannot tell %s that request %d failed: %s", requester, rid, exc)
@@ -484,7 +496,14 @@ class Node(NodeReports):
     def _connection_lost(self, name: str, ours: bool) -> None:
         self.membership.on_disconnect(name, time.monotonic())
         if ours and not self.stopped:
-            self.keeper.link_lost(name)
+            self.keeper.link_lost(name)  # re-dials it; the requests using it run again without it
+            return
+        # a connection it opened to us: frames of a running attempt may have gone with it,
+        # the attempts the peer takes part in run again without it (`attempts.py`)
+        self.requester.device_down(name, "its connection was lost")
+        for rid, requester in self.worker.with_device(name):
+            # our pieces to it (or its to us) may be lost: its requester runs the request again
+            self.spawn(self.fail_request(rid, requester, f"{self.name} lost its connection to {name}", lost=name))
 
     def _address_of(self, name: str) -> Address | None:
         peer = self.membership.peer(name)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from meshci.node.memory_budget import MemoryBudgetError, item_bytes, mb, plan_by
 from meshci.node.model_cache import LOAD_TIMEOUT_S, LoadedModel
 from meshci.node.oom import is_out_of_memory, tile_bytes, tile_out_of_memory
 from meshci.node.pieces import OrphanBudget, Piece, PieceFormatError, decode, nbytes
+from meshci.node.recovery import deadline_s
 from meshci.node.request import Compute, HeadRun, RequestStateError, RunHead, WorkerRun
 from meshci.node.trace import Span
 from meshci.planning import Plan
@@ -56,6 +58,7 @@ MAX_REQUESTERS = 64  # requesters whose plans are kept
 MAX_EARLY_CANCELS = 4096  # cancels remembered for requests not seen yet
 MAX_CONTEXTS = 1024  # requests (and orphan piece sets) held at once
 MAX_BID_AUCTIONS = 256  # auctions this node's bidder takes part in at once
+DEADLINE_GRACE_S = 2.0  # a request's state is dropped this long after its deadline
 MAX_CANCELLED = 65536  # cancelled request ids remembered (their late PLANs and pieces refused)
 
 
@@ -73,6 +76,7 @@ class WorkerContext:
     plan_pending: bool = False  # a PLAN arrived and its model is loading: not an orphan
     waiting_for_plan: Message | None = None  # a PLAN by digest we did not know: asked for it
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)  # its tile and head work here
+    expires: float = math.inf  # its requester's deadline (PLAN `deadline_s`) plus a grace: dropped then
     reserved: int = 0  # bytes of this device's memory budget its tiles hold (`memory_budget`)
 
     def stop_work(self) -> None:
@@ -167,6 +171,8 @@ class Worker:
             if tuple(plan.input_shape[1:]) != size or plan.model != model:
                 raise ValueError(f"the plan is for {plan.model} at {plan.input_shape[1:]}, "
                                  f"the PLAN asks {shown(model)} at {size}")
+            if "deadline_s" in msg.meta:
+                ctx.expires = time.monotonic() + deadline_s(msg.meta["deadline_s"]) + DEADLINE_GRACE_S
             pieces = decode(msg.meta, msg.tensors)
             if "shipped" in msg.meta:  # a model its requester shipped here (`meshci.node.shipping`)
                 load = self.node.shipping.load(msg.meta, plan, model, seed(msg.meta.get("seed", 0)), size)
@@ -469,6 +475,13 @@ class Worker:
         else:
             log.warning("ignoring a cancel of request %d from %s, not its requester", rid, sender)
 
+    def with_device(self, name: str) -> list[tuple[int, str]]:
+        """(request id, requester) of the requests held here whose plan has `name` as one
+        of its devices (not as their requester): its connection lost, frames between us may
+        be lost with it, so each of those requesters must hear it (`Node._connection_lost`)."""
+        return [(rid, ctx.requester) for rid, ctx in self.contexts.items()
+                if ctx.run is not None and ctx.requester not in ("", name) and name in ctx.run.plan.devices]
+
     def requester_down(self, name: str, reason: str) -> None:
         """Work for a requester that died will never be gathered: forget it and its commitments."""
         for rid, work in list(self.contexts.items()):
@@ -490,6 +503,9 @@ class Worker:
             if ctx.run is None and not ctx.plan_pending and age > ORPHAN_PIECE_TTL_S:
                 log.warning("dropping %d pieces of request %d: no plan arrived", len(ctx.early), rid)
                 self.cancel(rid, "no plan arrived")
+            elif now > ctx.expires and not ctx.plan_pending:
+                # its requester answered its client by the deadline: nobody waits for it now
+                self.cancel(rid, "its deadline passed")
             elif age > WORK_TTL_S and not ctx.plan_pending:
                 # no cancel reached us (lost with its requester's connection): the request is over
                 self.cancel(rid, f"unfinished after {WORK_TTL_S:.0f} s")

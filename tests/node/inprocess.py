@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
+
+import pytest
 
 from meshci.node.membership import Address
 from meshci.node.runtime import Runtime
@@ -34,3 +37,15 @@ async def start_mesh(speeds: dict[str, float], secret: bytes, **config: Any) -> 
 async def crash(node: Node) -> None:
     """Stop `node` as a killed process would: no LEAVE, its sockets reset, its timers gone."""
     await node.halt()
+
+
+async def until(predicate: Callable[[], bool], what: str, show: Callable[[], Any] | None = None,
+                wait: float = 30.0) -> None:
+    """Wait for `predicate` (a safety net, `wait` seconds: no assertion depends on it); on
+    timeout fail saying what was awaited and what `show()` returns then."""
+    try:
+        async with asyncio.timeout(wait):
+            while not predicate():
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        pytest.fail(f"{what}: not after {wait} s" + (f"; now {show()}" if show is not None else ""))

@@ -101,6 +101,10 @@ def test_wrong_image_shape(tmp_path: Path) -> None:
      "cannot read secret file /nonexistent/mesh.key", 2),
     # nobody there: a runtime failure (exit 1), with what to check
     (["infer", "--via", "127.0.0.1:1", "--model", "vgg16", "--insecure"], "is a meshci node running there?", 1),
+    (["infer", "--via", "127.0.0.1:1", "--model", "vgg16", "--insecure", "--deadline", "0"],
+     "--deadline must be between", 2),
+    (["infer", "--via", "127.0.0.1:1", "--model", "vgg16", "--insecure", "--deadline", "nan"],
+     "--deadline must be between", 2),
 ])
 def test_cli_refusals_are_one_line(args: list[str], message: str, status: int) -> None:
     done = subprocess.run([sys.executable, "-m", "meshci", *args], capture_output=True, text=True, timeout=60)

@@ -89,7 +89,10 @@ async def test_a_worker_that_dies_mid_request_leaves_no_state_anywhere(mesh: lis
 
     for worker in mesh[1:]:
         monkeypatch.setattr(worker.runtime, "run_block", hang_on(worker))
-    request = asyncio.create_task(infer(requester.address, model=MODEL, size=SMALL, secret=SECRET))
+    # every worker is stuck: the attempt without the dead one cannot complete either, and
+    # the request fails at its deadline
+    request = asyncio.create_task(infer(requester.address, model=MODEL, size=SMALL, secret=SECRET,
+                                        deadline=8.0))
     dead = await asyncio.wait_for(stuck.get(), WAIT)
     survivor = next(n for n in mesh[1:] if n is not dead)
     assert dead.worker.contexts  # mid-request, holding tiles
