@@ -13,7 +13,7 @@ from meshci.cli import build_parser, log_level, main
 
 # modules whose stdout is their interface: the command line, and the testbed's helper
 # processes, which report to their parent over stdout
-TALKERS = ("commands", "cli.py", "testbed", "__main__.py")
+TALKERS = ("commands", "cli.py", "testbed", "soak", "__main__.py")  # command-line tools
 
 
 def test_levels() -> None:
