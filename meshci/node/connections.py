@@ -118,13 +118,7 @@ class Connections:
                 conn = self.outbound.get(name)
                 if conn is not None and not conn.closed:
                     return conn
-                address = self._address_of(name)
-                if address is None:
-                    raise ConnectionClosed(f"no address known for {name!r}")
-                conn = await self.open(address)
-                if conn.peer_name != name:
-                    conn.abort()
-                    raise ConnectionClosed(f"{address} answered as {conn.peer_name!r}, not {name!r}")
+                conn = await self._open_named(name)
                 self.adopt(name, conn)
                 await self.send(conn, self._greeting())
                 self._control_failed.pop(name, None)
@@ -136,6 +130,18 @@ class Connections:
             if not self._dial_waiters[name]:
                 del self._dial_waiters[name]
                 self._dialing.pop(name, None)
+
+    async def _open_named(self, name: str) -> Connection:
+        """A new authenticated connection to the member `name` (at its known address), or
+        ConnectionClosed when its address is unknown or another node answers there."""
+        address = self._address_of(name)
+        if address is None:
+            raise ConnectionClosed(f"no address known for {name!r}")
+        conn = await self.open(address)
+        if conn.peer_name != name:
+            conn.abort()
+            raise ConnectionClosed(f"{address} answered as {conn.peer_name!r}, not {name!r}")
+        return conn
 
     def is_open(self, name: str) -> bool:
         """Whether the bulk lane to `name` is up (the control lane follows it)."""
@@ -167,13 +173,7 @@ class Connections:
 
     async def _dial_control(self, name: str) -> None:
         try:
-            address = self._address_of(name)
-            if address is None:
-                raise ConnectionClosed(f"no address known for {name!r}")
-            conn = await self.open(address)
-            if conn.peer_name != name:
-                conn.abort()
-                raise ConnectionClosed(f"{address} answered as {conn.peer_name!r}, not {name!r}")
+            conn = await self._open_named(name)
             old = self.control.pop(name, None)
             if old is not None:
                 old.abort()
