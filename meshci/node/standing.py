@@ -23,7 +23,7 @@ REPLAN_MIN_S = 10.0  # ... at most this often: planning competes with tiles for 
 # a standing award is auctioned again at most this often: an auction costs every bidder
 # CPU, and the load it reacts to is mostly the requests it serves
 AUCTION_MIN_S = 10.0
-AWARD_SLACK = 0.02  # an award predicted this much slower than DPFL's own layout is not used
+AWARD_SLACK = 0.02  # an award predicted this much slower than DPFL's own layout is noted
 BACKLOG_STEP = 0.25  # a bidder's backlog moves a step per this share of the plan's latency
 
 
@@ -34,7 +34,7 @@ class Standing:
     plan: Plan
     links: tuple[Any, ...]  # the link and ratio signature it was made for
     made: float
-    awarded: Plan | None = None  # the layout requests use once the auction ran (the award, or DPFL's if better)
+    awarded: Plan | None = None  # the layout requests use once the auction ran
     award_note: str = "none"  # what `awarded` is, for the request's result
     bids_for: tuple[Any, ...] | None = None  # the bidder states the award was made for
     auctioned: float = -math.inf
@@ -84,21 +84,21 @@ def _shares(flops: Callable[[int, int, Region], float], plan: Plan) -> dict[str,
     return {name: value / total for name, value in sorted(work.items())}
 
 
-def judged_award(trunk: Any, cluster: Cluster, dpfl_plan: Plan, awarded: Plan,
-                 slack: float = AWARD_SLACK) -> tuple[Plan, str]:
-    """The layout requests should use, the auction's award or DPFL's own, judged by the one
-    cost model every strategy is measured by (`evaluate_plan` on the cluster the planner
-    used), with the winner's predicted latency from that judge. The award's own figure comes
-    from the bidders' linear strip costs, which miss transfers and the head; an award the
-    judge finds slower than DPFL's layout by more than `slack` is not used (a bidder's
-    backlog it reacted to is in the cluster too). Returns the plan and why."""
+def judged_award(trunk: Any, cluster: Cluster, dpfl_plan: Plan, awarded: Plan) -> tuple[Plan, str]:
+    """The award requests use, with its predicted latency from the one cost model every
+    strategy is measured by (`evaluate_plan` on the cluster the planner used): the award's
+    own figure comes from the bidders' linear strip costs, which miss transfers and the head.
+    The award itself stands even where the requester's view predicts DPFL's layout faster:
+    the bidders priced it from their own measured speed and load, which the requester's view
+    learns only later (a device whose quota was just halved). Returns the plan and a note
+    saying how the requester's view compares."""
     try:
         award_s, _ = evaluate_plan(trunk, cluster, awarded)
         dpfl_s, _ = evaluate_plan(trunk, cluster, dpfl_plan)
     except PlanningError as exc:
         # a device of the award left the view meanwhile: the award as it is (its request checks)
-        return awarded, f"not judged ({exc})"
-    if award_s <= dpfl_s * (1.0 + slack):
-        return replace(awarded, predicted_latency_s=award_s), "standing award"
-    return (replace(dpfl_plan, predicted_latency_s=dpfl_s, auction_rounds=awarded.auction_rounds),
-            f"DPFL's layout (the award was predicted {award_s * 1e3:.0f} ms, DPFL's {dpfl_s * 1e3:.0f} ms)")
+        return awarded, f"standing award (not judged: {exc})"
+    note = "standing award"
+    if award_s > dpfl_s * (1.0 + AWARD_SLACK):
+        note += f" (the requester's view predicts it {award_s * 1e3:.0f} ms, DPFL's layout {dpfl_s * 1e3:.0f} ms)"
+    return replace(awarded, predicted_latency_s=award_s), note

@@ -144,8 +144,11 @@ def test_halved_quota_gets_less_work(testbed):
     bed.set_cpu(testbed, "rpi4-b", 0.15)
     entry = bed.device_entry(testbed, "rpi4-b")
     assert bed.read_cpu(entry["cgroup"]) == f"{int(0.15 * entry['period_us'])} {entry['period_us']}"
-    after = _drive(testbed, "rpi4-a", ["rpi4-a"], [*args, "--repeat", "5"])
-    share_after = statistics.median(r["shares"].get("rpi4-b", 0.0) for r in after[2:])
+    # the mesh notices through the device's corrected curves and its bids; a standing plan is
+    # re-planned and re-auctioned in the background at most every 10 s (REPLAN_MIN_S,
+    # AUCTION_MIN_S), so the last requests of ~20 s of them are judged
+    after = _drive(testbed, "rpi4-a", ["rpi4-a"], [*args, "--repeat", "12"])
+    share_after = statistics.median(r["shares"].get("rpi4-b", 0.0) for r in after[-3:])
     print(f"\nrpi4-b share of edgeci's work: {share_before:.2f} at 0.30 CPU, {share_after:.2f} at 0.15 CPU")
     assert share_after < share_before
 
