@@ -91,14 +91,14 @@ def judged_award(trunk: Any, cluster: Cluster, dpfl_plan: Plan, awarded: Plan) -
     The award itself stands even where the requester's view predicts DPFL's layout faster:
     the bidders priced it from their own measured speed and load, which the requester's view
     learns only later (a device whose quota was just halved). Returns the plan and a note
-    saying how the requester's view compares."""
+    saying how the requester's view compares with DPFL's prediction for its own layout."""
     try:
         award_s, _ = evaluate_plan(trunk, cluster, awarded)
-        dpfl_s, _ = evaluate_plan(trunk, cluster, dpfl_plan)
     except PlanningError as exc:
         # a device of the award left the view meanwhile: the award as it is (its request checks)
         return awarded, f"standing award (not judged: {exc})"
     note = "standing award"
+    dpfl_s = dpfl_plan.predicted_latency_s  # by the same model when it was planned: no second evaluation
     if award_s > dpfl_s * (1.0 + AWARD_SLACK):
         note += f" (the requester's view predicts it {award_s * 1e3:.0f} ms, DPFL's layout {dpfl_s * 1e3:.0f} ms)"
     return replace(awarded, predicted_latency_s=award_s), note

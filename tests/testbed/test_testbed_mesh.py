@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from meshdrive import drive
 
 from meshci.testbed import bed
 from meshci.testbed.cpu import cgroup_support, list_groups
@@ -67,12 +68,7 @@ def testbed() -> Iterator[dict[str, Any]]:
 
 
 def _drive(state: dict[str, Any], device: str, vias: list[str], args: list[str]) -> list[dict[str, Any]]:
-    argv = [sys.executable, "-m", "meshci.testbed.drive", "--secret-file", state["secret_file"],
-            *(f"--via={bed.device_entry(state, v)['node']}" for v in vias), "--size", *SIZE, *args]
-    done = bed.run_in(state, device, argv, timeout=900)
-    results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    assert done.returncode == 0, (done.stderr[-3000:], [r.get("error") for r in results])
-    return results
+    return drive(state, device, vias, ["--size", *SIZE, *args])
 
 
 def _warm_up(state: dict[str, Any], models: tuple[str, ...], size: tuple[str, str] = SIZE) -> None:

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from meshdrive import drive
 
 from meshci.node.membership import DEAD_AFTER_S
 from meshci.testbed import bed
@@ -49,22 +49,13 @@ def testbed() -> Iterator[dict[str, Any]]:
         bed.down(name)
 
 
-def _drive(state: dict[str, Any], device: str, vias: list[str], args: list[str]) -> list[dict[str, Any]]:
-    argv = [sys.executable, "-m", "meshci.testbed.drive", "--secret-file", state["secret_file"],
-            *(f"--via={bed.device_entry(state, v)['node']}" for v in vias), *args]
-    done = bed.run_in(state, device, argv, timeout=900)
-    results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    assert done.returncode == 0, (done.stderr[-3000:], [r.get("error") for r in results])
-    return results
-
-
 def test_frames_slower_than_failure_detection_complete_and_nobody_is_declared_dead(
         testbed: dict[str, Any], tmp_path: Path) -> None:
     everyone = ["rpi4-a", "rpi4-b"]
     for device in everyone:  # build VGG-16 and measure its curves on each device first
-        _drive(testbed, device, [device], ["--model=vgg16", "--strategy=local", "--size", *SIZE])
+        drive(testbed, device, [device], ["--model=vgg16", "--strategy=local", "--size", *SIZE])
     trace_file = tmp_path / "trace.json"
-    [result] = _drive(testbed, "rpi4-a", ["rpi4-a"], ["--model=vgg16", "--strategy=modnn", "--size", *SIZE,
+    [result] = drive(testbed, "rpi4-a", ["rpi4-a"], ["--model=vgg16", "--strategy=modnn", "--size", *SIZE,
                                                        "--check", "--timeout", "900", "--trace", str(trace_file)])
     assert "error" not in result and result["check_ok"], result
     assert set(result["shares"]) == set(everyone) and all(s > 0 for s in result["shares"].values()), result
@@ -76,7 +67,7 @@ def test_frames_slower_than_failure_detection_complete_and_nobody_is_declared_de
           f"({sum(e['dur'] / 1e6 > DEAD_AFTER_S for e in receives)} of {len(receives)} frames over "
           f"{DEAD_AFTER_S:g} s)")
     assert slowest["dur"] / 1e6 > DEAD_AFTER_S  # frames outlasted the fixed failure timeout ...
-    views = {r["via"]: r["stats"] for r in _drive(testbed, "rpi4-a", everyone, ["--stats"])}
+    views = {r["via"]: r["stats"] for r in drive(testbed, "rpi4-a", everyone, ["--stats"])}
     for view in views.values():  # ... and neither node was ever declared dead
         assert view["peer_failures"] == 0, view["peers"]
         assert set(view["peers"].values()) == {"alive"}, view["peers"]
