@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,15 +14,20 @@ from meshci.node.runtime import Runtime
 from meshci.node.server import Node, NodeConfig
 
 
-async def start_mesh(speeds: dict[str, float], secret: bytes, **config: Any) -> list[Node]:
+async def start_mesh(speeds: dict[str, float], secret: bytes, *, data_root: Path | None = None,
+                     per_node: Mapping[str, Mapping[str, Any]] | None = None, **config: Any) -> list[Node]:
     """Nodes named and sped as `speeds` says, each joined through the first, once every node
-    sees all the others alive."""
+    sees all the others alive. `data_root`: each node its own data dir below it (profiles,
+    heads, shipped models); `per_node`: config fields of single nodes, beside `config`."""
     nodes: list[Node] = []
     try:
         for name, gflops in speeds.items():
             join = (nodes[0].address,) if nodes else ()
+            data_dir = None if data_root is None else data_root / name
+            fields = {**config, **(per_node or {}).get(name, {})}
             node = Node(NodeConfig(name, Address("127.0.0.1", 0), join=join, secret=secret, gflops=gflops,
-                                   **config), Runtime(1, isolate_builds=False))
+                                   data_dir=data_dir, **fields),
+                        Runtime(1, isolate_builds=False, data_dir=data_dir))
             await node.start()
             nodes.append(node)
         async with asyncio.timeout(30):

@@ -10,14 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from inprocess import start_mesh
+
 from meshci.auction.bidder import Bidder
 from meshci.auction.messages import Award, CallForBids, Item
 from meshci.models.registry import build_model
 from meshci.node.client import RequestError, infer
 from meshci.node.membership import Address
 from meshci.node.memory_budget import MemoryFit, plan_bytes, segment_weights, tile_bytes
-from meshci.node.runtime import Runtime
-from meshci.node.server import Node, NodeConfig
+from meshci.node.server import Node
 from meshci.planning import Plan
 from meshci.trunk import Region, extract_trunk
 
@@ -61,18 +62,8 @@ def test_bidder_bids_only_on_items_that_fit_and_declines_awards_beyond_its_budge
 
 
 async def _mesh(tmp_path: Path, budgets: dict[str, int | None]) -> list[Node]:
-    nodes: list[Node] = []
-    for name, budget in budgets.items():
-        join = (nodes[0].address,) if nodes else ()
-        node = Node(NodeConfig(name, Address("127.0.0.1", 0), join=join, secret=SECRET, memory_mb=budget,
-                               data_dir=tmp_path / name),
-                    Runtime(1, isolate_builds=False, data_dir=tmp_path / name))
-        await node.start()
-        nodes.append(node)
-    async with asyncio.timeout(30):
-        while not all(len(n.membership.alive()) == len(nodes) - 1 for n in nodes):
-            await asyncio.sleep(0.05)
-    return nodes
+    return await start_mesh(dict.fromkeys(budgets, 1.0), SECRET, data_root=tmp_path,
+                            per_node={name: {"memory_mb": budget} for name, budget in budgets.items()})
 
 
 async def test_a_device_with_a_small_budget_gets_no_tile_that_does_not_fit(tmp_path: Path) -> None:

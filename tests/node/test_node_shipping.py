@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from inprocess import start_mesh
+
 from meshci.models.registry import build_model
 from meshci.node.client import infer
 from meshci.node.membership import Address
@@ -84,19 +86,13 @@ def _tensors(obj) -> list[torch.Tensor]:
 
 
 async def _mesh(tmp_path: Path, accept: dict[str, bool]) -> list[Node]:
-    nodes: list[Node] = []
-    for name, accepts in accept.items():
-        join = (nodes[0].address,) if nodes else ()
-        allow = ("tests.node.shipmodels.*",) if not nodes else ()
-        node = Node(NodeConfig(name, Address("127.0.0.1", 0), join=join, secret=SECRET, allow_models=allow,
-                               accept_shipped_models=accepts, data_dir=tmp_path / name),
-                    Runtime(1, isolate_builds=False, data_dir=tmp_path / name))
-        await node.start()
-        nodes.append(node)
-    async with asyncio.timeout(30):
-        while not all(len(n.membership.alive()) == len(nodes) - 1 for n in nodes):
-            await asyncio.sleep(0.05)
-    return nodes
+    """The first node (the requester) may run the test's user models; the others take
+    shipped code as `accept` says."""
+    first = next(iter(accept))
+    per_node = {name: {"accept_shipped_models": accepts,
+                       "allow_models": ("tests.node.shipmodels.*",) if name == first else ()}
+                for name, accepts in accept.items()}
+    return await start_mesh(dict.fromkeys(accept, 1.0), SECRET, data_root=tmp_path, per_node=per_node)
 
 
 async def test_a_shipped_model_runs_exact_is_cached_and_a_tampered_entry_is_fetched_again(tmp_path: Path) -> None:
