@@ -84,15 +84,25 @@ def segment_weights(trunk: Any) -> list[int]:
     return sizes
 
 
-def tile_bytes(trunk: Any, start: int, end: int, out: Region) -> int:
-    """Activations of one tile of block [start, end): every map from its input (with halo)
-    to its output."""
+def _tile_maps(trunk: Any, start: int, end: int, out: Region) -> list[int]:
+    """Bytes of each map of one tile of block [start, end), from its input (with halo) to
+    its output."""
     regions = block_regions(trunk, start, end, out)
-    total = 0
-    for k, region in zip(range(start, end + 1), regions):
-        channels = trunk.boundary_shape(k)[0]
-        total += channels * region.area * ACTIVATION_BYTES
-    return total
+    return [trunk.boundary_shape(k)[0] * region.area * ACTIVATION_BYTES
+            for k, region in zip(range(start, end + 1), regions)]
+
+
+def tile_bytes(trunk: Any, start: int, end: int, out: Region) -> int:
+    """Activations of one tile of block [start, end) as a budget counts them: every map from
+    its input (with halo) to its output."""
+    return sum(_tile_maps(trunk, start, end, out))
+
+
+def tile_peak_bytes(trunk: Any, start: int, end: int, out: Region) -> int:
+    """About the memory a tile needs at its peak: the largest input plus output of one of its
+    segments (what an out-of-memory message names)."""
+    maps = _tile_maps(trunk, start, end, out)
+    return max(a + b for a, b in zip(maps, maps[1:]))
 
 
 def plan_bytes(trunk: Any, plan: Plan, device: str) -> int:
@@ -176,4 +186,4 @@ def default_budget_mb() -> int:
 
 
 __all__ = ["MemoryBudgetError", "MemoryFit", "default_budget_mb", "item_bytes", "plan_bytes", "segment_weights",
-           "tile_bytes"]
+           "tile_bytes", "tile_peak_bytes"]

@@ -30,9 +30,9 @@ from meshci.errors import MeshciError
 from meshci.models.registry import check_model_allowed
 from meshci.node.fields import shown
 from meshci.node.inputs import input_size, model_name, seed
-from meshci.node.memory_budget import MemoryBudgetError, item_bytes, mb, plan_bytes
+from meshci.node.memory_budget import MemoryBudgetError, item_bytes, mb, plan_bytes, tile_peak_bytes
 from meshci.node.model_cache import LOAD_TIMEOUT_S, LoadedModel
-from meshci.node.oom import is_out_of_memory, tile_bytes, tile_out_of_memory
+from meshci.node.oom import is_out_of_memory, tile_out_of_memory
 from meshci.node.pieces import OrphanBudget, Piece, PieceFormatError, decode, nbytes
 from meshci.node.recovery import deadline_s
 from meshci.node.request import Compute, HeadRun, RequestStateError, RunHead, WorkerRun
@@ -345,7 +345,7 @@ class Worker:
                 inline=inline, then=then, owner=(ctx.requester, rid, ctx.created), mean=action.mean)
         except (RuntimeError, ValueError, MeshciError, MemoryError) as exc:
             # a tile that cannot be computed (shape mismatch, out of memory): fail the request
-            reason = tile_out_of_memory(self.name, action.block, action.out, tile_bytes(
+            reason = tile_out_of_memory(self.name, action.block, action.out, tile_peak_bytes(
                 ctx.loaded.trunk, action.start, action.end, action.out)) if is_out_of_memory(exc) \
                 else f"{self.name} failed a tile: {exc}"
             await self.node.fail_request(rid, ctx.requester, reason)

@@ -18,7 +18,8 @@ import pytest
 from meshci.node.client import infer
 from meshci.node.local import wait_formed
 from logged import logged_mesh
-from meshci.node.oom import is_out_of_memory, tile_bytes, tile_out_of_memory
+from meshci.node.memory_budget import tile_peak_bytes
+from meshci.node.oom import is_out_of_memory, tile_out_of_memory
 from meshci.trunk import Region
 
 pytestmark = pytest.mark.slow
@@ -47,7 +48,7 @@ def test_the_reason_names_the_device_the_need_and_what_to_do() -> None:
     trunk = extract_trunk(build_model("vgg16"), (3, 64, 64), "vgg16")
     # the first conv of the top 16-row strip: 3 input channels over 17 rows (one halo row below,
     # none above the image), 64 output channels
-    needed = tile_bytes(trunk, 0, 1, Region(0, 16, 0, 64))
+    needed = tile_peak_bytes(trunk, 0, 1, Region(0, 16, 0, 64))
     assert needed == (17 * 64 * 3 + 16 * 64 * 64) * 4
     line = tile_out_of_memory("pi-b", 2, Region(0, 16, 0, 64), 300 * 2**20)
     assert "\n" not in line and line.startswith("device pi-b ran out of memory")
